@@ -1,0 +1,779 @@
+"""ConViT, built from first principles.
+
+Paper: d'Ascoli, Touvron, Leavitt, Morcos, Biroli, Sagun,
+"ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases",
+ICML 2021, arXiv:2103.10697 (equation numbers are those of arXiv v2).
+
+The idea in one paragraph. A self-attention head whose attention depends only on the
+*relative* position of key and query, and peaks sharply at one offset Delta, copies the
+patch at that offset. With k*k heads looking at the k*k offsets of a kernel, one
+multi-head layer is exactly a k x k convolution (Eq. 4-5). ConViT starts its first ten
+layers in that state (gated positional self-attention, GPSA, Eq. 6-7) and gives every
+head a learned gate sigma(lambda) that mixes this positional attention with ordinary
+content attention. Training then decides, head by head, how far to escape locality.
+
+Legend of dimension letters used in the shape comments and einops patterns:
+    B  batch                      N  patches (tokens) = rows * cols
+    H  heads                      D  head dimension = C / H
+    C  embedding dimension        i, j  query and key token index
+
+Contents, in file order (nothing is used before it is defined):
+    ConViTConfig, MODEL_PRESETS   one config dataclass and the table of Table 1's models
+    relative_positions            r_ij for a rows x cols patch grid (Eq. 4)
+    axis_offsets                  the same offsets along one axis (for the fast path)
+    kernel_centres                which offset Delta_h each head looks at (Eq. 5)
+    PatchEmbed                    image -> patch tokens
+    GPSA                          gated positional self-attention (Eq. 6-7)
+    MHSA                          plain multi-head self-attention (Eq. 1)
+    MLP, DropPath, Block          the rest of a pre-norm transformer block
+    ConViT                        the network, plus inspection (gates, Eq. 8 nonlocality)
+    create_model, load_checkpoint building by name, loading released weights
+    measuring helpers + __main__  `python convit.py` measures Table 1 on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange, repeat
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+@dataclass
+class ConViTConfig:
+    img_size: int | tuple[int, int] = 224  # input height and width (an int means square)
+    patch_size: int = 16  # side of the square patches; the grid is img_size / patch_size
+    in_chans: int = 3  # colour channels of the input image
+    num_classes: int = 1000  # outputs of the classifier head (0 = no head, return features)
+    embed_dim: int = 192  # C, the width of every token
+    depth: int = 12  # number of transformer blocks
+    num_heads: int = 4  # H, attention heads in every block (k*k heads mimic a k x k kernel)
+    mlp_ratio: float = 4.0  # hidden width of the MLP is mlp_ratio * C
+    local_up_to_layer: int = 10  # the first blocks that are GPSA; 0 gives a DeiT
+    locality_strength: float = 1.0  # alpha of Eq. 5: larger means a sharper initial kernel
+    use_local_init: bool = True  # the convolutional initialisation of Eq. 5 (Table 3 "conv init")
+    use_pos_embed: bool = True  # learned absolute position embedding on the patch tokens
+    drop_rate: float = 0.0  # dropout on the embeddings and after each projection
+    attn_drop_rate: float = 0.0  # dropout on the attention matrix
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this value in the last block
+    fused: bool = True  # fast attention (fused kernels); False runs the readable explicit path
+
+    def __post_init__(self):
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(int(s) for s in self.img_size)
+        if len(self.img_size) != 2:
+            raise ValueError(f"img_size must be an int or (height, width), got {self.img_size}")
+        h, w, p = *self.img_size, self.patch_size
+        if p <= 0 or h % p or w % p:
+            raise ValueError(f"image {h}x{w} is not divisible by patch {p}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"width {self.embed_dim} is not divisible by {self.num_heads} heads "
+                f"(each head needs a whole head dimension D = C / H)"
+            )
+        if not 0 <= self.local_up_to_layer < self.depth:
+            raise ValueError(
+                f"local_up_to_layer={self.local_up_to_layer} must lie in [0, depth={self.depth}): "
+                f"the class token joins after the last GPSA block, so at least one MHSA block must follow"
+            )
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1)")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patch grid."""
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+
+# The rows of Table 1. ConViT keeps C = 48 per head (64 for the "+" models) and uses k*k
+# heads to mimic a k x k kernel; each DeiT row has its own head count, as in the paper.
+# name: (embed_dim C, num_heads H, local_up_to_layer)
+MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
+    "convit_tiny": (192, 4, 10),
+    "convit_tiny_plus": (256, 4, 10),
+    "convit_small": (432, 9, 10),
+    "convit_small_plus": (576, 9, 10),
+    "convit_base": (768, 16, 10),
+    "convit_base_plus": (1024, 16, 10),
+    "deit_tiny": (192, 3, 0),
+    "deit_tiny_plus": (256, 4, 0),
+    "deit_small": (384, 6, 0),
+    "deit_small_plus": (576, 9, 0),
+    "deit_base": (768, 12, 0),
+    "deit_base_plus": (1024, 16, 0),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Geometry: relative positions and kernel centres
+# ---------------------------------------------------------------------------------------
+def relative_positions(rows: int, cols: int) -> torch.Tensor:
+    """The fixed relative encoding r_ij of Eq. 4, for every query i and key j of the grid.
+
+    delta_ij = position(key j) - position(query i) in patch units, and
+    r_ij = (delta_x, delta_y, ||delta||^2) with x the column offset and y the row offset.
+    The paper writes r in the order (||delta||^2, delta_1, delta_2); the released
+    checkpoints use the order above, which fixes the layout of `pos_proj.weight`.
+    Works for any grid, square or not. Returns (N, N, 3), N = rows * cols, raster order.
+    """
+    y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    position = torch.stack([x.flatten(), y.flatten()], dim=-1).float()  # (N, 2) as (x, y)
+    delta = rearrange(position, "j xy -> 1 j xy") - rearrange(position, "i xy -> i 1 xy")  # (N, N, 2)
+    squared_distance = (delta**2).sum(-1, keepdim=True)  # (N, N, 1)
+    return torch.cat([delta, squared_distance], dim=-1)  # (N, N, 3)
+
+
+def axis_offsets(length: int) -> torch.Tensor:
+    """Key minus query position along one axis of the grid, (length, length)."""
+    position = torch.arange(length).float()
+    return rearrange(position, "j -> 1 j") - rearrange(position, "i -> i 1")
+
+
+def kernel_centres(num_heads: int) -> torch.Tensor:
+    """The offset Delta_h = (Delta_x, Delta_y) that head h attends to at init (Eq. 5).
+
+    With H = k*k heads the centres tile a k x k kernel around the query: integer offsets
+    {-(k-1)/2 .. (k-1)/2}^2 for odd k (9 heads -> 3x3), half-integer offsets for even k
+    (4 heads -> {-0.5, 0.5}^2), in the released order: head = a + k*b with
+    Delta_y = a - c and Delta_x = b - c, c = (k-1)/2 the centre.
+
+    Our rule for other head counts (the released code leaves those heads random): take
+    k = ceil(sqrt(H)) and give the H heads the H kernel offsets nearest the centre, ties
+    broken by the released order, and keep the released order among the chosen ones.
+    So every head has its own local centre: 5 heads form a plus sign, 12 heads the 4x4
+    kernel without its corners, 6 heads the plus sign and one corner. Returns (H, 2).
+    """
+    k = math.ceil(math.sqrt(num_heads))
+    c = (k - 1) / 2
+    candidates = [(b - c, a - c) for b in range(k) for a in range(k)]  # index a + k*b, as (dx, dy)
+    nearest = sorted(range(k * k), key=lambda idx: candidates[idx][0] ** 2 + candidates[idx][1] ** 2)
+    chosen = sorted(nearest[:num_heads])  # stable sort kept released order among ties
+    return torch.tensor([candidates[idx] for idx in chosen])  # (H, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping p x p patches and project each to C dims.
+
+    A p x p convolution with stride p is exactly "flatten every patch, apply one linear map".
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.proj(images)  # (B, C, rows, cols)
+        # rearrange only relabels strides; without the copy the tokens would stay channel-first
+        # in memory through every GPSA block, and each matrix product would copy them again.
+        return rearrange(patches, "b c rows cols -> b (rows cols) c").contiguous()  # (B, N, C)
+
+
+class GPSA(nn.Module):
+    """Gated positional self-attention, Eq. 6-7. For each head h:
+
+        A^h_ij = (1 - sigma(lambda_h)) softmax_j(Q^h_i K^h_j^T / sqrt(D))
+                 +     sigma(lambda_h)  softmax_j(v_pos^h^T r_ij)
+        GPSA_h(X) = normalize(A^h) X W_val^h
+
+    The first term is content attention, as in any transformer. The second (positional
+    self-attention, Eq. 4) looks only at where key j sits relative to query i: r_ij is a
+    fixed encoding (`relative_positions`) and v_pos^h a learned 3-vector per head (the rows
+    of `pos_proj.weight`). The gate lambda_h (`gating_param`) starts at 1, so sigma = 0.73
+    and the positional, convolution-like term dominates at init.
+
+    Two paths compute the same output (a test proves them equal to 1e-5):
+    - `attention()` + `forward_explicit()`: the readable path. It builds the B x H x N x N
+      matrix A of Eq. 7 and multiplies. Read this one first; inspection uses it.
+    - `forward_fused()`: the fast default, built on two exact identities.
+      (a) The mix is convex and P = softmax(v_pos^T r) does not depend on the input, so
+              A V = (1 - g) softmax(QK^T / sqrt(D)) V + g P V:
+          the content term runs in torch's fused scaled_dot_product_attention, which never
+          stores an N x N matrix.
+      (b) P factorises over rows and columns. Since ||delta||^2 = delta_x^2 + delta_y^2,
+              exp(v_pos . r_ij) = exp(w_x dx + w_d dx^2) * exp(w_y dy + w_d dy^2),
+          and the softmax's normaliser (a sum over key rows times key columns) splits the
+          same way. So P = P_rows (x) P_cols, a Kronecker product of a rows x rows and a
+          cols x cols matrix per head, and P V is two 1-D mixes: along each row, then along
+          each column. That costs N (rows + cols) instead of N^2 per channel: 7x fewer at 14 x 14.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid: tuple[int, int],
+        locality_strength: float = 1.0,
+        use_local_init: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused: bool = True,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads  # D
+        self.scale = self.head_dim**-0.5  # 1 / sqrt(D)
+        self.locality_strength = locality_strength  # alpha
+        self.fused = fused
+        # Released names: qk and v are separate (no bias) so that v can start as the identity.
+        self.qk = nn.Linear(dim, 2 * dim, bias=False)  # W_qry and W_key side by side
+        self.v = nn.Linear(dim, dim, bias=False)  # W_val
+        self.proj = nn.Linear(dim, dim)  # W_out, mixes the heads back together
+        self.pos_proj = nn.Linear(3, num_heads)  # row h is v_pos^h; its bias cancels in the softmax
+        self.gating_param = nn.Parameter(torch.ones(num_heads))  # lambda_h, initialised to 1
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # r_ij never changes, so it is computed once and kept out of the state dict.
+        self.grid = grid  # (rows, cols)
+        self.register_buffer("rel_pos", relative_positions(*grid), persistent=False)  # (N, N, 3)
+        # The same offsets along one axis (key - query), for the factorised fast path.
+        self.register_buffer("row_offsets", axis_offsets(grid[0]), persistent=False)  # (rows, rows)
+        self.register_buffer("col_offsets", axis_offsets(grid[1]), persistent=False)  # (cols, cols)
+        self.use_local_init = use_local_init
+
+    @torch.no_grad()
+    def local_init(self):
+        """Eq. 5: make every head a sharp bump on its own kernel offset, and W_val = I.
+
+        v_pos^h . r_delta with v_pos^h = alpha (2 Delta_x, 2 Delta_y, -1) equals
+        -alpha ||delta - Delta^h||^2 + alpha ||Delta^h||^2: the constant cancels in the
+        softmax, leaving a Gaussian-like bump of width ~1/sqrt(alpha) centred on Delta^h.
+        W_val = I so that, head by head, the layer copies the patch it attends to; W_out then
+        plays the role of the convolution's weights (see test_gpsa_reduces_to_convolution).
+        """
+        self.v.weight.copy_(torch.eye(self.v.weight.shape[0]))
+        centres = kernel_centres(self.num_heads)  # (H, 2) as (Delta_x, Delta_y)
+        minus_one = -torch.ones(self.num_heads, 1)
+        self.pos_proj.weight.copy_(self.locality_strength * torch.cat([2 * centres, minus_one], dim=1))
+        self.pos_proj.bias.zero_()
+
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.gating_param)  # sigma(lambda_h), (H,)
+
+    def position_attention(self) -> torch.Tensor:
+        """softmax_j(v_pos^h . r_ij + bias_h): the same (H, N, N) matrix P for every image.
+        (The bias is constant along j, so the softmax removes it.)"""
+        scores = einsum(self.rel_pos, self.pos_proj.weight, "i j r, h r -> h i j")  # (H, N, N)
+        return (scores + rearrange(self.pos_proj.bias, "h -> h 1 1")).softmax(dim=-1)
+
+    def position_attention_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """P_rows (H, rows, rows) and P_cols (H, cols, cols) with P = P_rows (x) P_cols, identity (b).
+
+        v_pos = (w_x, w_y, w_d) in the checkpoint's order (dx, dy, ||d||^2); each factor is a
+        1-D softmax over one axis: P_cols[h, c, c'] = softmax_c'(w_x (c' - c) + w_d (c' - c)^2).
+        The bias cancels in the softmax; it goes into the row factor anyway so that, as on the
+        explicit path, it stays in the autograd graph (with a gradient of zero up to rounding)."""
+        w_x, w_y, w_d = self.pos_proj.weight.unbind(dim=-1)  # each (H,)
+
+        def axis_softmax(w_axis, offsets, bias=0.0):
+            scores = einsum(w_axis, offsets, "h, i j -> h i j") + einsum(w_d, offsets**2, "h, i j -> h i j")
+            return (scores + bias).softmax(dim=-1)
+
+        bias = rearrange(self.pos_proj.bias, "h -> h 1 1")
+        return axis_softmax(w_y, self.row_offsets, bias), axis_softmax(w_x, self.col_offsets)
+
+    def queries_keys_values(self, x: torch.Tensor):
+        q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        v = rearrange(self.v(x), "b n (h d) -> b h n d", h=self.num_heads)
+        return q, k, v  # each (B, H, N, D)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit gated attention matrix A of Eq. 7, (B, H, N, N). Rows sum to 1."""
+        q, k, _ = self.queries_keys_values(x)
+        content_attn = (einsum(q, k, "b h i d, b h j d -> b h i j") * self.scale).softmax(dim=-1)
+        position_attn = self.position_attention()  # (H, N, N)
+        gate = rearrange(self.gate(), "h -> 1 h 1 1")
+        attn = (1 - gate) * content_attn + gate * position_attn  # (B, H, N, N)
+        # "normalize" of Eq. 7: a convex mix of two row-stochastic matrices already sums to 1,
+        # so this division changes nothing but rounding. Kept here because the paper has it.
+        return attn / attn.sum(dim=-1, keepdim=True)
+
+    def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn_drop(self.attention(x))  # (B, H, N, N)
+        v = rearrange(self.v(x), "b n (h d) -> b h n d", h=self.num_heads)
+        out = einsum(attn, v, "b h i j, b h j d -> b h i d")
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        # The same maths as forward_explicit, rearranged for speed:
+        # 1. W_qry, W_key and W_val in one matrix product (stacked as the checkpoint stores them).
+        qkv = F.linear(x, torch.cat([self.qk.weight, self.v.weight]))  # (B, N, 3C)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        # 2. Content term: softmax(QK^T / sqrt(D)) V in one fused kernel; no N x N matrix is kept.
+        content_out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        # 3. Positional term P V, as two 1-D mixes (identity b): along each row of the
+        #    grid with P_cols, then along each column with P_rows.
+        p_rows, p_cols = self.position_attention_factors()
+        v_grid = rearrange(v, "b h (r c) d -> b h r c d", r=self.grid[0])
+        mixed_in_rows = einsum(p_cols, v_grid, "h c c2, b h r c2 d -> b h r c d")
+        position_out = einsum(p_rows, mixed_in_rows, "h r r2, b h r2 c d -> b h r c d")
+        position_out = rearrange(position_out, "b h r c d -> b h (r c) d")  # (B, H, N, D)
+        # 4. The gate: lerp(a, b, g) = (1 - g) a + g b, Eq. 7 applied to the outputs, not to A.
+        gate = rearrange(self.gate(), "h -> h 1 1")
+        out = torch.lerp(content_out, position_out, gate)  # (B, H, N, D)
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Attention dropout acts on the *mixed* matrix A (as in the paper's code). The fused
+        # path never forms A, so in training with attn_drop > 0 we take the explicit path:
+        # same maths, same dropout, only slower. The DeiT recipe uses attn_drop = 0.
+        dropping = self.training and self.attn_drop.p > 0
+        return self.forward_fused(x) if self.fused and not dropping else self.forward_explicit(x)
+
+
+class MHSA(nn.Module):
+    """Multi-head self-attention, Eq. 1: SA(X) = softmax(Q K^T / sqrt(D)) X W_val, per head.
+
+    Used by the last blocks of ConViT (after the class token joins) and by every block of
+    DeiT. The fused path is torch's scaled_dot_product_attention, which applies attention
+    dropout itself (dropout_p) in training; `attention()` is the readable explicit matrix.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5  # 1 / sqrt(D)
+        self.fused = fused
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # W_qry, W_key, W_val side by side
+        self.proj = nn.Linear(dim, dim)  # W_out
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def queries_keys_values(self, x: torch.Tensor):
+        return rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, _ = self.queries_keys_values(x)
+        return (einsum(q, k, "b h i d, b h j d -> b h i j") * self.scale).softmax(dim=-1)  # (B, H, N, N)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.queries_keys_values(x)
+        if self.fused:
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, H, N, D)
+        else:
+            attn = self.attn_drop((einsum(q, k, "b h i d, b h j d -> b h i j") * self.scale).softmax(dim=-1))
+            out = einsum(attn, v, "b h i j, b h j d -> b h i d")
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: Linear -> GELU -> Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, skip a residual branch for a random subset of images,
+    and scale the kept ones by 1 / keep_prob so that the expected output is unchanged."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep_prob)  # one coin per image
+        return x * keep / keep_prob
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    The attention is GPSA in the first `local_up_to_layer` blocks and MHSA after them.
+    """
+
+    def __init__(self, cfg: ConViTConfig, use_gpsa: bool, drop_path: float):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if use_gpsa:
+            self.attn = GPSA(
+                dim, cfg.num_heads, cfg.grid, cfg.locality_strength, cfg.use_local_init,
+                cfg.attn_drop_rate, cfg.drop_rate, cfg.fused,
+            )
+        else:
+            self.attn = MHSA(dim, cfg.num_heads, cfg.attn_drop_rate, cfg.drop_rate, cfg.fused)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# ---------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------
+class ConViT(nn.Module):
+    """ConViT (and DeiT, with local_up_to_layer = 0): a DeiT backbone whose first blocks are GPSA.
+
+    Data flow: image -> patch tokens + absolute position embedding -> GPSA blocks on the
+    patches only -> the class token joins -> MHSA blocks -> LayerNorm -> head on the class
+    token. GPSA sees patches only because its relative geometry r_ij has no place for a
+    class token; with no GPSA block the class token is present from the first block (DeiT).
+    """
+
+    def __init__(self, cfg: ConViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        rows, cols = cfg.grid
+        dim = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, rows * cols, dim)) if cfg.use_pos_embed else None
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        drop_paths = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # rises linearly
+        self.blocks = nn.ModuleList(
+            Block(cfg, use_gpsa=i < cfg.local_up_to_layer, drop_path=drop_paths[i]) for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        # ||delta_ij|| between patches, for the nonlocality of Eq. 8 (also in MHSA blocks).
+        distances = relative_positions(rows, cols)[..., 2].sqrt()  # (N, N)
+        self.register_buffer("patch_distances", distances, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """DeiT's initialisation (truncated normal, std 0.02), then Eq. 5 on every GPSA layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for layer in self.gpsa_layers():
+            layer.gating_param.fill_(1.0)
+            if layer.use_local_init:
+                layer.local_init()
+
+    def gpsa_layers(self) -> list[GPSA]:
+        return [block.attn for block in self.blocks[: self.cfg.local_up_to_layer]]
+
+    def set_fused(self, fused: bool) -> ConViT:
+        """Switch every attention layer between the fused and the explicit path."""
+        for block in self.blocks:
+            block.attn.fused = fused
+        self.cfg = replace(self.cfg, fused=fused)
+        return self
+
+    def check_input(self, images: torch.Tensor):
+        cfg = self.cfg
+        if images.ndim != 4:
+            raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(images.shape)}")
+        if images.shape[1] != cfg.in_chans:
+            raise ValueError(f"image has {images.shape[1]} channels but the model expects in_chans={cfg.in_chans}")
+        if tuple(images.shape[2:]) != cfg.img_size:
+            (h, w), (mh, mw) = images.shape[2:], cfg.img_size
+            raise ValueError(
+                f"image {h}x{w} does not match the model's img_size {mh}x{mw}; "
+                f"build the model with img_size=({h}, {w}) (load_checkpoint interpolates pos_embed)"
+            )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_input(images)
+        x = self.patch_embed(images)  # (B, N, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return self.pos_drop(x)
+
+    def join_class_token(self, x: torch.Tensor) -> torch.Tensor:
+        cls = repeat(self.cls_token, "1 1 c -> b 1 c", b=x.shape[0])
+        return torch.cat([cls, x], dim=1)  # (B, 1 + N, C)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)  # (B, N, C)
+        for i, block in enumerate(self.blocks):
+            if i == self.cfg.local_up_to_layer:  # after the last GPSA block (at once for DeiT)
+                x = self.join_class_token(x)  # (B, 1 + N, C)
+            x = block(x)
+        return self.norm(x)[:, 0]  # the class token, (B, C)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))  # (B, num_classes)
+
+    # --- inspection: what the paper plots -------------------------------------------------
+    def gates(self) -> torch.Tensor:
+        """sigma(lambda) of every GPSA layer and head, (n_gpsa, H): 1 = positional, 0 = content."""
+        if not self.gpsa_layers():
+            return torch.empty(0, self.cfg.num_heads)
+        return torch.stack([layer.gate().detach().float().cpu() for layer in self.gpsa_layers()])
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The explicit attention matrix of every block, each computed on that block's real
+        input (the released script fed the patch embeddings to every layer; we do not).
+        GPSA blocks give (B, H, N, N); MHSA blocks (B, H, 1 + N, 1 + N), class token first."""
+        maps = []
+        x = self.embed(images)
+        for i, block in enumerate(self.blocks):
+            if i == self.cfg.local_up_to_layer:
+                x = self.join_class_token(x)
+            maps.append(block.attn.attention(block.norm1(x)))
+            x = block(x)
+        return maps
+
+    @torch.no_grad()
+    def nonlocality(self, images: torch.Tensor) -> torch.Tensor:
+        """Eq. 8: D_loc^{h,l} = (1/L) sum_ij A^{h,l}_ij ||delta_ij||, attention averaged over
+        the batch, for every block l and head h: (depth, H). Measured in patch units on each
+        block's real input. For MHSA blocks only patch-to-patch attention counts (the class
+        token has no position on the grid)."""
+        rows = []
+        for attn in self.attention_maps(images):
+            patch_attn = attn[:, :, -self.patch_distances.shape[0] :, -self.patch_distances.shape[0] :]
+            mean_attn = patch_attn.float().mean(dim=0)  # (H, N, N)
+            rows.append(einsum(mean_attn, self.patch_distances, "h i j, i j -> h") / mean_attn.shape[-1])
+        return torch.stack(rows).cpu()  # (depth, H)
+
+
+# ---------------------------------------------------------------------------------------
+# Building by name and loading released checkpoints
+# ---------------------------------------------------------------------------------------
+def create_model(name: str, **overrides) -> ConViT:
+    """Build a model of Table 1 by name, e.g. create_model("convit_tiny", img_size=32, patch_size=4).
+
+    Any field of ConViTConfig can be overridden; local_up_to_layer=0 turns a ConViT into a DeiT.
+    """
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_PRESETS)}")
+    known = {f.name for f in fields(ConViTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {name}; options are: {', '.join(sorted(known))}")
+    embed_dim, num_heads, local_up_to_layer = MODEL_PRESETS[name]
+    settings = dict(embed_dim=embed_dim, num_heads=num_heads, local_up_to_layer=local_up_to_layer)
+    return ConViT(ConViTConfig(**{**settings, **overrides}))
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic interpolation of a (1, rows*cols, C) absolute position embedding to a new grid,
+    so that a 224^2 checkpoint (14 x 14 patches) can be fine-tuned at 384^2 or at 32^2."""
+    grid_embed = rearrange(pos_embed, "1 (rows cols) c -> 1 c rows cols", rows=old_grid[0], cols=old_grid[1])
+    grid_embed = F.interpolate(grid_embed.float(), size=new_grid, mode="bicubic", align_corners=False)
+    return rearrange(grid_embed, "1 c rows cols -> 1 (rows cols) c").to(pos_embed.dtype)
+
+
+def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
+    """Load a released ConViT .pth (or one of ours) from `path` into `model`, strictly.
+
+    Accepts a bare state dict or one wrapped as {"model": ...} / {"state_dict": ...}, with or
+    without a DistributedDataParallel "module." prefix. If the model was built for another
+    image size, pos_embed is interpolated to its grid (the checkpoint's grid is assumed square,
+    as in every released one). If the number of classes differs, the head is left freshly
+    initialised, for fine-tuning. Any other difference raises a ValueError that names it.
+    Nothing is downloaded: fetch the file first.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint
+    for wrapper in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    own = model.state_dict()
+
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        old_n = state["pos_embed"].shape[1]
+        side = math.isqrt(old_n)
+        if side * side != old_n:
+            raise ValueError(f"checkpoint pos_embed has {old_n} positions, which is not a square grid")
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side), model.cfg.grid)
+        if verbose:
+            print(f"load_checkpoint: pos_embed interpolated from {side}x{side} to {model.cfg.grid[0]}x{model.cfg.grid[1]}")
+    head_keys = [key for key in ("head.weight", "head.bias") if key in state and key in own]
+    if any(state[key].shape != own[key].shape for key in head_keys):
+        for key in head_keys:
+            del state[key]
+        state.update({key: own[key] for key in head_keys})
+        if verbose:
+            print(f"load_checkpoint: head left newly initialised for {model.cfg.num_classes} classes")
+
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"missing from the checkpoint: {missing}")
+        if unexpected:
+            problems.append(f"not in the model: {unexpected}")
+        if wrong_shape:
+            problems.append(f"shapes differ: {wrong_shape}")
+        raise ValueError(f"{path} does not fit this model ({model.cfg.embed_dim} wide, "
+                         f"{model.cfg.num_heads} heads, {model.cfg.local_up_to_layer} GPSA): " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring: `python convit.py` prints Table 1 as measured on this machine
+# ---------------------------------------------------------------------------------------
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: ConViT) -> int:
+    """Multiply-accumulates per image, counted by torch's own FLOP counter (1 MAC = 2 FLOPs).
+
+    Counted on the explicit path, whose matrix products the counter sees one by one; the fused
+    path performs the same products inside its kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    explicit = model.cfg.fused
+    model.set_fused(False)
+    images = torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    model.set_fused(explicit)
+    return counter.get_total_flops() // 2
+
+
+def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each job, the jobs run in turn round after round, so that
+    a slow spell of a noisy machine hits all of them alike and their ratios stay fair."""
+    for job in jobs.values():
+        for _ in range(warmup):
+            job()
+    times = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def inference_job(model: nn.Module, images: torch.Tensor):
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            model(images)
+
+    return run
+
+
+def training_job(model: nn.Module, images: torch.Tensor):
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = torch.zeros(images.shape[0], dtype=torch.long)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    return run
+
+
+def activation_memory(model: nn.Module, images: torch.Tensor) -> float:
+    """MiB of activations a training step holds for backward: every distinct tensor storage
+    that autograd saves during the forward pass, counted exactly.
+
+    This is what grows with the batch and what differs between the fused and explicit paths
+    (weights, gradients and optimiser state are the same for both). It is the part of the peak
+    that torch.cuda.max_memory_allocated would see move on a GPU; on the CPU there is no such
+    allocator counter, and peak RSS proved too noisy on this machine to compare paths."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images)
+    return sum(storages.values()) / 2**20
+
+
+def print_table1(args):
+    names = args.models or list(MODEL_PRESETS)
+    images = torch.randn(args.batch_size, 3, 224, 224)
+    print(f"Table 1 measured here: fp32, batch {args.batch_size}, 224x224, {torch.get_num_threads()} threads, "
+          f"{args.rounds} timed rounds (median)")
+    print(f"| {'model':<18} | {'heads':>5} | {'C':>5} | {'params':>7} | {'GMACs':>6} | {'img/s fused':>11} "
+          f"| {'img/s explicit':>14} |")
+    print("|" + "|".join("-" * (w + 2) for w in (18, 5, 5, 7, 6, 11, 14)) + "|")
+    for name in names:
+        model = create_model(name)
+        params, macs = count_parameters(model), count_macs(model)
+        jobs = {"fused": inference_job(model, images)}
+        if model.cfg.local_up_to_layer > 0:
+            explicit = create_model(name, fused=False)
+            explicit.load_state_dict(model.state_dict())
+            jobs["explicit"] = inference_job(explicit, images)
+        seconds = time_interleaved(jobs, rounds=args.rounds)
+        speed = {k: args.batch_size / s for k, s in seconds.items()}
+        explicit_speed = f"{speed['explicit']:14.1f}" if "explicit" in speed else f"{'(same)':>14}"
+        print(f"| {name:<18} | {model.cfg.num_heads:>5} | {model.cfg.embed_dim:>5} | {params / 1e6:6.1f}M "
+              f"| {macs / 1e9:6.2f} | {speed['fused']:11.1f} | {explicit_speed} |", flush=True)
+
+
+def print_comparison(args):
+    """ConViT-Ti against a DeiT of the same width and heads (convit_tiny, local_up_to_layer=0)."""
+    size = dict(img_size=224)
+    deit = create_model("convit_tiny", local_up_to_layer=0, **size)
+    fused = create_model("convit_tiny", **size)
+    explicit = create_model("convit_tiny", fused=False, **size)
+    explicit.load_state_dict(fused.state_dict())
+    models = {"deit (same C, H)": deit, "convit fused": fused, "convit explicit": explicit}
+    images = torch.randn(args.batch_size, 3, 224, 224)
+    print(f"ConViT-Ti vs DeiT of the same width and heads: fp32, 224x224, {torch.get_num_threads()} threads")
+    for what, make_job, batch in (("inference", inference_job, args.batch_size),
+                                  ("training step", training_job, args.train_batch_size)):
+        jobs = {name: make_job(m, images[:batch] if batch <= len(images) else torch.randn(batch, 3, 224, 224))
+                for name, m in models.items()}
+        seconds = time_interleaved(jobs, rounds=args.rounds)
+        base = seconds["deit (same C, H)"]
+        print(f"{what} (batch {batch}, median of {args.rounds} interleaved rounds):")
+        for name, s in seconds.items():
+            print(f"  {name:<18} {batch / s:8.1f} img/s   {base / s:5.2f}x DeiT")
+    memory_images = torch.randn(args.memory_batch_size, 3, 224, 224)
+    print(f"training memory at batch {args.memory_batch_size}: activations saved for backward (exact count):")
+    for name, model in models.items():
+        print(f"  {name:<18} {activation_memory(model, memory_images):8.0f} MiB")
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Measure Table 1 (params, MACs, img/s) on this machine.")
+    parser.add_argument("--models", nargs="*", help="subset of models (default: all of Table 1)")
+    parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
+    parser.add_argument("--train-batch-size", type=int, default=32, help="training-step batch (with --compare)")
+    parser.add_argument("--memory-batch-size", type=int, default=64, help="batch of the activation-memory count (with --compare)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
+    parser.add_argument("--compare", action="store_true",
+                        help="instead: ConViT-Ti fused/explicit vs DeiT of the same size, inference, training, memory")
+    cli = parser.parse_args()
+    print_comparison(cli) if cli.compare else print_table1(cli)

@@ -1,0 +1,386 @@
+"""The paper's claims about the model, each checked with a number that would fail if the maths
+were wrong. Runs on the CPU in well under a minute: `pytest test_convit.py`.
+
+Facts quoted below (released layout, Table 1, Eq. 5-8) come from the paper (arXiv:2103.10697)
+and the released checkpoints' state-dict specification.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import convit
+from convit import GPSA, MHSA, create_model, kernel_centres, load_checkpoint, relative_positions
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def small(name="convit_tiny", **overrides):
+    """A small model of the same family: 32x32 images, patch 4 (an 8x8 grid), 4 blocks."""
+    settings = dict(img_size=32, patch_size=4, depth=4, local_up_to_layer=3, num_classes=10, embed_dim=48)
+    return create_model(name, **{**settings, **overrides})
+
+
+# --- Geometry (Eq. 4-5) --------------------------------------------------------------------
+def test_relative_positions_are_key_minus_query_in_released_order():
+    r = relative_positions(2, 3)  # grid of 2 rows, 3 columns; patch index = row * 3 + col
+    query, key = 1, 5  # (row 0, col 1) and (row 1, col 2)
+    assert r.shape == (6, 6, 3)
+    assert r[query, key].tolist() == [1.0, 1.0, 2.0]  # (dx, dy, ||d||^2)
+    assert r[key, query].tolist() == [-1.0, -1.0, 2.0]
+    assert torch.all(r[torch.arange(6), torch.arange(6)] == 0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_kernel_centres_follow_released_order(k):
+    # Released rule: head = a + k*b, Delta_y = a - c, Delta_x = b - c, c = (k - 1) / 2.
+    c = (k - 1) / 2
+    expected = torch.zeros(k * k, 2)
+    for a, b in itertools.product(range(k), range(k)):
+        expected[a + k * b] = torch.tensor([b - c, a - c])
+    assert torch.equal(kernel_centres(k * k), expected)
+
+
+def test_local_init_sets_released_values():
+    alpha = 0.7
+    layer = GPSA(dim=36, num_heads=9, grid=(5, 5), locality_strength=alpha)
+    layer.local_init()
+    assert torch.equal(layer.v.weight, torch.eye(36))  # W_val = I
+    for a, b in itertools.product(range(3), range(3)):
+        dx, dy = b - 1, a - 1
+        assert torch.allclose(layer.pos_proj.weight[a + 3 * b], torch.tensor([2 * dx, 2 * dy, -1.0]) * alpha)
+    assert torch.allclose(layer.gate(), torch.full((9,), 1 / (1 + math.exp(-1))))  # sigma(1) = 0.731
+
+
+@pytest.mark.parametrize("num_heads", [4, 9, 16])
+def test_local_init_attends_to_kernel_offsets(num_heads):
+    rows = cols = 15
+    layer = GPSA(dim=num_heads * 4, num_heads=num_heads, grid=(rows, cols))
+    layer.local_init()
+    attn = layer.position_attention().detach()  # (H, N, N)
+    query = 7 * cols + 7  # the centre patch: far from every border
+    offsets = relative_positions(rows, cols)[query, :, :2]  # (N, 2): (dx, dy) of every key
+    for h, centre in enumerate(kernel_centres(num_heads)):
+        weights = attn[h, query]
+        centre_of_mass = (weights[:, None] * offsets).sum(0)
+        assert torch.allclose(centre_of_mass, centre, atol=1e-5), (h, centre_of_mass, centre)
+        # The peak: the one offset Delta_h (odd k), or the 4 integer offsets around it (even k).
+        nearest = torch.isclose((offsets - centre).norm(dim=1), (offsets - centre).norm(dim=1).min())
+        top = weights.topk(int(nearest.sum())).indices
+        assert set(top.tolist()) == set(nearest.nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 5, 6, 8, 12])
+def test_non_square_head_counts_get_distinct_local_centres(num_heads):
+    centres = kernel_centres(num_heads)
+    k = math.ceil(math.sqrt(num_heads))
+    assert len({tuple(c.tolist()) for c in centres}) == num_heads  # no two heads share a centre
+    assert centres.abs().max() <= (k - 1) / 2  # all inside the k x k kernel
+    everything = kernel_centres(k * k)
+    chosen_radius = centres.norm(dim=1).max()
+    left_out = [c for c in everything if not (centres == c).all(dim=1).any()]
+    assert all(c.norm() >= chosen_radius - 1e-6 for c in left_out)  # the nearest offsets were chosen
+
+
+def test_init_is_far_more_local_than_random_mhsa():
+    images = torch.randn(2, 3, 224, 224)
+    convit_nonlocality = create_model("convit_tiny").eval().nonlocality(images)[:10]
+    deit_nonlocality = create_model("convit_tiny", local_up_to_layer=0).eval().nonlocality(images)
+    # Uniform attention on a 14x14 grid sits ~7.2 patches away; the conv init pulls GPSA to ~2.7
+    # (0.73 of the mass on offsets of norm 0.7, 0.27 still on near-uniform content attention).
+    assert deit_nonlocality.mean() > 7.0
+    assert convit_nonlocality.mean() < 0.4 * deit_nonlocality.mean()
+
+
+# --- GPSA limits (Eq. 6-7) -----------------------------------------------------------------
+def test_gpsa_reduces_to_convolution():
+    """sigma(lambda) -> 1 and a large alpha: 9 heads compute a 3x3 convolution whose kernel at
+    offset Delta_h is W_out^h W_val^h (each head copies the patch at its offset)."""
+    rows, cols, head_dim, channels = 6, 7, 2, 18
+    layer = GPSA(dim=channels, num_heads=9, grid=(rows, cols), locality_strength=100.0)
+    layer.local_init()
+    with torch.no_grad():
+        layer.gating_param.fill_(50.0)  # sigma(50) = 1 in fp32
+        layer.v.weight.normal_()  # any W_val: the kernel absorbs it
+        layer.proj.bias.normal_()
+    x = torch.randn(2, rows * cols, channels)
+
+    kernel = torch.zeros(channels, channels, 3, 3)  # (out, in, ky, kx)
+    for h, (dx, dy) in enumerate(kernel_centres(9).long().tolist()):
+        block = slice(h * head_dim, (h + 1) * head_dim)
+        kernel[:, :, dy + 1, dx + 1] = layer.proj.weight[:, block] @ layer.v.weight[block, :]
+    image = rearrange(x, "b (r c) ch -> b ch r c", r=rows)
+    conv = rearrange(F.conv2d(image, kernel, layer.proj.bias, padding=1), "b ch r c -> b r c ch")
+
+    for path in (layer.forward_explicit, layer.forward_fused):
+        out = rearrange(path(x), "b (r c) ch -> b r c ch", r=rows).detach()
+        interior = (slice(None), slice(1, -1), slice(1, -1))
+        assert torch.allclose(out[interior], conv[interior], atol=1e-5)
+        # On the border the missing neighbours are renormalised away: not a zero-padded conv.
+        assert not torch.allclose(out[:, 0], conv[:, 0], atol=1e-3)
+
+
+def test_gpsa_with_closed_gate_is_content_attention():
+    layer = GPSA(dim=24, num_heads=4, grid=(4, 5))
+    with torch.no_grad():
+        layer.gating_param.fill_(-50.0)  # sigma(-50) = 0: positional term switched off
+        layer.qk.weight.normal_(std=0.3)
+    x = torch.randn(3, 20, 24)
+    q, k = rearrange(layer.qk(x), "b n (two h d) -> two b h n d", two=2, h=4)
+    v = rearrange(layer.v(x), "b n (h d) -> b h n d", h=4)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(6), dim=-1)
+    expected = layer.proj(rearrange(attn @ v, "b h n d -> b n (h d)"))
+    for path in (layer.forward_explicit, layer.forward_fused):
+        assert torch.allclose(path(x), expected, atol=1e-5)
+
+
+def test_position_attention_factorises_over_rows_and_columns():
+    layer = GPSA(dim=16, num_heads=4, grid=(5, 7))
+    with torch.no_grad():
+        layer.pos_proj.weight.normal_()
+        layer.pos_proj.bias.normal_()
+    p_rows, p_cols = layer.position_attention_factors()  # (H, 5, 5), (H, 7, 7)
+    kronecker = rearrange(p_rows[:, :, None, :, None] * p_cols[:, None, :, None, :], "h r c r2 c2 -> h (r c) (r2 c2)")
+    assert torch.allclose(kronecker, layer.position_attention(), atol=1e-6)
+
+
+def perturbed(model):
+    """Move every GPSA layer away from its init so that equalities are not special cases."""
+    with torch.no_grad():
+        for layer in model.gpsa_layers():
+            layer.pos_proj.weight.add_(torch.randn_like(layer.pos_proj.weight) * 0.5)
+            layer.gating_param.normal_()
+    return model
+
+
+def test_fused_and_explicit_paths_agree_in_outputs_and_gradients():
+    images = torch.randn(3, 3, 32, 48)
+    labels = torch.randint(0, 10, (3,))
+    fused = perturbed(small(img_size=(32, 48)))
+    explicit = small(img_size=(32, 48), fused=False)
+    explicit.load_state_dict(fused.state_dict())
+    outputs, grads = [], []
+    for model in (fused, explicit):
+        out = model(images)
+        F.cross_entropy(out, labels).backward()
+        outputs.append(out.detach())
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+
+
+def test_every_parameter_gets_a_gradient_and_nothing_is_nan():
+    for model in (small(), small(fused=False), small("deit_tiny", local_up_to_layer=0)):
+        out = model(torch.randn(2, 3, 32, 32))
+        out.sum().backward()
+        assert torch.isfinite(out).all()
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_attention_dropout_is_unbiased_in_training():
+    layer = GPSA(dim=16, num_heads=4, grid=(3, 3), attn_drop=0.5)
+    layer.local_init()
+    x = torch.randn(1, 9, 16).expand(4000, 9, 16)  # one input, 4000 independent dropout draws
+    mhsa = MHSA(dim=16, num_heads=4, attn_drop=0.5)  # drops inside the fused kernel
+    for attention in (layer, mhsa):
+        clean = attention.eval()(x[:1]).detach()
+        draws = attention.train()(x).detach()
+        assert not torch.allclose(draws[0], draws[1])  # dropout is on
+        assert torch.allclose(draws.mean(0), clean[0], atol=0.03)  # E[dropout(A)] = A
+
+
+# --- The network -------------------------------------------------------------------------
+# Table 1 (millions of parameters, rounded by the paper) and the architecture's exact count.
+TABLE1_PARAMS = {
+    "convit_tiny": 6, "convit_tiny_plus": 10, "convit_small": 27, "convit_small_plus": 48,
+    "convit_base": 86, "convit_base_plus": 152, "deit_tiny": 6, "deit_tiny_plus": 10,
+    "deit_small": 22, "deit_small_plus": 48, "deit_base": 86, "deit_base_plus": 152,
+}
+
+
+def expected_parameters(embed_dim, num_heads, num_gpsa, depth=12, patch=16, patches=196, classes=1000):
+    c, h = embed_dim, num_heads
+    shared = 4 * c + 8 * c * c + 5 * c + c * c + c  # two norms, MLP (ratio 4), W_out with bias
+    gpsa = shared + 3 * c * c + 4 * h + h  # qk, v (no bias), pos_proj (3 -> H, bias), gates
+    mhsa = shared + 3 * c * c  # qkv (no bias)
+    stem = 3 * patch * patch * c + c + c + patches * c  # patch embedding, class token, pos_embed
+    return stem + num_gpsa * gpsa + (depth - num_gpsa) * mhsa + 2 * c + c * classes + classes
+
+
+@pytest.mark.parametrize("name", list(TABLE1_PARAMS))
+def test_parameter_counts_match_table1(name):
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = create_model(name)
+    count = convit.count_parameters(model)
+    embed_dim, num_heads, num_gpsa = convit.MODEL_PRESETS[name]
+    assert count == expected_parameters(embed_dim, num_heads, num_gpsa)
+    assert abs(count / 1e6 - TABLE1_PARAMS[name]) < 1.2  # the paper rounds to whole millions
+
+
+def released_layout(embed_dim=192, num_heads=4, classes=1000):
+    """Names and shapes of a released ConViT checkpoint (12 blocks, 10 GPSA, 224^2, patch 16)."""
+    c = embed_dim
+    layout = {
+        "patch_embed.proj.weight": (c, 3, 16, 16), "patch_embed.proj.bias": (c,),
+        "cls_token": (1, 1, c), "pos_embed": (1, 196, c),
+        "norm.weight": (c,), "norm.bias": (c,), "head.weight": (classes, c), "head.bias": (classes,),
+    }
+    for i in range(12):
+        b = f"blocks.{i}."
+        layout.update({b + "norm1.weight": (c,), b + "norm1.bias": (c,), b + "norm2.weight": (c,),
+                       b + "norm2.bias": (c,), b + "mlp.fc1.weight": (4 * c, c), b + "mlp.fc1.bias": (4 * c,),
+                       b + "mlp.fc2.weight": (c, 4 * c), b + "mlp.fc2.bias": (c,),
+                       b + "attn.proj.weight": (c, c), b + "attn.proj.bias": (c,)})
+        if i < 10:
+            layout.update({b + "attn.qk.weight": (2 * c, c), b + "attn.v.weight": (c, c),
+                           b + "attn.pos_proj.weight": (num_heads, 3), b + "attn.pos_proj.bias": (num_heads,),
+                           b + "attn.gating_param": (num_heads,)})
+        else:
+            layout[b + "attn.qkv.weight"] = (3 * c, c)
+    return layout
+
+
+@pytest.mark.parametrize("name, embed_dim, num_heads", [
+    ("convit_tiny", 192, 4), ("convit_small", 432, 9), ("convit_base", 768, 16)])
+def test_state_dict_matches_released_layout(name, embed_dim, num_heads):
+    with torch.device("meta"):
+        model = create_model(name)
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    assert shapes == released_layout(embed_dim, num_heads)
+
+
+@pytest.mark.parametrize("name, embed_dim, num_heads", [("convit_tiny", 192, 4), ("convit_small", 432, 9)])
+def test_released_checkpoint_loads_strictly(tmp_path, name, embed_dim, num_heads):
+    released = {key: torch.randn(shape) for key, shape in released_layout(embed_dim, num_heads).items()}
+    path = tmp_path / "released.pth"
+    torch.save({"model": released}, path)  # the released files wrap the weights in "model"
+    model = load_checkpoint(create_model(name), path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, released[key]), key
+
+
+def test_load_checkpoint_interpolates_pos_embed_and_resets_head(tmp_path):
+    source = create_model("convit_tiny")
+    with torch.no_grad():
+        source.pos_embed.fill_(0.25)  # a constant embedding stays constant under bicubic resizing
+    path = tmp_path / "ours.pth"
+    torch.save(source.state_dict(), path)
+
+    for size in (384, 32):
+        target = load_checkpoint(create_model("convit_tiny", img_size=size, num_classes=10), path, verbose=False)
+        patches = (size // 16) ** 2
+        assert target.pos_embed.shape == (1, patches, 192)
+        assert torch.allclose(target.pos_embed, torch.full_like(target.pos_embed, 0.25), atol=1e-6)
+        assert target.head.weight.shape == (10, 192)
+        assert torch.equal(target.blocks[0].attn.pos_proj.weight, source.blocks[0].attn.pos_proj.weight)
+        assert target(torch.randn(1, 3, size, size)).shape == (1, 10)
+
+    same = load_checkpoint(create_model("convit_tiny"), path, verbose=False).eval()
+    images = torch.randn(1, 3, 224, 224)
+    assert torch.equal(same(images), source.eval()(images))
+
+
+def test_checkpoint_from_another_model_is_rejected(tmp_path):
+    path = tmp_path / "small.pth"
+    torch.save(create_model("convit_small").state_dict(), path)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qk\.weight: checkpoint \(864, 432\) vs model \(384, 192\)"):
+        load_checkpoint(create_model("convit_tiny"), path)
+
+
+def test_class_token_joins_after_the_last_gpsa_block():
+    model = small()
+    maps = model.attention_maps(torch.randn(2, 3, 32, 32))
+    assert [m.shape[-1] for m in maps] == [64, 64, 64, 65]  # 3 GPSA on 8x8 patches, then MHSA with cls
+    deit = small("deit_tiny", local_up_to_layer=0, num_heads=3)
+    assert not deit.gpsa_layers() and deit.gates().shape == (0, 3)
+    assert [m.shape[-1] for m in deit.attention_maps(torch.randn(2, 3, 32, 32))] == [65] * 4
+
+
+def test_nonlocality_of_uniform_attention_is_the_mean_grid_distance():
+    rows, cols = 3, 4
+    model = small(img_size=(12, 16), depth=2, local_up_to_layer=1)
+    layer = model.blocks[0].attn
+    with torch.no_grad():
+        layer.gating_param.fill_(-50.0)  # content attention only ...
+        layer.qk.weight.zero_()  # ... and uniform: every key gets 1/N
+    points = list(itertools.product(range(rows), range(cols)))
+    mean_distance = sum(math.dist(p, q) for p in points for q in points) / len(points) ** 2
+    nonlocality = model.nonlocality(torch.randn(2, 3, 12, 16))
+    assert torch.allclose(nonlocality[0], torch.full((4,), mean_distance), atol=1e-5)
+
+
+def test_inspection_uses_each_layers_real_input():
+    model = perturbed(small()).eval()
+    with torch.no_grad():
+        for block in model.blocks[:2]:
+            block.mlp.fc2.weight.normal_(std=0.5)  # blocks that change the residual stream a lot
+        model.blocks[2].attn.qk.weight.normal_(std=0.5)  # content attention that depends on its input
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        x = model.embed(images)
+        for block in model.blocks[:2]:
+            x = block(x)
+        third = model.blocks[2].attn
+        expected = third.attention(model.blocks[2].norm1(x))
+        buggy = third.attention(model.blocks[2].norm1(model.embed(images)))  # the released script's input
+    maps = model.attention_maps(images)
+    assert torch.allclose(maps[2], expected, atol=1e-6)
+    assert (maps[2] - buggy).abs().max() > 1e-3
+
+
+def test_gates_start_at_sigmoid_one():
+    gates = create_model("convit_small").gates()
+    assert gates.shape == (10, 9)
+    assert torch.allclose(gates, torch.full((10, 9), 0.7311), atol=1e-4)
+
+
+def test_rectangular_image():
+    model = small(img_size=(24, 40), patch_size=8)  # a 3 x 5 grid
+    assert model.cfg.grid == (3, 5)
+    assert model.pos_embed.shape == (1, 15, 48)
+    assert model(torch.randn(2, 3, 24, 40)).shape == (2, 10)
+    assert model.nonlocality(torch.randn(2, 3, 24, 40)).shape == (4, 4)
+
+
+# --- Bad input -----------------------------------------------------------------------------
+@pytest.mark.parametrize("build, message", [
+    (lambda: create_model("convit_tiny", img_size=225), "image 225x225 is not divisible by patch 16"),
+    (lambda: create_model("convit_tinny"), "unknown model 'convit_tinny'"),
+    (lambda: create_model("convit_tiny", embed_dim=90), "width 90 is not divisible by 4 heads"),
+    (lambda: create_model("convit_tiny", local_up_to_layer=12), "local_up_to_layer=12 must lie in"),
+    (lambda: create_model("convit_tiny", patch=16), "unknown option"),
+])
+def test_bad_configuration_raises(build, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        build()
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((1, 3, 40, 32), "image 40x32 does not match the model's img_size 32x32"),
+    ((1, 1, 32, 32), "image has 1 channels but the model expects in_chans=3"),
+    ((3, 32, 32), r"expected a batch of images \(B, C, H, W\), got shape \(3, 32, 32\)"),
+])
+def test_bad_images_raise(shape, message):
+    with pytest.raises(ValueError, match=message):
+        small()(torch.randn(*shape))
+
+
+def test_table1_command_measures_a_model(capsys):
+    import argparse
+
+    convit.print_table1(argparse.Namespace(models=["convit_tiny"], batch_size=1, rounds=1))
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:4] == ["convit_tiny", "4", "192", "5.7M"]
+    assert 1.0 < float(cells[4]) < 1.5  # GMACs: the paper's "1G"
