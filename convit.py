@@ -660,17 +660,20 @@ def count_macs(model: ConViT) -> int:
     return counter.get_total_flops() // 2
 
 
-def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1) -> dict[str, float]:
+def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu") -> dict[str, float]:
     """Median seconds per call of each job, the jobs run in turn round after round, so that
     a slow spell of a noisy machine hits all of them alike and their ratios stay fair."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for job in jobs.values():
         for _ in range(warmup):
             job()
     times = {name: [] for name in jobs}
     for _ in range(rounds):
         for name, job in jobs.items():
+            sync()
             start = time.perf_counter()
             job()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
@@ -688,7 +691,7 @@ def inference_job(model: nn.Module, images: torch.Tensor):
 def training_job(model: nn.Module, images: torch.Tensor):
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    labels = torch.zeros(images.shape[0], dtype=torch.long)
+    labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
 
     def run():
         optimizer.zero_grad(set_to_none=True)
@@ -719,61 +722,80 @@ def activation_memory(model: nn.Module, images: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
+# Table 1's pairs and the paper's throughput (img/s, fp32, batch 128, Quadro GP100).
+TABLE1_SIZES = ["tiny", "tiny_plus", "small", "small_plus", "base", "base_plus"]
+PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "convit_tiny_plus": 625,
+               "deit_small": 587, "convit_small": 305, "deit_small_plus": 480, "convit_small_plus": 382,
+               "deit_base": 187, "convit_base": 141, "deit_base_plus": 114, "convit_base_plus": 96}
+
+
 def print_table1(args):
-    names = args.models or list(MODEL_PRESETS)
-    images = torch.randn(args.batch_size, 3, 224, 224)
-    print(f"Table 1 measured here: fp32, batch {args.batch_size}, 224x224, {torch.get_num_threads()} threads, "
-          f"{args.rounds} timed rounds (median)")
-    print(f"| {'model':<18} | {'heads':>5} | {'C':>5} | {'params':>7} | {'GMACs':>6} | {'img/s fused':>11} "
-          f"| {'img/s explicit':>14} |")
-    print("|" + "|".join("-" * (w + 2) for w in (18, 5, 5, 7, 6, 11, 14)) + "|")
-    for name in names:
-        model = create_model(name)
-        params, macs = count_parameters(model), count_macs(model)
-        jobs = {"fused": inference_job(model, images)}
-        if model.cfg.local_up_to_layer > 0:
-            explicit = create_model(name, fused=False)
-            explicit.load_state_dict(model.state_dict())
-            jobs["explicit"] = inference_job(explicit, images)
-        seconds = time_interleaved(jobs, rounds=args.rounds)
-        speed = {k: args.batch_size / s for k, s in seconds.items()}
-        explicit_speed = f"{speed['explicit']:14.1f}" if "explicit" in speed else f"{'(same)':>14}"
-        print(f"| {name:<18} | {model.cfg.num_heads:>5} | {model.cfg.embed_dim:>5} | {params / 1e6:6.1f}M "
-              f"| {macs / 1e9:6.2f} | {speed['fused']:11.1f} | {explicit_speed} |", flush=True)
+    """Each DeiT row of Table 1 is timed interleaved with its ConViT row (fused and explicit),
+    so the ConViT/DeiT ratios are fair even on a noisy machine."""
+    images = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
+    print(f"Table 1 measured here: {args.device}, fp32, batch {args.batch_size}, 224x224, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    header = ["model", "heads", "C", "params", "GMACs", "img/s", "vs DeiT", "paper img/s", "paper vs DeiT"]
+    widths = [26, 5, 5, 7, 6, 8, 7, 11, 13]
+    print("| " + " | ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(header, widths))) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for size in args.sizes:
+        deit_name, convit_name = f"deit_{size}", f"convit_{size}"
+        models = {deit_name: create_model(deit_name), convit_name + " (fused)": create_model(convit_name)}
+        models[convit_name + " (explicit)"] = create_model(convit_name, fused=False)
+        models[convit_name + " (explicit)"].load_state_dict(models[convit_name + " (fused)"].state_dict())
+        macs = {name: count_macs(model) for name, model in models.items()}
+        for model in models.values():
+            model.to(args.device)
+        jobs = {name: inference_job(model, images) for name, model in models.items()}
+        seconds = time_interleaved(jobs, rounds=args.rounds, device=args.device)
+        for name, model in models.items():
+            base = name.split(" ")[0]
+            speed = args.batch_size / seconds[name]
+            ratio = seconds[deit_name] / seconds[name]
+            paper_ratio = PAPER_SPEED[base] / PAPER_SPEED[deit_name]
+            cells = [name, model.cfg.num_heads, model.cfg.embed_dim, f"{count_parameters(model) / 1e6:.1f}M",
+                     f"{macs[name] / 1e9:.2f}", f"{speed:.1f}", f"{ratio:.2f}x", PAPER_SPEED[base], f"{paper_ratio:.2f}x"]
+            print("| " + " | ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+                  + " |", flush=True)
 
 
 def print_comparison(args):
     """ConViT-Ti against a DeiT of the same width and heads (convit_tiny, local_up_to_layer=0)."""
-    size = dict(img_size=224)
-    deit = create_model("convit_tiny", local_up_to_layer=0, **size)
-    fused = create_model("convit_tiny", **size)
-    explicit = create_model("convit_tiny", fused=False, **size)
+    deit = create_model("convit_tiny", local_up_to_layer=0)
+    fused = create_model("convit_tiny")
+    explicit = create_model("convit_tiny", fused=False)
     explicit.load_state_dict(fused.state_dict())
     models = {"deit (same C, H)": deit, "convit fused": fused, "convit explicit": explicit}
-    images = torch.randn(args.batch_size, 3, 224, 224)
-    print(f"ConViT-Ti vs DeiT of the same width and heads: fp32, 224x224, {torch.get_num_threads()} threads")
+    for model in models.values():
+        model.to(args.device)
+    print(f"ConViT-Ti vs DeiT of the same width and heads: {args.device}, fp32, 224x224, "
+          f"{torch.get_num_threads()} threads")
     for what, make_job, batch in (("inference", inference_job, args.batch_size),
                                   ("training step", training_job, args.train_batch_size)):
-        jobs = {name: make_job(m, images[:batch] if batch <= len(images) else torch.randn(batch, 3, 224, 224))
-                for name, m in models.items()}
-        seconds = time_interleaved(jobs, rounds=args.rounds)
+        images = torch.randn(batch, 3, 224, 224, device=args.device)
+        jobs = {name: make_job(model, images) for name, model in models.items()}
+        seconds = time_interleaved(jobs, rounds=args.rounds, device=args.device)
         base = seconds["deit (same C, H)"]
         print(f"{what} (batch {batch}, median of {args.rounds} interleaved rounds):")
         for name, s in seconds.items():
             print(f"  {name:<18} {batch / s:8.1f} img/s   {base / s:5.2f}x DeiT")
-    memory_images = torch.randn(args.memory_batch_size, 3, 224, 224)
+    memory_images = torch.randn(args.memory_batch_size, 3, 224, 224, device=args.device)
     print(f"training memory at batch {args.memory_batch_size}: activations saved for backward (exact count):")
     for name, model in models.items():
         print(f"  {name:<18} {activation_memory(model, memory_images):8.0f} MiB")
 
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Measure Table 1 (params, MACs, img/s) on this machine.")
-    parser.add_argument("--models", nargs="*", help="subset of models (default: all of Table 1)")
+    parser = argparse.ArgumentParser(description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
+    parser.add_argument("--sizes", nargs="*", default=TABLE1_SIZES, choices=TABLE1_SIZES,
+                        help="which DeiT/ConViT pairs of Table 1 (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
     parser.add_argument("--train-batch-size", type=int, default=32, help="training-step batch (with --compare)")
     parser.add_argument("--memory-batch-size", type=int, default=64, help="batch of the activation-memory count (with --compare)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compare", action="store_true",
-                        help="instead: ConViT-Ti fused/explicit vs DeiT of the same size, inference, training, memory")
+                        help="instead: ConViT-Ti fused/explicit vs DeiT of the same size: inference, training, memory")
     cli = parser.parse_args()
     print_comparison(cli) if cli.compare else print_table1(cli)
