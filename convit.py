@@ -22,6 +22,7 @@ Contents, in file order (nothing is used before it is defined):
     relative_positions            r_ij for a rows x cols patch grid (Eq. 4)
     axis_offsets                  the same offsets along one axis (for the fast path)
     kernel_centres                which offset Delta_h each head looks at (Eq. 5)
+    content_attention             softmax(QK^T / sqrt(D)), Eq. 1's attention matrix
     PatchEmbed                    image -> patch tokens
     GPSA                          gated positional self-attention (Eq. 6-7)
     MHSA                          plain multi-head self-attention (Eq. 1)
@@ -164,6 +165,12 @@ def kernel_centres(num_heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------
+def content_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Eq. 1's attention matrix softmax_j(Q_i K_j^T / sqrt(D)), explicitly: (B, H, N, N)."""
+    scores = einsum(q, k, "b h i d, b h j d -> b h i j") / math.sqrt(q.shape[-1])
+    return scores.softmax(dim=-1)
+
+
 class PatchEmbed(nn.Module):
     """Cut the image into non-overlapping p x p patches and project each to C dims.
 
@@ -223,8 +230,6 @@ class GPSA(nn.Module):
     ):
         super().__init__()
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads  # D
-        self.scale = self.head_dim**-0.5  # 1 / sqrt(D)
         self.locality_strength = locality_strength  # alpha
         self.fused = fused
         # Released names: qk and v are separate (no bias) so that v can start as the identity.
@@ -284,15 +289,10 @@ class GPSA(nn.Module):
         bias = rearrange(self.pos_proj.bias, "h -> h 1 1")
         return axis_softmax(w_y, self.row_offsets, bias), axis_softmax(w_x, self.col_offsets)
 
-    def queries_keys_values(self, x: torch.Tensor):
-        q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
-        v = rearrange(self.v(x), "b n (h d) -> b h n d", h=self.num_heads)
-        return q, k, v  # each (B, H, N, D)
-
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit gated attention matrix A of Eq. 7, (B, H, N, N). Rows sum to 1."""
-        q, k, _ = self.queries_keys_values(x)
-        content_attn = (einsum(q, k, "b h i d, b h j d -> b h i j") * self.scale).softmax(dim=-1)
+        q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        content_attn = content_attention(q, k)  # (B, H, N, N)
         position_attn = self.position_attention()  # (H, N, N)
         gate = rearrange(self.gate(), "h -> 1 h 1 1")
         attn = (1 - gate) * content_attn + gate * position_attn  # (B, H, N, N)
@@ -344,7 +344,6 @@ class MHSA(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True):
         super().__init__()
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5  # 1 / sqrt(D)
         self.fused = fused
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # W_qry, W_key, W_val side by side
         self.proj = nn.Linear(dim, dim)  # W_out
@@ -356,15 +355,15 @@ class MHSA(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         q, k, _ = self.queries_keys_values(x)
-        return (einsum(q, k, "b h i d, b h j d -> b h i j") * self.scale).softmax(dim=-1)  # (B, H, N, N)
+        return content_attention(q, k)  # (B, H, N, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.queries_keys_values(x)
+        q, k, v = self.queries_keys_values(x)  # each (B, H, N, D)
         if self.fused:
             dropout_p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, H, N, D)
         else:
-            attn = self.attn_drop((einsum(q, k, "b h i d, b h j d -> b h i j") * self.scale).softmax(dim=-1))
+            attn = self.attn_drop(content_attention(q, k))  # (B, H, N, N)
             out = einsum(attn, v, "b h i j, b h j d -> b h i d")
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
