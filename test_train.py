@@ -1,0 +1,290 @@
+"""Tests of train.py: on the CPU, with tiny models, on data the tests write themselves.
+
+Each test states what the issue asks of train.py and asserts a number that could fail:
+a short run learns, a resumed run equals an uninterrupted one bit for bit, two processes
+under torchrun work, metrics.jsonl holds what the paper plots, and every bad input ends
+with `error: ...` and exit code 2 instead of a traceback.
+"""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import convit
+import train
+
+HERE = Path(__file__).resolve().parent
+
+# A ConViT small enough for a CPU test: 16x16 images in 4x4 patches (a 4x4 grid), C = 32,
+# H = 4 (a 2x2 kernel), 3 blocks of which the first is GPSA.
+TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "3", "--num-heads", "4",
+        "--preset", "small", "--workers", "0", "--quiet"]
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]  # one class per colour: an easy task
+
+
+def tiny_model(**overrides) -> convit.ConViT:
+    """The model that TINY's flags build, straight from convit."""
+    return convit.create_model("convit_tiny", img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4,
+                               local_up_to_layer=1, **overrides)
+
+
+def noisy_images(rng, colour, count, size=16):
+    """Images of one colour plus noise, (count, size, size, 3) uint8."""
+    base = np.array(colour, dtype=np.float32)
+    return np.clip(base + rng.normal(0, 40, (count, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """An ImageFolder tree of PNGs, train/ and val/, three classes told apart by colour."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 32), ("val", 12)):
+        for name, colour in zip(("a_red", "b_green", "c_blue"), COLOURS):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, pixels in enumerate(noisy_images(rng, colour, count)):
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_folder(tmp_path_factory):
+    """A CIFAR-10-format folder (cifar-10-batches-py: pickled data_batch_1..5, test_batch,
+    batches.meta) whose ten classes differ in brightness."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+
+    def write_batch(name, count):
+        labels = [i % 10 for i in range(count)]
+        grey = np.array(labels, dtype=np.float32)[:, None] * 25 + rng.normal(0, 8, (count, 3 * 32 * 32))
+        data = np.clip(grey, 0, 255).astype(np.uint8)  # (count, 3072): the red, green, blue planes in a row
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+
+    for i in range(1, 6):
+        write_batch(f"data_batch_{i}", 20)
+    write_batch("test_batch", 40)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"grey{i}" for i in range(10)]}, f)
+    return root
+
+
+def metrics_of(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def fails_with(argv, message, capsys):
+    """Run the command-line entry in-process; it must print `error: <message>` and return 2."""
+    code = train.cli(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------
+# It learns, and logs what the paper plots
+# ---------------------------------------------------------------------------------------
+def test_short_run_learns_colours(image_folder, tmp_path):
+    result = train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY,
+                         "--epochs", "5", "--batch-size", "16", "--lr", "2e-3", "--warmup-epochs", "1",
+                         "--output-dir", str(tmp_path)])
+    losses = [m["train_loss"] for m in metrics_of(tmp_path)]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result["val_top1"] >= 90.0, result  # chance is 33%
+    assert result["epochs_run"] == 5 and result["output_dir"] == str(tmp_path)
+
+
+def test_metrics_jsonl_has_the_papers_fields(cifar_folder, tmp_path):
+    train.main(["--dataset", "cifar10", "--data-dir", str(cifar_folder), *TINY, "--epochs", "2",
+                "--batch-size", "20", "--output-dir", str(tmp_path)])
+    lines = metrics_of(tmp_path)
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        for key in ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_second"):
+            assert isinstance(m[key], (int, float)), key
+        assert 0 <= m["val_top1"] <= m["val_top5"] <= 100 and m["images_per_second"] > 0
+        assert np.array(m["gates"]).shape == (1, 4)  # one GPSA layer, four heads: sigma(lambda)
+        assert np.all((np.array(m["gates"]) > 0.6) & (np.array(m["gates"]) < 0.9))  # near sigma(1) = 0.73
+        assert np.array(m["nonlocality"]).shape == (3, 4)  # every block and head (Eq. 8)
+        # At init the GPSA heads look at their 2x2 kernel offsets, much closer than the ~1.8
+        # patches of uniform attention over a 4x4 grid.
+        assert 0 < np.mean(m["nonlocality"][0]) < 1.5
+    assert (tmp_path / "checkpoint.pth").is_file() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_data_fraction_is_stratified_and_seeded():
+    labels = [0] * 10 + [1] * 20 + [2] * 30
+    kept = train.stratified_fraction(labels, 0.1, seed=0)
+    assert sorted(labels[i] for i in kept) == [0, 1, 1, 2, 2, 2]
+    assert kept == train.stratified_fraction(labels, 0.1, seed=0)
+    assert kept != train.stratified_fraction(labels, 0.1, seed=1)
+    args = train.resolve_args(train.build_parser().parse_args(["--data-fraction", "0.25", "--scale-epochs"]))
+    small = train.RECIPES["small"]
+    assert (args.epochs, args.warmup_epochs) == (4 * small.epochs, 4 * small.warmup_epochs)
+
+
+def test_first_k_classes_of_an_image_folder(image_folder, tmp_path):
+    args = train.resolve_args(train.build_parser().parse_args(
+        ["--dataset", "imagefolder", "--data-dir", str(image_folder), "--num-classes-subset", "2", *TINY]))
+    train_set, val_set, num_classes = train.build_datasets(args)
+    assert num_classes == 2 and train_set.classes == val_set.classes == ["a_red", "b_green"]
+    assert (len(train_set), len(val_set)) == (2 * 32, 2 * 12)
+    # A released checkpoint keeps its wider head, so its class indices still count on the subset.
+    released = tiny_model(num_classes=3)
+    torch.save({"model": released.state_dict()}, tmp_path / "released.pth")
+    result = train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), "--num-classes-subset", "2",
+                         *TINY, "--eval-only", "--checkpoint", str(tmp_path / "released.pth")])
+    assert result["model"].cfg.num_classes == 3 and torch.equal(result["model"].head.weight, released.head.weight)
+
+
+def test_no_weight_decay_on_biases_norms_embeddings_and_gates():
+    model = tiny_model()
+    decay, no_decay = train.parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed", "cls_token", "blocks.0.attn.gating_param", "blocks.0.attn.proj.bias",
+            "blocks.0.norm1.weight", "norm.bias"} <= undecayed
+    assert all(names[id(p)].endswith("weight") for p in decay["params"]) and decay["weight_decay"] == 0.05
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+
+
+def test_ablation_flags_freeze_gates_and_positional_weights(image_folder, tmp_path):
+    result = train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--epochs", "1",
+                         "--batch-size", "16", "--freeze-gates", "--freeze-positional", "--output-dir", str(tmp_path)])
+    gpsa = result["model"].gpsa_layers()[0]
+    fresh = tiny_model().gpsa_layers()[0]
+    assert torch.equal(gpsa.gating_param, torch.ones(4))  # Table 3 "train gating: no"
+    assert torch.equal(gpsa.pos_proj.weight, fresh.pos_proj.weight)  # "train GPSA: no": the conv init of Eq. 5
+    assert not torch.equal(gpsa.qk.weight, fresh.qk.weight)  # while the rest did train
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: exact resume, evaluation
+# ---------------------------------------------------------------------------------------
+def test_resumed_run_equals_uninterrupted_run(cifar_folder, tmp_path):
+    # Every source of randomness on: RandAugment, flips and erasing (in a data-loading worker,
+    # seeded through the loader's generator), MixUp/CutMix, drop path; and an EMA to restore.
+    recipe = ["--dataset", "cifar10", "--data-dir", str(cifar_folder), *TINY, "--epochs", "4", "--workers", "1",
+              "--batch-size", "20", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--drop-path", "0.1",
+              "--ema", "--ema-decay", "0.9", "--hflip", "0.5"]
+    whole = train.main([*recipe, "--output-dir", str(tmp_path / "whole")])
+    train.main([*recipe, "--output-dir", str(tmp_path / "split"), "--stop-after", "2"])
+    assert metrics_of(tmp_path / "split")[-1]["epoch"] == 2
+    resumed = train.main([*recipe, "--resume", str(tmp_path / "split" / "checkpoint.pth")])
+
+    assert resumed["epochs_run"] == 2 and resumed["output_dir"] == str(tmp_path / "split")
+    whole_state, resumed_state = whole["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
+    saved = [torch.load(tmp_path / run / "checkpoint.pth", weights_only=False) for run in ("whole", "split")]
+    assert all(torch.equal(saved[0]["ema"][k], saved[1]["ema"][k]) for k in saved[0]["ema"])
+    assert metrics_of(tmp_path / "whole")[-1]["val_loss"] == metrics_of(tmp_path / "split")[-1]["val_loss"]
+    assert len(metrics_of(tmp_path / "split")) == 4
+
+
+def test_eval_only_reports_our_checkpoint_and_a_released_format(cifar_folder, tmp_path):
+    data = ["--dataset", "cifar10", "--data-dir", str(cifar_folder), *TINY, "--batch-size", "20"]
+    trained = train.main([*data, "--epochs", "1", "--output-dir", str(tmp_path)])
+    ours = train.main([*data, "--eval-only", "--checkpoint", str(tmp_path / "checkpoint.pth")])
+    assert ours["val_top1"] == trained["val_top1"] and ours["val_top5"] == trained["val_top5"]
+    torch.save({"model": trained["model"].state_dict()}, tmp_path / "released.pth")  # the released layout
+    released = train.main([*data, "--eval-only", "--checkpoint", str(tmp_path / "released.pth")])
+    assert released["val_loss"] == pytest.approx(trained["val_loss"])
+
+
+# ---------------------------------------------------------------------------------------
+# Two processes under torchrun (gloo on the CPU)
+# ---------------------------------------------------------------------------------------
+def test_torchrun_two_processes(image_folder, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "train.py"), "--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY,
+               "--epochs", "2", "--batch-size", "8", "--output-dir", str(tmp_path)]
+    command.remove("--quiet")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout and done.stdout.count("done: val top-1") == 1  # rank 0 alone logs
+    lines = metrics_of(tmp_path)
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert lines[-1]["val_top1"] > 50  # both shards of the validation set count (chance: 33%)
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["args"]["batch_size"] == 8
+    assert len(torch.load(tmp_path / "checkpoint.pth", weights_only=False)["rng"]) == 2  # one per process
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: `error: ...`, exit code 2, no traceback
+# ---------------------------------------------------------------------------------------
+def test_bad_input_exits_2_without_traceback_from_the_command_line():
+    done = subprocess.run([sys.executable, str(HERE / "train.py"), "--data-fraction", "1.5"],
+                          capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --data-fraction must lie in (0, 1], got 1.5"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-fraction", "0"], "--data-fraction must lie in (0, 1], got 0.0"),
+    (["--data-fraction", "1.5"], "--data-fraction must lie in (0, 1], got 1.5"),
+    (["--model", "convit_huge"], "invalid choice: 'convit_huge'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--embed-dim", "30"], "width 30 is not divisible by 4 heads"),  # convit's own ValueError
+])
+def test_bad_flags_are_rejected(argv, message, capsys):
+    fails_with(argv, message, capsys)
+
+
+def test_missing_or_malformed_data_directory(tmp_path, capsys):
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere")], "does not exist", capsys)
+    (tmp_path / "only_train" / "train" / "cat").mkdir(parents=True)
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "only_train")], "val is not a folder", capsys)
+    (tmp_path / "only_train" / "val" / "cat").mkdir(parents=True)  # class folders without images
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "only_train")], "cannot read", capsys)
+    broken = tmp_path / "cifar" / "cifar-10-batches-py"
+    broken.mkdir(parents=True)
+    (broken / "data_batch_1").write_bytes(b"not a pickle")
+    fails_with(["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")], "is not a readable cifar10 batch", capsys)
+
+
+def test_no_network_for_a_missing_cifar_says_so(tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    fails_with(["--dataset", "cifar100", "--data-dir", str(tmp_path)], "could not download cifar100", capsys)
+
+
+def test_checkpoint_of_another_model_is_refused(image_folder, tmp_path, capsys):
+    data = ["--dataset", "imagefolder", "--data-dir", str(image_folder), "--batch-size", "16"]
+    train.main([*data, *TINY, "--epochs", "1", "--output-dir", str(tmp_path)])
+    other = [*data, *TINY, "--embed-dim", "48", "--epochs", "2"]  # the later flag wins: C = 48
+    fails_with([*other, "--resume", str(tmp_path / "checkpoint.pth")],
+               "embed_dim=32 (checkpoint) vs 48 (this run)", capsys)
+    fails_with([*other, "--eval-only", "--checkpoint", str(tmp_path / "checkpoint.pth")],
+               "embed_dim=32 (checkpoint) vs 48 (this run)", capsys)
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    fails_with([*other, "--eval-only", "--checkpoint", str(tmp_path / "junk.pth")], "cannot read checkpoint", capsys)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys):
+    # Epoch 1 warms up at lr 1e-6 and is saved; epoch 2 runs at lr 1e30, which blows the
+    # weights up after one step, so that the second step's loss is not finite.
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--batch-size", "16",
+                "--epochs", "2", "--warmup-epochs", "1", "--warmup-lr", "1e-6", "--lr", "1e30",
+                "--output-dir", str(tmp_path)], "non-finite loss", capsys)
+    assert [m["epoch"] for m in metrics_of(tmp_path)] == [1]
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
