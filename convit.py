@@ -735,7 +735,7 @@ def print_table1(args):
     print(f"Table 1 measured here: {args.device}, fp32, batch {args.batch_size}, 224x224, "
           f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
     header = ["model", "heads", "C", "params", "GMACs", "img/s", "vs DeiT", "paper img/s", "paper vs DeiT"]
-    widths = [26, 5, 5, 7, 6, 8, 7, 11, 13]
+    widths = [28, 5, 5, 7, 6, 8, 7, 11, 13]
     print("| " + " | ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(header, widths))) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for size in args.sizes:
@@ -794,7 +794,9 @@ if __name__ == "__main__":
     parser.add_argument("--memory-batch-size", type=int, default=64, help="batch of the activation-memory count (with --compare)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")
     parser.add_argument("--compare", action="store_true",
                         help="instead: ConViT-Ti fused/explicit vs DeiT of the same size: inference, training, memory")
     cli = parser.parse_args()
+    torch.set_num_threads(cli.threads)
     print_comparison(cli) if cli.compare else print_table1(cli)
