@@ -544,8 +544,9 @@ class ConViT(nn.Module):
     def nonlocality(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 8: D_loc^{h,l} = (1/L) sum_ij A^{h,l}_ij ||delta_ij||, attention averaged over
         the batch, for every block l and head h: (depth, H). Measured in patch units on each
-        block's real input. For MHSA blocks only patch-to-patch attention counts (the class
-        token has no position on the grid)."""
+        block's real input. For MHSA blocks only patch-to-patch attention counts: the class
+        token has no position on the grid, and its share is left out, not renormalised away,
+        so uniform attention over 1 + N tokens reads N / (N + 1) of the mean grid distance."""
         rows = []
         for attn in self.attention_maps(images):
             patch_attn = attn[:, :, -self.patch_distances.shape[0] :, -self.patch_distances.shape[0] :]
