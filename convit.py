@@ -35,6 +35,7 @@ Contents, in file order (nothing is used before it is defined):
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from dataclasses import dataclass, fields, replace
@@ -722,6 +723,24 @@ def activation_memory(model: nn.Module, images: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
+def explicit_twin(model: ConViT) -> ConViT:
+    """A copy of `model` with the same weights that runs the readable explicit path."""
+    return copy.deepcopy(model).set_fused(False)
+
+
+def comparison_models(img_size: int | tuple[int, int] = 224) -> dict[str, ConViT]:
+    """ConViT-Ti on both paths (sharing weights) and a DeiT of the same width and heads
+    (convit_tiny with local_up_to_layer=0): the fair comparison for the fused path's speed."""
+    fused = create_model("convit_tiny", img_size=img_size)
+    return {"deit (same C, H)": create_model("convit_tiny", img_size=img_size, local_up_to_layer=0),
+            "convit fused": fused, "convit explicit": explicit_twin(fused)}
+
+
+def markdown_row(cells: list, widths: list[int]) -> str:
+    """One row of a markdown table, the first cell left-aligned and the others right-aligned."""
+    return "| " + " | ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+
 # Table 1's pairs and the paper's throughput (img/s, fp32, batch 128, Quadro GP100).
 TABLE1_SIZES = ["tiny", "tiny_plus", "small", "small_plus", "base", "base_plus"]
 PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "convit_tiny_plus": 625,
@@ -737,13 +756,13 @@ def print_table1(args):
           f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
     header = ["model", "heads", "C", "params", "GMACs", "img/s", "vs DeiT", "paper img/s", "paper vs DeiT"]
     widths = [28, 5, 5, 7, 6, 8, 7, 11, 13]
-    print("| " + " | ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(zip(header, widths))) + " |")
+    print(markdown_row(header, widths))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for size in args.sizes:
         deit_name, convit_name = f"deit_{size}", f"convit_{size}"
-        models = {deit_name: create_model(deit_name), convit_name + " (fused)": create_model(convit_name)}
-        models[convit_name + " (explicit)"] = create_model(convit_name, fused=False)
-        models[convit_name + " (explicit)"].load_state_dict(models[convit_name + " (fused)"].state_dict())
+        fused = create_model(convit_name)
+        models = {deit_name: create_model(deit_name), convit_name + " (fused)": fused,
+                  convit_name + " (explicit)": explicit_twin(fused)}
         macs = {name: count_macs(model) for name, model in models.items()}
         for model in models.values():
             model.to(args.device)
@@ -756,19 +775,12 @@ def print_table1(args):
             paper_ratio = PAPER_SPEED[base] / PAPER_SPEED[deit_name]
             cells = [name, model.cfg.num_heads, model.cfg.embed_dim, f"{count_parameters(model) / 1e6:.1f}M",
                      f"{macs[name] / 1e9:.2f}", f"{speed:.1f}", f"{ratio:.2f}x", PAPER_SPEED[base], f"{paper_ratio:.2f}x"]
-            print("| " + " | ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
-                  + " |", flush=True)
+            print(markdown_row(cells, widths), flush=True)
 
 
 def print_comparison(args):
     """ConViT-Ti against a DeiT of the same width and heads (convit_tiny, local_up_to_layer=0)."""
-    deit = create_model("convit_tiny", local_up_to_layer=0)
-    fused = create_model("convit_tiny")
-    explicit = create_model("convit_tiny", fused=False)
-    explicit.load_state_dict(fused.state_dict())
-    models = {"deit (same C, H)": deit, "convit fused": fused, "convit explicit": explicit}
-    for model in models.values():
-        model.to(args.device)
+    models = {name: model.to(args.device) for name, model in comparison_models().items()}
     print(f"ConViT-Ti vs DeiT of the same width and heads: {args.device}, fp32, 224x224, "
           f"{torch.get_num_threads()} threads")
     for what, make_job, batch in (("inference", inference_job, args.batch_size),

@@ -60,14 +60,10 @@ def check_exactness(img_size: int, device: str) -> dict[str, float]:
 
 
 def three_models(img_size: int, device: str) -> dict:
-    """DeiT of ConViT-Ti's width and heads, and ConViT-Ti on each path, the two sharing weights."""
-    models = {
-        "DeiT (same C, H)": convit.create_model("convit_tiny", img_size=img_size, local_up_to_layer=0),
-        "ConViT fused": convit.create_model("convit_tiny", img_size=img_size),
-        "ConViT explicit": convit.create_model("convit_tiny", img_size=img_size, fused=False),
-    }
-    models["ConViT explicit"].load_state_dict(models["ConViT fused"].state_dict())
-    return {name: model.to(device) for name, model in models.items()}
+    """DeiT of ConViT-Ti's width and heads, and ConViT-Ti on each path, the two sharing weights
+    (convit.comparison_models, the set that `python convit.py --compare` times)."""
+    names = {"deit (same C, H)": "DeiT (same C, H)", "convit fused": "ConViT fused", "convit explicit": "ConViT explicit"}
+    return {names[name]: model.to(device) for name, model in convit.comparison_models(img_size).items()}
 
 
 def measure(models: dict, make_job, batch: int, img_size: int, rounds: int, device: str, what: str) -> dict:
@@ -75,9 +71,8 @@ def measure(models: dict, make_job, batch: int, img_size: int, rounds: int, devi
     slow spell of a shared machine hits all of them alike."""
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     jobs = {name: make_job(model, images) for name, model in models.items()}
-    if str(device).startswith("cuda"):  # time the GPU's work, not only its queueing
-        jobs = {name: (lambda job=job: (job(), torch.cuda.synchronize())) for name, job in jobs.items()}
-    speeds = {name: batch / seconds for name, seconds in convit.time_interleaved(jobs, rounds=rounds).items()}
+    seconds = convit.time_interleaved(jobs, rounds=rounds, device=device)  # on a GPU it synchronises
+    speeds = {name: batch / s for name, s in seconds.items()}
     base = speeds["DeiT (same C, H)"]
     for name, speed in speeds.items():
         print(f"{what:<14} {img_size}x{img_size}, batch {batch}: {name:<17} {speed:8.1f} img/s  {speed / base:5.2f}x DeiT")
