@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import convit
+import data
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -128,10 +129,10 @@ def test_metrics_jsonl_has_the_papers_fields(cifar_folder, tmp_path):
 
 def test_data_fraction_is_stratified_and_seeded():
     labels = [0] * 10 + [1] * 20 + [2] * 30
-    kept = train.stratified_fraction(labels, 0.1, seed=0)
+    kept = data.stratified_fraction(labels, 0.1, seed=0)
     assert sorted(labels[i] for i in kept) == [0, 1, 1, 2, 2, 2]
-    assert kept == train.stratified_fraction(labels, 0.1, seed=0)
-    assert kept != train.stratified_fraction(labels, 0.1, seed=1)
+    assert kept == data.stratified_fraction(labels, 0.1, seed=0)
+    assert kept != data.stratified_fraction(labels, 0.1, seed=1)
     args = train.resolve_args(train.build_parser().parse_args(["--data-fraction", "0.25", "--scale-epochs"]))
     small = train.RECIPES["small"]
     assert (args.epochs, args.warmup_epochs) == (4 * small.epochs, 4 * small.warmup_epochs)
@@ -140,7 +141,7 @@ def test_data_fraction_is_stratified_and_seeded():
 def test_first_k_classes_of_an_image_folder(image_folder, tmp_path):
     args = train.resolve_args(train.build_parser().parse_args(
         ["--dataset", "imagefolder", "--data-dir", str(image_folder), "--num-classes-subset", "2", *TINY]))
-    train_set, val_set, num_classes = train.build_datasets(args)
+    train_set, val_set, num_classes = data.build_datasets(args)
     assert num_classes == 2 and train_set.classes == val_set.classes == ["a_red", "b_green"]
     assert (len(train_set), len(val_set)) == (2 * 32, 2 * 12)
     # A released checkpoint keeps its wider head, so its class indices still count on the subset.

@@ -55,9 +55,10 @@ Every flag left unset takes its value from the dataset (image and patch size) an
 recipe, --preset paper (DeiT's, the default for cifar and imagefolder) or --preset small (the
 default for digits and fake); `python train.py --help` lists both values of each flag.
 
-Contents, in file order: presets (datasets, recipes) -> command line -> data -> model,
-optimiser, schedule -> processes -> checkpoints -> evaluation -> setting up a run ->
+Contents, in file order: presets (recipes) -> command line -> model, optimiser, schedule -> processes -> checkpoints -> evaluation -> setting up a run ->
 the training loop (`train`) -> `evaluate_only`, `main` and the command-line entry `cli`.
+The data side of the recipe (datasets, augmentation, repeated augmentation, MixUp/CutMix)
+is data.py.
 """
 
 from __future__ import annotations
@@ -67,26 +68,22 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import convit
+import data
 
 
 class TrainError(Exception):
@@ -94,38 +91,8 @@ class TrainError(Exception):
 
 
 # ---------------------------------------------------------------------------------------
-# Presets: what each dataset looks like, and the two recipes
+# Presets: the two recipes (what each dataset looks like is data.DATASETS)
 # ---------------------------------------------------------------------------------------
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class DatasetDefaults:
-    img_size: int  # side of the (square) training image; --img-size overrides
-    patch_size: int  # --patch-size overrides; img_size / patch_size is the patch grid
-    in_chans: int  # colour channels
-    preset: str  # the recipe that suits the dataset's size
-    hflip: float  # probability of a horizontal flip (0 for digits: a mirrored 2 is no 2)
-    crop_pct: float  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
-    mean: tuple[float, ...]  # per-channel normalisation
-    std: tuple[float, ...]
-
-
-DATASETS: dict[str, DatasetDefaults] = {
-    # 8x8 grey digits, upsampled to 16x16 and cut in 4x4 patches: a 4x4 grid of 16 tokens. (Patch 2,
-    # an 8x8 grid, learns far more slowly: its first ~100 steps sit on a plateau at chance.)
-    "digits": DatasetDefaults(16, 4, 1, "small", 0.0, 1.0, (0.5,), (0.5,)),
-    # 32x32 colour images in 4x4 patches: an 8x8 grid (patch 2 gives 16x16 = 256 tokens).
-    "cifar10": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
-    "cifar100": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
-    # ImageNet and its subsets as in the paper: 224x224 in 16x16 patches, a 14x14 grid.
-    "imagefolder": DatasetDefaults(224, 16, 3, "paper", 0.5, 0.875, IMAGENET_MEAN, IMAGENET_STD),
-    # Random images and labels (torchvision FakeData): for smoke runs; nothing can be learnt.
-    "fake": DatasetDefaults(32, 4, 3, "small", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
-}
-FAKE_TRAIN_IMAGES, FAKE_VAL_IMAGES = 512, 128
-
-
 @dataclass(frozen=True)
 class Recipe:
     """The knobs with a preset value. Each one but head_width is also a flag of the same name."""
@@ -193,16 +160,16 @@ def build_parser() -> ArgumentParser:
         values = ", ".join(f"{r}: {getattr(RECIPES[r], name.replace('-', '_'))}" for r in RECIPES)
         group.add_argument(f"--{name}", type=kind, default=None, help=f"{text} [{values}]")
 
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=list(DATASETS), default="digits")
-    data.add_argument("--data-dir", default="data", help="where cifar is (or goes), or the root holding train/ and val/")
-    data.add_argument("--num-classes-subset", type=int, default=None, metavar="K",
+    data_flags = p.add_argument_group("data")
+    data_flags.add_argument("--dataset", choices=list(data.DATASETS), default="digits")
+    data_flags.add_argument("--data-dir", default="data", help="where cifar is (or goes), or the root holding train/ and val/")
+    data_flags.add_argument("--num-classes-subset", type=int, default=None, metavar="K",
                       help="imagefolder: keep only the first K classes in sorted order (the paper: 100)")
-    data.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
+    data_flags.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
                       help="keep a seeded, stratified fraction F in (0, 1] of each training class (Table 2)")
-    data.add_argument("--scale-epochs", action="store_true",
+    data_flags.add_argument("--scale-epochs", action="store_true",
                       help="multiply epochs (and warmup) by 1/F, so that a fraction sees as many steps (Table 2)")
-    data.add_argument("--workers", type=int, default=None,
+    data_flags.add_argument("--workers", type=int, default=None,
                       help="data-loading processes (default: 0 on a CPU, up to 8 per GPU)")
 
     model = p.add_argument_group("model (defaults: the --model preset, shrunk by --preset small)")
@@ -275,7 +242,7 @@ def build_parser() -> ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every unset flag from the dataset and the recipe, and check the values."""
-    spec = DATASETS[args.dataset]
+    spec = data.DATASETS[args.dataset]
     args.preset = args.preset or spec.preset
     if args.base_lr is None and args.preset == "paper" and args.model.endswith("_plus"):
         args.base_lr = 4e-4  # paper.md: the "+" models train at 4e-4 per 512 images
@@ -304,213 +271,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------
-class ArrayImageDataset(Dataset):
-    """Images held in memory as one uint8 tensor (N, C, H, W), with integer labels."""
-
-    def __init__(self, images: torch.Tensor, targets: list[int], transform):
-        self.images, self.targets, self.transform = images, list(targets), transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        return self.transform(tv_tensors.Image(self.images[index])), self.targets[index]
-
-
-class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
-    """An ImageFolder that keeps only the first `keep` classes in sorted order (None = all).
-
-    For ImageNet, sorted folder names are the synset ids, so the first 100 classes keep the
-    labels 0..99 of the full 1000-class problem, as in the paper's Fig. 8 experiments."""
-
-    def __init__(self, root, keep: int | None, transform):
-        self.keep = keep
-        super().__init__(root, transform=transform)
-
-    def find_classes(self, directory):
-        classes, _ = super().find_classes(directory)
-        classes = classes[: self.keep] if self.keep else classes
-        return classes, {name: index for index, name in enumerate(classes)}
-
-
-def train_transform(args, spec: DatasetDefaults) -> v2.Compose:
-    """DeiT's training augmentation, from torchvision.transforms.v2.
-
-    Two departures from DeiT's code: torchvision's RandAugment has no magnitude noise (DeiT's
-    "std 0.5"), and colour jitter is applied as paper.md lists it, whereas the timm code DeiT
-    used skipped it whenever RandAugment was on (--color-jitter 0 reproduces that).
-    MixUp and CutMix act on whole batches, so they live in the training loop."""
-    steps = [
-        v2.ToImage(),  # PIL image or tensor -> uint8 tensor image (C, H, W)
-        v2.RandomResizedCrop(args.img_size, scale=(args.crop_scale, 1.0),
-                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(args.hflip),
-    ]
-    if args.randaug_ops > 0:
-        steps.append(v2.RandAugment(num_ops=args.randaug_ops, magnitude=args.randaug_magnitude))
-    if args.color_jitter > 0:
-        steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
-    if args.reprob > 0:
-        steps.append(v2.RandomErasing(args.reprob, value="random"))  # DeiT erases with noise
-    return v2.Compose(steps)
-
-
-def eval_transform(args, spec: DatasetDefaults) -> v2.Compose:
-    """Resize to img_size / crop_pct, keep the centre img_size (ImageNet: 256 -> 224)."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(int(args.img_size / spec.crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(args.img_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(spec.mean, spec.std),
-    ])
-
-
-def load_digits(train_tf, eval_tf):
-    """The 1797 UCI handwritten digits that ship with scikit-learn: 8x8, 17 grey levels.
-
-    A fixed, stratified 80/20 split (seed 0 whatever --seed is, so that every run is judged
-    on the same 360 images)."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = sklearn_digits()
-    images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)  # (1797, 1, 8, 8)
-    train_idx, val_idx = train_test_split(np.arange(len(images)), test_size=0.2, stratify=digits.target, random_state=0)
-    labels = digits.target.tolist()
-    return (ArrayImageDataset(images[train_idx], [labels[i] for i in train_idx], train_tf),
-            ArrayImageDataset(images[val_idx], [labels[i] for i in val_idx], eval_tf))
-
-
-def load_cifar(name: str, root: Path, train: bool, transform) -> ArrayImageDataset:
-    """CIFAR-10/100 from the python pickles, downloaded through torchvision when missing.
-
-    We read the pickles ourselves: torchvision's loader refuses any folder whose files do
-    not match the official md5 sums, which a test's small CIFAR-format folder cannot."""
-    source = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    folder = root / source.base_folder
-    if not folder.is_dir():
-        print(f"{name}: {folder} not found, downloading {source.url}", flush=True)
-        try:
-            source(str(root), train=True, download=True)
-        except (OSError, RuntimeError) as err:  # URLError is an OSError
-            raise TrainError(f"could not download {name} into {root} ({err}); without a network, "
-                             f"extract {source.filename} there by hand so that {folder} exists") from None
-    images, targets = [], []
-    for file_name, _md5 in source.train_list if train else source.test_list:
-        try:
-            with open(folder / file_name, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            images.append(torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8)).reshape(-1, 3, 32, 32))
-            targets += batch["labels"] if "labels" in batch else batch["fine_labels"]
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise TrainError(f"{folder / file_name} is not a readable {name} batch ({type(err).__name__}: {err}); "
-                             f"delete {folder} to download it again") from None
-    return ArrayImageDataset(torch.cat(images), targets, transform)
-
-
-def load_imagefolder(root: Path, keep: int | None, train_tf, eval_tf):
-    if not root.is_dir():
-        raise TrainError(f"data directory {root} does not exist (--data-dir)")
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise TrainError(f"--dataset imagefolder expects {root}/train/ and {root}/val/ "
-                             f"(one sub-folder of images per class); {root / split} is not a folder")
-    try:
-        train_set = FirstClassesImageFolder(root / "train", keep, train_tf)
-        val_set = FirstClassesImageFolder(root / "val", keep, eval_tf)
-    except (FileNotFoundError, OSError) as err:  # e.g. a class folder with no images
-        raise TrainError(f"cannot read the image folders under {root}: {err}") from None
-    if train_set.classes != val_set.classes:
-        only_train = sorted(set(train_set.classes) - set(val_set.classes))
-        only_val = sorted(set(val_set.classes) - set(train_set.classes))
-        raise TrainError(f"{root}/train and {root}/val hold different classes "
-                         f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})")
-    if keep and len(train_set.classes) < keep:
-        raise TrainError(f"--num-classes-subset {keep} but {root}/train has only {len(train_set.classes)} classes")
-    return train_set, val_set
-
-
-def build_datasets(args) -> tuple[Dataset, Dataset, int]:
-    """(training set, validation set, number of classes); items are (image tensor, label)."""
-    spec = DATASETS[args.dataset]
-    train_tf, eval_tf = train_transform(args, spec), eval_transform(args, spec)
-    root = Path(args.data_dir)
-    if args.dataset == "digits":
-        train_set, val_set = load_digits(train_tf, eval_tf)
-        num_classes = 10
-    elif args.dataset in ("cifar10", "cifar100"):
-        train_set = load_cifar(args.dataset, root, True, train_tf)
-        val_set = load_cifar(args.dataset, root, False, eval_tf)
-        num_classes = 10 if args.dataset == "cifar10" else 100
-    elif args.dataset == "imagefolder":
-        train_set, val_set = load_imagefolder(root, args.num_classes_subset, train_tf, eval_tf)
-        num_classes = len(train_set.classes)
-    else:  # fake: FakeData draws each image and label from a seed set by its index
-        shape = (spec.in_chans, args.img_size, args.img_size)
-        train_set = torchvision.datasets.FakeData(FAKE_TRAIN_IMAGES, shape, 10, transform=train_tf)
-        val_set = torchvision.datasets.FakeData(FAKE_VAL_IMAGES, shape, 10, transform=eval_tf,
-                                                random_offset=FAKE_TRAIN_IMAGES)
-        num_classes = 10
-    if args.data_fraction < 1.0:
-        train_set = Subset(train_set, stratified_fraction(labels_of(train_set), args.data_fraction, args.seed))
-    return train_set, val_set, num_classes
-
-
-def labels_of(dataset: Dataset) -> list[int]:
-    if hasattr(dataset, "targets"):
-        return [int(t) for t in dataset.targets]
-    return [int(dataset[i][1]) for i in range(len(dataset))]  # FakeData: draw them
-
-
-def stratified_fraction(labels: list[int], fraction: float, seed: int) -> list[int]:
-    """Indices of a seeded random fraction of every class (at least one image per class),
-    so that a 10% subset keeps the class balance of the full set (Table 2)."""
-    generator = torch.Generator().manual_seed(seed)
-    labels_t = torch.tensor(labels)
-    keep = []
-    for label in labels_t.unique().tolist():
-        members = (labels_t == label).nonzero().flatten()
-        shuffled = members[torch.randperm(len(members), generator=generator)]
-        keep += shuffled[: max(1, round(fraction * len(members)))].tolist()
-    return sorted(keep)
-
-
-class RepeatedAugmentationSampler(DistributedSampler):
-    """DeiT's repeated augmentation: each image appears `repeats` times in an epoch, under
-    different random augmentations (and, with several processes, on different processes).
-    The epoch keeps the dataset's length, so it visits len / repeats distinct images.
-    With repeats = 1 it is a plain DistributedSampler; both reshuffle from (seed, epoch),
-    which is what makes a resumed run draw the same batches as an uninterrupted one."""
-
-    def __init__(self, dataset, repeats: int, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.repeats = repeats
-
-    def __iter__(self):
-        if self.repeats == 1:
-            return super().__iter__()
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).repeat_interleave(self.repeats)
-        order = order[: self.total_size]  # repeats >= 2 makes it long enough for every process
-        return iter(order[self.rank :: self.num_replicas].tolist())
-
-
-def batch_mixer(args, num_classes: int):
-    """MixUp or CutMix on each batch (one of the two, chosen with probability 0.5 when both
-    are on). Returns images and soft targets (B, num_classes); None when both are off."""
-    mixers = []
-    if args.mixup > 0:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
-    if args.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
-    return v2.RandomChoice(mixers) if mixers else None
-
-
-# ---------------------------------------------------------------------------------------
 # Model, optimiser, schedule
 # ---------------------------------------------------------------------------------------
 def build_model(args, num_classes: int) -> convit.ConViT:
@@ -523,7 +283,7 @@ def build_model(args, num_classes: int) -> convit.ConViT:
     local_up_to_layer = args.local_up_to_layer if args.local_up_to_layer is not None else (
         max(depth - 2, 1) if preset_gpsa > 0 else 0)
     model = convit.create_model(
-        args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=DATASETS[args.dataset].in_chans,
+        args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=data.DATASETS[args.dataset].in_chans,
         num_classes=num_classes, embed_dim=width, depth=depth, num_heads=num_heads,
         local_up_to_layer=local_up_to_layer, locality_strength=args.locality_strength,
         use_local_init=not args.no_conv_init, use_pos_embed=not args.no_pos_embed, drop_path_rate=args.drop_path,
@@ -720,7 +480,7 @@ def make_loaders(args, procs: Processes, train_set: Dataset, val_set: Dataset):
     workers = args.workers if args.workers is not None else (
         min(8, (os.cpu_count() or 1) // processes_here) if procs.device.type == "cuda" else 0)
     options = dict(num_workers=workers, pin_memory=procs.device.type == "cuda")
-    sampler = RepeatedAugmentationSampler(train_set, args.repeated_aug, procs.world, procs.rank, args.seed)
+    sampler = data.RepeatedAugmentationSampler(train_set, args.repeated_aug, procs.world, procs.rank, args.seed)
     # This generator seeds the workers' augmentations; its state goes into every checkpoint.
     generator = torch.Generator().manual_seed(args.seed + procs.rank)
     train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, generator=generator, **options)
@@ -787,7 +547,7 @@ def train(args, procs: Processes) -> dict:
     # --- data (rank 0 first: it may download CIFAR, which the others then read) --------
     if not is_main:
         dist.barrier()
-    train_set, val_set, num_classes = build_datasets(args)
+    train_set, val_set, num_classes = data.build_datasets(args)
     if is_main and procs.distributed:
         dist.barrier()
     global_batch = args.batch_size * procs.world
@@ -796,7 +556,7 @@ def train(args, procs: Processes) -> dict:
                          "lower --batch-size")
     sampler, loader_generator, train_loader, val_loader = make_loaders(args, procs, train_set, val_set)
     fixed_batch = torch.stack([val_set[i][0] for i in range(min(64, len(val_set)))]).to(procs.device)  # for Eq. 8
-    mixer = batch_mixer(args, num_classes)
+    mixer = data.batch_mixer(args, num_classes)
 
     # --- model, optimiser, schedule -----------------------------------------------------
     model = build_model(args, num_classes).to(procs.device)
@@ -900,7 +660,7 @@ def train(args, procs: Processes) -> dict:
 
 def evaluate_only(args, procs: Processes) -> dict:
     """Top-1 / top-5 of one of our checkpoints, or of a released ConViT .pth (e.g. on ImageNet val)."""
-    _train_set, val_set, num_classes = build_datasets(args)
+    _train_set, val_set, num_classes = data.build_datasets(args)
     checkpoint = read_checkpoint(args.checkpoint)
     ours = "cfg" in checkpoint
     if not ours:  # a released checkpoint: keep its head, so that its class indices still count

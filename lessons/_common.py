@@ -27,7 +27,7 @@ from einops import rearrange  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # convit.py and train.py live in the repository root
-import convit  # noqa: E402  (train.py is imported where it is needed: it pulls in torchvision)
+import convit  # noqa: E402  (train.py and data.py are imported where needed: they pull in torchvision)
 
 FIGURES = REPO_ROOT / "lessons" / "figures"
 
@@ -50,9 +50,9 @@ def lesson_parser(doc: str, uses_data: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1; 0 = torch's default, one per core)")
     if uses_data:
-        import train  # the datasets are train.py's
+        import data  # train.py's datasets (it pulls in torchvision, so it is imported only here)
 
-        parser.add_argument("--dataset", default="digits", choices=list(train.DATASETS),
+        parser.add_argument("--dataset", default="digits", choices=list(data.DATASETS),
                             help="digits = scikit-learn's 8x8 handwritten digits, bundled, no download")
         parser.add_argument("--data-dir", default="data",
                             help="root of CIFAR or of an ImageFolder with train/ and val/ (see train.py)")
@@ -134,19 +134,20 @@ def sample_images(dataset: str, count: int, img_size: int, data_dir: str = "data
     digits: scikit-learn's 8x8 handwritten digits (real data, bundled, nothing downloaded).
     Returns (count, channels, img_size, img_size); channels is 1 for digits, 3 otherwise.
     """
-    import train  # the data code lives there; the lessons do not load images their own way
+    import data
+    import train  # resolves the flags as a training run would; the images come from data.py
 
     argv = ["--dataset", dataset, "--data-dir", str(data_dir), "--img-size", str(img_size)]
-    _, val_set, _ = train.build_datasets(train.resolve_args(train.build_parser().parse_args(argv)))
+    _, val_set, _ = data.build_datasets(train.resolve_args(train.build_parser().parse_args(argv)))
     picked = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     return torch.stack([val_set[i][0] for i in picked])
 
 
 def in_chans(dataset: str) -> int:
     """Colour channels of train.py's `dataset` (1 for digits, 3 for the others)."""
-    import train
+    import data
 
-    return train.DATASETS[dataset].in_chans
+    return data.DATASETS[dataset].in_chans
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,272 @@
+"""The data side of DeiT's recipe, for train.py: datasets, augmentation, sampling, mixing.
+
+Split out of train.py so that the training loop stays one readable page. Nothing here knows
+about the model; everything returns plain torch datasets of (image tensor, label).
+
+Contents, in file order:
+    DatasetDefaults, DATASETS      what each --dataset looks like (image and patch size, channels ...)
+    ArrayImageDataset, FirstClassesImageFolder
+    train_transform, eval_transform
+    load_digits, load_cifar, load_imagefolder, build_datasets
+    stratified_fraction            Table 2's subsets of each class
+    RepeatedAugmentationSampler    DeiT's repeated augmentation
+    batch_mixer                    MixUp / CutMix
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import Dataset, DistributedSampler, Subset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+
+class DataError(ValueError):
+    """A problem with the user's data, reported by train.py as `error: <message>` and exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------
+# What each dataset looks like
+# ---------------------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    img_size: int  # side of the (square) training image; --img-size overrides
+    patch_size: int  # --patch-size overrides; img_size / patch_size is the patch grid
+    in_chans: int  # colour channels
+    preset: str  # the recipe that suits the dataset's size
+    hflip: float  # probability of a horizontal flip (0 for digits: a mirrored 2 is no 2)
+    crop_pct: float  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
+    mean: tuple[float, ...]  # per-channel normalisation
+    std: tuple[float, ...]
+
+
+DATASETS: dict[str, DatasetDefaults] = {
+    # 8x8 grey digits, upsampled to 16x16 and cut in 4x4 patches: a 4x4 grid of 16 tokens. (Patch 2,
+    # an 8x8 grid, learns far more slowly: its first ~100 steps sit on a plateau at chance.)
+    "digits": DatasetDefaults(16, 4, 1, "small", 0.0, 1.0, (0.5,), (0.5,)),
+    # 32x32 colour images in 4x4 patches: an 8x8 grid (patch 2 gives 16x16 = 256 tokens).
+    "cifar10": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
+    "cifar100": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
+    # ImageNet and its subsets as in the paper: 224x224 in 16x16 patches, a 14x14 grid.
+    "imagefolder": DatasetDefaults(224, 16, 3, "paper", 0.5, 0.875, IMAGENET_MEAN, IMAGENET_STD),
+    # Random images and labels (torchvision FakeData): for smoke runs; nothing can be learnt.
+    "fake": DatasetDefaults(32, 4, 3, "small", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
+}
+FAKE_TRAIN_IMAGES, FAKE_VAL_IMAGES = 512, 128
+
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+class ArrayImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor (N, C, H, W), with integer labels."""
+
+    def __init__(self, images: torch.Tensor, targets: list[int], transform):
+        self.images, self.targets, self.transform = images, list(targets), transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.transform(tv_tensors.Image(self.images[index])), self.targets[index]
+
+
+class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder that keeps only the first `keep` classes in sorted order (None = all).
+
+    For ImageNet, sorted folder names are the synset ids, so the first 100 classes keep the
+    labels 0..99 of the full 1000-class problem, as in the paper's Fig. 8 experiments."""
+
+    def __init__(self, root, keep: int | None, transform):
+        self.keep = keep
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory):
+        classes, _ = super().find_classes(directory)
+        classes = classes[: self.keep] if self.keep else classes
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
+def train_transform(args, spec: DatasetDefaults) -> v2.Compose:
+    """DeiT's training augmentation, from torchvision.transforms.v2.
+
+    Two departures from DeiT's code: torchvision's RandAugment has no magnitude noise (DeiT's
+    "std 0.5"), and colour jitter is applied as paper.md lists it, whereas the timm code DeiT
+    used skipped it whenever RandAugment was on (--color-jitter 0 reproduces that).
+    MixUp and CutMix act on whole batches, so they live in the training loop."""
+    steps = [
+        v2.ToImage(),  # PIL image or tensor -> uint8 tensor image (C, H, W)
+        v2.RandomResizedCrop(args.img_size, scale=(args.crop_scale, 1.0),
+                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(args.hflip),
+    ]
+    if args.randaug_ops > 0:
+        steps.append(v2.RandAugment(num_ops=args.randaug_ops, magnitude=args.randaug_magnitude))
+    if args.color_jitter > 0:
+        steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    if args.reprob > 0:
+        steps.append(v2.RandomErasing(args.reprob, value="random"))  # DeiT erases with noise
+    return v2.Compose(steps)
+
+
+def eval_transform(args, spec: DatasetDefaults) -> v2.Compose:
+    """Resize to img_size / crop_pct, keep the centre img_size (ImageNet: 256 -> 224)."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(int(args.img_size / spec.crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(args.img_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(spec.mean, spec.std),
+    ])
+
+
+def load_digits(train_tf, eval_tf):
+    """The 1797 UCI handwritten digits that ship with scikit-learn: 8x8, 17 grey levels.
+
+    A fixed, stratified 80/20 split (seed 0 whatever --seed is, so that every run is judged
+    on the same 360 images)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sklearn_digits()
+    images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)  # (1797, 1, 8, 8)
+    train_idx, val_idx = train_test_split(np.arange(len(images)), test_size=0.2, stratify=digits.target, random_state=0)
+    labels = digits.target.tolist()
+    return (ArrayImageDataset(images[train_idx], [labels[i] for i in train_idx], train_tf),
+            ArrayImageDataset(images[val_idx], [labels[i] for i in val_idx], eval_tf))
+
+
+def load_cifar(name: str, root: Path, train: bool, transform) -> ArrayImageDataset:
+    """CIFAR-10/100 from the python pickles, downloaded through torchvision when missing.
+
+    We read the pickles ourselves: torchvision's loader refuses any folder whose files do
+    not match the official md5 sums, which a test's small CIFAR-format folder cannot."""
+    source = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = root / source.base_folder
+    if not folder.is_dir():
+        print(f"{name}: {folder} not found, downloading {source.url}", flush=True)
+        try:
+            source(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError
+            raise DataError(f"could not download {name} into {root} ({err}); without a network, "
+                             f"extract {source.filename} there by hand so that {folder} exists") from None
+    images, targets = [], []
+    for file_name, _md5 in source.train_list if train else source.test_list:
+        try:
+            with open(folder / file_name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            images.append(torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8)).reshape(-1, 3, 32, 32))
+            targets += batch["labels"] if "labels" in batch else batch["fine_labels"]
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise DataError(f"{folder / file_name} is not a readable {name} batch ({type(err).__name__}: {err}); "
+                             f"delete {folder} to download it again") from None
+    return ArrayImageDataset(torch.cat(images), targets, transform)
+
+
+def load_imagefolder(root: Path, keep: int | None, train_tf, eval_tf):
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist (--data-dir)")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"--dataset imagefolder expects {root}/train/ and {root}/val/ "
+                             f"(one sub-folder of images per class); {root / split} is not a folder")
+    try:
+        train_set = FirstClassesImageFolder(root / "train", keep, train_tf)
+        val_set = FirstClassesImageFolder(root / "val", keep, eval_tf)
+    except (FileNotFoundError, OSError) as err:  # e.g. a class folder with no images
+        raise DataError(f"cannot read the image folders under {root}: {err}") from None
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        raise DataError(f"{root}/train and {root}/val hold different classes "
+                         f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})")
+    if keep and len(train_set.classes) < keep:
+        raise DataError(f"--num-classes-subset {keep} but {root}/train has only {len(train_set.classes)} classes")
+    return train_set, val_set
+
+
+def build_datasets(args) -> tuple[Dataset, Dataset, int]:
+    """(training set, validation set, number of classes); items are (image tensor, label)."""
+    spec = DATASETS[args.dataset]
+    train_tf, eval_tf = train_transform(args, spec), eval_transform(args, spec)
+    root = Path(args.data_dir)
+    if args.dataset == "digits":
+        train_set, val_set = load_digits(train_tf, eval_tf)
+        num_classes = 10
+    elif args.dataset in ("cifar10", "cifar100"):
+        train_set = load_cifar(args.dataset, root, True, train_tf)
+        val_set = load_cifar(args.dataset, root, False, eval_tf)
+        num_classes = 10 if args.dataset == "cifar10" else 100
+    elif args.dataset == "imagefolder":
+        train_set, val_set = load_imagefolder(root, args.num_classes_subset, train_tf, eval_tf)
+        num_classes = len(train_set.classes)
+    else:  # fake: FakeData draws each image and label from a seed set by its index
+        shape = (spec.in_chans, args.img_size, args.img_size)
+        train_set = torchvision.datasets.FakeData(FAKE_TRAIN_IMAGES, shape, 10, transform=train_tf)
+        val_set = torchvision.datasets.FakeData(FAKE_VAL_IMAGES, shape, 10, transform=eval_tf,
+                                                random_offset=FAKE_TRAIN_IMAGES)
+        num_classes = 10
+    if args.data_fraction < 1.0:
+        train_set = Subset(train_set, stratified_fraction(labels_of(train_set), args.data_fraction, args.seed))
+    return train_set, val_set, num_classes
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    if hasattr(dataset, "targets"):
+        return [int(t) for t in dataset.targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # FakeData: draw them
+
+
+def stratified_fraction(labels: list[int], fraction: float, seed: int) -> list[int]:
+    """Indices of a seeded random fraction of every class (at least one image per class),
+    so that a 10% subset keeps the class balance of the full set (Table 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels_t = torch.tensor(labels)
+    keep = []
+    for label in labels_t.unique().tolist():
+        members = (labels_t == label).nonzero().flatten()
+        shuffled = members[torch.randperm(len(members), generator=generator)]
+        keep += shuffled[: max(1, round(fraction * len(members)))].tolist()
+    return sorted(keep)
+
+
+class RepeatedAugmentationSampler(DistributedSampler):
+    """DeiT's repeated augmentation: each image appears `repeats` times in an epoch, under
+    different random augmentations (and, with several processes, on different processes).
+    The epoch keeps the dataset's length, so it visits len / repeats distinct images.
+    With repeats = 1 it is a plain DistributedSampler; both reshuffle from (seed, epoch),
+    which is what makes a resumed run draw the same batches as an uninterrupted one."""
+
+    def __init__(self, dataset, repeats: int, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.repeats = repeats
+
+    def __iter__(self):
+        if self.repeats == 1:
+            return super().__iter__()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).repeat_interleave(self.repeats)
+        order = order[: self.total_size]  # repeats >= 2 makes it long enough for every process
+        return iter(order[self.rank :: self.num_replicas].tolist())
+
+
+def batch_mixer(args, num_classes: int):
+    """MixUp or CutMix on each batch (one of the two, chosen with probability 0.5 when both
+    are on). Returns images and soft targets (B, num_classes); None when both are off."""
+    mixers = []
+    if args.mixup > 0:
+        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
+    if args.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
+    return v2.RandomChoice(mixers) if mixers else None
