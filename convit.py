@@ -28,8 +28,9 @@ Contents, in file order (nothing is used before it is defined):
     MHSA                          plain multi-head self-attention (Eq. 1)
     MLP, DropPath, Block          the rest of a pre-norm transformer block
     ConViT                        the network, plus inspection (gates, Eq. 8 nonlocality)
-    create_model, load_checkpoint building by name, loading released weights
-    measuring helpers + __main__  `python convit.py` measures Table 1 on this machine
+    create_model                  building a model of Table 1 by name
+    read_checkpoint_file, load_checkpoint   reading a .pth safely (no code runs), loading released weights
+    torch_device, measuring helpers + __main__  `python convit.py` measures Table 1 on this machine
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import pickle
+import re
 import time
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +73,27 @@ class ConViTConfig:
     fused: bool = True  # fast attention (fused kernels); False runs the readable explicit path
 
     def __post_init__(self):
+        # Sizes first, each named: a negative width would otherwise surface as torch's own error
+        # deep inside nn.Linear, and depth=0 as a complaint about local_up_to_layer.
+        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes={self.num_classes!r} must be a whole number (0 = no head)")
+        if not self.mlp_ratio > 0 or not math.isfinite(self.mlp_ratio):
+            raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a positive number")
+        if not math.isfinite(self.locality_strength):
+            raise ValueError(f"locality_strength={self.locality_strength!r} must be a finite number")
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = tuple(int(s) for s in self.img_size)
         if len(self.img_size) != 2:
             raise ValueError(f"img_size must be an int or (height, width), got {self.img_size}")
         h, w, p = *self.img_size, self.patch_size
-        if p <= 0 or h % p or w % p:
+        if h < 1 or w < 1:
+            raise ValueError(f"img_size={self.img_size} must be at least 1 in each direction")
+        if h % p or w % p:
             raise ValueError(f"image {h}x{w} is not divisible by patch {p}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
@@ -583,6 +601,88 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_gri
     return rearrange(grid_embed, "1 c rows cols -> 1 (rows cols) c").to(pos_embed.dtype)
 
 
+# Reading a .pth never runs its code: torch.load with weights_only=True rebuilds tensors and plain
+# data (dict, list, tuple, str, numbers, None, OrderedDict) and refuses every other Python global
+# a pickle names. The released ConViT/DeiT files hold {"model", "optimizer", "lr_scheduler",
+# "epoch", "scaler", "model_ema", "args"}; all of it is plain data except "args", the training
+# script's argparse.Namespace, a bag of attributes with no code. That is the whole allow-list.
+# Our own checkpoints (train.py) need none of it: they store their flags as a plain dict.
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
+
+
+def read_checkpoint_file(path) -> dict:
+    """The dict stored in the .pth file at `path`, read without running any of its code.
+
+    Every way the file can be wrong (missing, a folder, empty, damaged or truncated, a pickle
+    that asks for anything beyond tensors, plain data and argparse.Namespace, something other
+    than a dict) raises a ValueError that names the path and says what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; give the .pth file inside it")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is an empty file (0 bytes): it was never written completely")
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused it, or the bytes are no pickle at all
+        needed = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if needed:
+            raise ValueError(
+                f"checkpoint {path} asks to load {needed.group(1)}, which is code, not weights: refused without "
+                f"running it (a checkpoint may hold only tensors, plain data and argparse.Namespace)") from None
+        raise ValueError(f"checkpoint {path} is truncated or damaged, or not a PyTorch file ({brief(err)})") from None
+    except Exception as err:  # a damaged file can fail in many ways (a truncated zip: RuntimeError)
+        raise ValueError(f"checkpoint {path} is truncated or damaged, or not a PyTorch file ({brief(err)})") from None
+    if not isinstance(checkpoint, dict):
+        kind = type(checkpoint).__name__
+        raise ValueError(f"checkpoint {path} holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a dict of weights")
+    return checkpoint
+
+
+def brief(err: Exception) -> str:
+    """torch's reason for refusing a file, cut to its one telling line."""
+    text = str(err).split("WeightsUnpickler error:")[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines and not lines[0].startswith("Weights only load failed") else (lines or [""])[-1]
+    return f"{type(err).__name__}: {line.split('. ')[0][:150]}" if line else type(err).__name__
+
+
+def non_finite_tensors(tree, prefix: str = "") -> list[str]:
+    """The names of the floating-point tensors in a (nested) dict/list that hold NaN or inf."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        bad = torch.is_tensor(tree) and tree.is_floating_point() and not torch.isfinite(tree).all()
+        return [prefix] if bad else []
+    return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """The model weights in the checkpoint at `path`: a bare state dict, or one wrapped as
+    {"model": ...} / {"state_dict": ...} / {"model_ema": ...}, with any DistributedDataParallel
+    "module." prefix removed. Refuses (ValueError) entries that are not tensors and weights
+    that hold NaN or inf, which no training should continue from."""
+    checkpoint = read_checkpoint_file(path)
+    state = checkpoint
+    for wrapper in ("model", "state_dict", "model_ema"):
+        if wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+            break
+    not_tensors = [f"{key} ({type(value).__name__})" for key, value in state.items() if not torch.is_tensor(value)]
+    if not_tensors:
+        raise ValueError(f"checkpoint {path} holds no state dict of weights: {len(not_tensors)} entries are not "
+                         f"tensors, e.g. {', '.join(map(str, not_tensors[:3]))}")
+    broken = non_finite_tensors(state)
+    if broken:
+        raise ValueError(f"checkpoint {path} holds NaN or inf in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: "
+                         f"these weights come from a run that diverged")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
 def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
     """Load a released ConViT .pth (or one of ours) from `path` into `model`, strictly.
 
@@ -591,17 +691,9 @@ def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
     image size, pos_embed is interpolated to its grid (the checkpoint's grid is assumed square,
     as in every released one). If the number of classes differs, the head is left freshly
     initialised, for fine-tuning. Any other difference raises a ValueError that names it.
-    Nothing is downloaded: fetch the file first.
+    Nothing is downloaded: fetch the file first, and nothing in it runs (read_checkpoint_file).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint
-    for wrapper in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    state = {key.removeprefix("module."): value for key, value in state.items()}
+    state = read_state_dict(path)  # reading and checking the file; fitting it to the model follows
     own = model.state_dict()
 
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
@@ -625,13 +717,13 @@ def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
     wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                    for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or unexpected or wrong_shape:
-        problems = []
+        problems = []  # at most ten names of each kind: a ResNet's state dict would fill the screen
         if missing:
-            problems.append(f"missing from the checkpoint: {missing}")
+            problems.append(f"missing from the checkpoint ({len(missing)}): {missing[:10]}")
         if unexpected:
-            problems.append(f"not in the model: {unexpected}")
+            problems.append(f"not in the model ({len(unexpected)}): {unexpected[:10]}")
         if wrong_shape:
-            problems.append(f"shapes differ: {wrong_shape}")
+            problems.append(f"shapes differ ({len(wrong_shape)}): {wrong_shape[:10]}")
         raise ValueError(f"{path} does not fit this model ({model.cfg.embed_dim} wide, "
                          f"{model.cfg.num_heads} heads, {model.cfg.local_up_to_layer} GPSA): " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
@@ -659,6 +751,27 @@ def count_macs(model: ConViT) -> int:
         model(images)
     model.set_fused(explicit)
     return counter.get_total_flops() // 2
+
+
+def torch_device(name: str, flag: str = "device") -> torch.device:
+    """The torch device called `name` (cpu, cuda, cuda:1, mps), checked to exist on this machine,
+    so that a typo or a missing GPU is one clear ValueError (naming `flag`) instead of torch's
+    error at the first tensor moved there."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{flag} {name!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {name}, but torch sees no GPU on this machine (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {name}, but this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {name}, but torch sees no Apple GPU (mps) on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {name!r}: only cpu, cuda, cuda:N and mps are supported")
+    return device
 
 
 def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu") -> dict[str, float]:
