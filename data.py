@@ -81,6 +81,16 @@ class ArrayImageDataset(Dataset):
         return self.transform(tv_tensors.Image(self.images[index])), self.targets[index]
 
 
+def read_image(path: str):
+    """torchvision's image loader, with an error that names a file it cannot decode. Such a file
+    stops the run: skipping it would quietly change the data set (and its class balance)."""
+    try:
+        return torchvision.datasets.folder.default_loader(path)
+    except OSError as err:  # PIL's UnidentifiedImageError and a truncated image are OSErrors
+        raise DataError(f"image {path} cannot be read ({type(err).__name__}): it is damaged or not an image; "
+                        f"delete or replace it") from None
+
+
 class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
     """An ImageFolder that keeps only the first `keep` classes in sorted order (None = all).
 
@@ -89,7 +99,7 @@ class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
 
     def __init__(self, root, keep: int | None, transform):
         self.keep = keep
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=read_image)
 
     def find_classes(self, directory):
         classes, _ = super().find_classes(directory)

@@ -86,8 +86,9 @@ import convit
 import data
 
 
-class TrainError(Exception):
-    """A problem with the user's input or run, reported as `error: <message>` and exit code 2."""
+class TrainError(ValueError):
+    """A problem with the user's input or run, reported as `error: <message>` and exit code 2.
+    A ValueError, like convit's and data.py's, so that one `except ValueError` catches them all."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,7 +163,9 @@ def build_parser() -> ArgumentParser:
 
     data_flags = p.add_argument_group("data")
     data_flags.add_argument("--dataset", choices=list(data.DATASETS), default="digits")
-    data_flags.add_argument("--data-dir", default="data", help="where cifar is (or goes), or the root holding train/ and val/")
+    data_flags.add_argument("--data-dir", default="data",
+                            help="where cifar is (or goes), or the root holding train/ and val/; an image that "
+                                 "cannot be read stops the run with an error naming the file")
     data_flags.add_argument("--num-classes-subset", type=int, default=None, metavar="K",
                       help="imagefolder: keep only the first K classes in sorted order (the paper: 100)")
     data_flags.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
@@ -170,7 +173,7 @@ def build_parser() -> ArgumentParser:
     data_flags.add_argument("--scale-epochs", action="store_true",
                       help="multiply epochs (and warmup) by 1/F, so that a fraction sees as many steps (Table 2)")
     data_flags.add_argument("--workers", type=int, default=None,
-                      help="data-loading processes (default: 0 on a CPU, up to 8 per GPU)")
+                      help="data-loading processes, 0 or more (default: 0 on a CPU, up to 8 per GPU)")
 
     model = p.add_argument_group("model (defaults: the --model preset, shrunk by --preset small)")
     model.add_argument("--model", default="convit_tiny", choices=list(convit.MODEL_PRESETS))
@@ -180,7 +183,8 @@ def build_parser() -> ArgumentParser:
                        help="default: the dataset's (digits 4, cifar 4, imagefolder 16)")
     model.add_argument("--embed-dim", type=int, default=None, help="C")
     model.add_argument("--depth", type=int, default=None)
-    model.add_argument("--num-heads", type=int, default=None, help="H")
+    model.add_argument("--num-heads", type=int, default=None,
+                       help="H; without --embed-dim, --preset small keeps 24 dims per head, so C = 24 H")
 
     ablation = p.add_argument_group("the paper's ablations (Table 3, Fig. 8)")
     ablation.add_argument("--local-up-to-layer", type=int, default=None,
@@ -225,19 +229,60 @@ def build_parser() -> ArgumentParser:
                           "(never on a CPU)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
-    preset(run, "threads", "CPU threads per process (None: torch's choice)", int)
+    preset(run, "threads", "CPU threads per process (0 or None: torch's choice)", int)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<model>")
-    run.add_argument("--resume", default=None, metavar="PATH", help="continue exactly from one of our checkpoints")
+    run.add_argument("--resume", default=None, metavar="PATH",
+                     help="continue exactly from one of our checkpoints (or a run folder holding checkpoint.pth), "
+                          "with the same flags; only --epochs may grow, and the rest of the cosine is re-fitted")
     run.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
-                     help="stop once this many epochs are done, the schedule still spanning --epochs "
+                     help="stop once this many epochs (at least 1) are done, the schedule still spanning --epochs "
                           "(for jobs with a time limit: continue later with --resume)")
     run.add_argument("--eval-only", action="store_true", help="only report top-1 / top-5 of --checkpoint")
     run.add_argument("--checkpoint", default=None, metavar="PATH",
-                     help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT .pth")
+                     help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT .pth "
+                          "(read with weights_only=True: a file that needs anything but tensors and plain data is refused)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
-    run.add_argument("--quiet", action="store_true", help="print only the final result")
+    run.add_argument("--quiet", action="store_true", help="print only the final result line (and errors)")
     return p
+
+
+# The values each numeric flag may take, as an interval; NaN and inf are refused everywhere.
+FLAG_RANGES = {
+    "data_fraction": "(0, 1]", "num_classes_subset": "[1, inf)", "workers": "[0, inf)",
+    "img_size": "[1, inf)", "patch_size": "[1, inf)", "embed_dim": "[1, inf)", "depth": "[1, inf)",
+    "num_heads": "[1, inf)", "local_up_to_layer": "[0, inf)", "locality_strength": "[0, inf)",
+    "epochs": "[1, inf)", "batch_size": "[1, inf)", "base_lr": "(0, inf)", "lr": "(0, inf)",
+    "warmup_epochs": "[0, inf)", "warmup_lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
+    "smoothing": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "randaug_ops": "[0, inf)",
+    "randaug_magnitude": "[0, 30]", "color_jitter": "[0, inf)", "crop_scale": "(0, 1]", "reprob": "[0, 1]",
+    "repeated_aug": "[1, inf)", "drop_path": "[0, 1)", "ema_decay": "[0, 1]", "hflip": "[0, 1]",
+    "clip_grad": "(0, inf)", "threads": "[0, inf)", "stop_after": "[1, inf)",
+}
+
+
+def check_range(name: str, value, interval: str):
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value > low or (interval[0] == "[" and value == low)
+    below = value < high or (interval[-1] == "]" and value == high)
+    if not (math.isfinite(value) and above and below):
+        rule = (f"lie in {interval}" if high < math.inf else
+                f"be at least {low:g}" if interval.startswith("[") else f"be greater than {low:g}")
+        raise TrainError(f"--{name.replace('_', '-')} must {rule}, got {value}")
+
+
+def checkpoint_flag(args, flag: str):
+    """--resume and --checkpoint take a .pth file, or a run folder for the checkpoint.pth inside it."""
+    path = getattr(args, flag)
+    if path is None:
+        return
+    if not Path(path).exists():
+        raise TrainError(f"--{flag} {path} does not exist")
+    if Path(path).is_dir():
+        if not (Path(path) / "checkpoint.pth").is_file():
+            raise TrainError(f"--{flag} {path} is a folder without a checkpoint.pth: give a .pth file, "
+                             "or the --output-dir of a run")
+        setattr(args, flag, str(Path(path) / "checkpoint.pth"))
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -252,21 +297,19 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.img_size = args.img_size or spec.img_size
     args.patch_size = args.patch_size or spec.patch_size
     args.hflip = spec.hflip if args.hflip is None else args.hflip
+
+    for name, interval in FLAG_RANGES.items():
+        if getattr(args, name, None) is not None:
+            check_range(name, getattr(args, name), interval)
+    if args.eval_only and not args.checkpoint:
+        raise TrainError("--eval-only needs --checkpoint PATH (one of our checkpoints or a released ConViT .pth)")
+    checkpoint_flag(args, "resume")
+    checkpoint_flag(args, "checkpoint")
     args.output_dir = args.output_dir or (
         str(Path(args.resume).parent) if args.resume else f"runs/{args.dataset}-{args.model}")
-
-    if not 0.0 < args.data_fraction <= 1.0:
-        raise TrainError(f"--data-fraction must lie in (0, 1], got {args.data_fraction}")
     if args.scale_epochs:
         args.epochs = round(args.epochs / args.data_fraction)
         args.warmup_epochs = round(args.warmup_epochs / args.data_fraction)
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_only and not args.checkpoint:
-        raise TrainError("--eval-only needs --checkpoint PATH (one of our checkpoints or a released ConViT .pth)")
-    if args.num_classes_subset is not None and args.num_classes_subset < 1:
-        raise TrainError(f"--num-classes-subset must be at least 1, got {args.num_classes_subset}")
     return args
 
 
@@ -318,6 +361,18 @@ def build_schedule(optimizer, args) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[args.warmup_epochs])
 
 
+def refit_cosine(scheduler, args):
+    """Stretch the cosine of a resumed run whose --epochs grew.
+
+    torch's CosineAnnealingLR steps recursively: each step multiplies (lr - min_lr) by
+    (1 + cos(pi t / T)) / (1 + cos(pi (t - 1) / T)). The product telescopes, so once T is the
+    new length the lr falls smoothly from where it is now to min_lr exactly at the new last
+    epoch (a cosine that had already ended stays at min_lr). Kept at the old T, the lr would
+    rise again after the old last epoch: the cosine is periodic."""
+    cosine = scheduler._schedulers[-1] if isinstance(scheduler, torch.optim.lr_scheduler.SequentialLR) else scheduler
+    cosine.T_max = max(args.epochs - args.warmup_epochs, 1)
+
+
 def mixed_precision(device: torch.device, enabled: bool) -> torch.dtype | None:
     """bf16 where the GPU supports it (no scaler needed), fp16 otherwise, nothing on a CPU."""
     if not enabled or device.type != "cuda":
@@ -343,15 +398,12 @@ class Processes:
 def start_processes(device_flag: str) -> Processes:
     """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and not device_flag.startswith("cpu")
+    if device_flag == "auto":
+        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = convit.torch_device(device_flag, "--device")  # a ValueError for a typo or a missing GPU
+    use_cuda = chosen.type == "cuda"
     if world == 1:
-        try:
-            device = torch.device("cuda" if use_cuda else "cpu") if device_flag == "auto" else torch.device(device_flag)
-        except RuntimeError as err:
-            raise TrainError(f"--device {device_flag}: {err}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"--device {device_flag}, but torch sees no GPU here")
-        return Processes(0, 1, device, started_group=False)
+        return Processes(0, 1, chosen, started_group=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -371,26 +423,49 @@ def global_sum(values: torch.Tensor, procs: Processes) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------
-# Flags that change how a run is executed or reported, not what it computes.
+# Our checkpoints hold only tensors and plain data (the flags as a dict, the RNG states as
+# tensors and tuples of ints), so they load under weights_only=True with no allow-list at all;
+# convit.read_checkpoint_file reads every file we are given, ours and the released ones alike.
+#
+# Flags that change where and how a run is executed or reported, not what it computes: they may
+# differ when a run is resumed. (--checkpoint only gave the starting weights, which the resumed
+# ones replace; --data-dir may move.) --epochs may grow; every other flag must be the same.
 RUN_ONLY_FLAGS = {"resume", "stop_after", "output_dir", "workers", "threads", "quiet", "no_progress", "compile",
-                  "device"}
+                  "device", "amp", "amp_dtype", "eval_only", "checkpoint", "data_dir"}
 
 
 def read_checkpoint(path) -> dict:
-    if not Path(path).is_file():
-        raise TrainError(f"checkpoint {path} does not exist")
-    try:  # weights_only=False: our checkpoints also hold RNG states and the args
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch.load raises many kinds for a file that is not a checkpoint
-        raise TrainError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    if not isinstance(checkpoint, dict):
-        raise TrainError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint")
+    return convit.read_checkpoint_file(path)  # a ValueError names the path and the problem
+
+
+def read_resumable(args) -> dict:
+    """The --resume checkpoint, checked before any data is read: one of ours, with finite
+    numbers, written by a run with the same model, data and recipe flags."""
+    checkpoint = read_checkpoint(args.resume)
+    if not {"cfg", "model", "optimizer", "scheduler", "rng", "args", "epoch"} <= set(checkpoint):
+        raise TrainError(f"{args.resume} is not a checkpoint of train.py (a released .pth? use --checkpoint)")
+    broken = convit.non_finite_tensors({key: checkpoint[key] for key in ("model", "optimizer", "ema") if key in checkpoint})
+    if broken:
+        raise TrainError(f"{args.resume} holds NaN or inf ({', '.join(broken[:3])}): the run had diverged, so it "
+                         f"cannot be resumed from there; start again, e.g. with a lower --lr or --clip-grad")
+    saved, done = checkpoint["args"], checkpoint["epoch"]
+    changed = [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})" for key, value in vars(args).items()
+               if key in saved and key not in RUN_ONLY_FLAGS and key != "epochs" and saved[key] != value]
+    if changed:
+        raise TrainError(f"--resume {args.resume}: these flags differ from the run that wrote it: {', '.join(changed)}. "
+                         f"Pass that run's flags; only --epochs may grow, and where and how it runs may change "
+                         f"(--output-dir, --device, --workers, --threads ...)")
+    if args.epochs < saved["epochs"]:
+        raise TrainError(f"--resume {args.resume}: --epochs {args.epochs} is fewer than the {saved['epochs']} the run "
+                         f"was planned for ({done} done); to end it early, pass --stop-after instead")
     return checkpoint
 
 
 def check_same_model(checkpoint: dict, model: convit.ConViT, path):
     """Refuse to continue or evaluate a checkpoint of another architecture, naming each difference."""
     saved, wanted = checkpoint["cfg"], dataclasses.asdict(model.cfg)
+    if not isinstance(saved, dict) or "img_size" not in saved:
+        raise TrainError(f"{path} has a damaged model config (cfg); it is not a checkpoint of this train.py")
     saved["img_size"] = tuple(saved["img_size"])
     differences = [f"{key}={saved[key]} (checkpoint) vs {wanted[key]} (this run)"
                    for key in wanted if key != "fused" and saved.get(key) != wanted[key]]
@@ -421,17 +496,29 @@ def restore_rng_states(states: list[dict], loader_generator: torch.Generator, pr
         return
     state = states[procs.rank]
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]  # random.getstate(): plain ints, stored as they are
+    random.setstate((version, tuple(internal), gauss))
     loader_generator.set_state(state["loader"])
     if "cuda" in state and procs.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], procs.device)
 
 
 def save_atomically(obj, path: Path):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a torn checkpoint."""
+    """Write to a temporary file in the same folder, force it to the disk, then rename it over
+    the old checkpoint: a run killed at any moment (even by a power cut) leaves either the old
+    checkpoint or the new one, whole. A stale .tmp from a killed run is overwritten next time."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on the disk before the rename can be
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+    if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut (POSIX)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,23 +577,26 @@ def make_loaders(args, procs: Processes, train_set: Dataset, val_set: Dataset):
     return sampler, generator, train_loader, val_loader
 
 
-def resume(args, model, optimizer, scheduler, scaler, ema, loader_generator, procs: Processes, log) -> int:
-    """Restore everything a run depends on from --resume; return the number of epochs done."""
-    checkpoint = read_checkpoint(args.resume)
-    if "optimizer" not in checkpoint:
-        raise TrainError(f"{args.resume} is not a checkpoint of train.py (a released .pth? use --checkpoint)")
+def resume(checkpoint: dict, args, model, optimizer, scheduler, scaler, ema, loader_generator, procs: Processes,
+           log) -> int:
+    """Restore everything a run depends on from the --resume checkpoint (read_resumable);
+    return the number of epochs done."""
     check_same_model(checkpoint, model, args.resume)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    if ema is not None and checkpoint["ema"] is not None:
-        ema.load_state_dict(checkpoint["ema"])
-    restore_rng_states(checkpoint["rng"], loader_generator, procs)
-    changed = [f"{key} {checkpoint['args'].get(key)} -> {value}" for key, value in vars(args).items()
-               if key not in RUN_ONLY_FLAGS and checkpoint["args"].get(key) != value]
-    if changed:  # the restored schedule and RNG states still follow the original run
-        log(f"note: these flags differ from the run being resumed: {', '.join(changed)}")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema") is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        restore_rng_states(checkpoint["rng"], loader_generator, procs)
+    except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as err:  # a damaged or hand-edited file
+        raise TrainError(f"{args.resume} does not restore this run ({type(err).__name__}: {err})".splitlines()[0]) from None
+    planned = checkpoint["args"]["epochs"]
+    if args.epochs != planned:  # read_resumable allows growth only
+        refit_cosine(scheduler, args)
+        log(f"note: --epochs grew from {planned} to {args.epochs}: the rest of the cosine is re-fitted, from the lr "
+            f"where epoch {checkpoint['epoch']} ended down to --min-lr {args.min_lr:g} at epoch {args.epochs}")
     return checkpoint["epoch"]
 
 
@@ -522,12 +612,17 @@ def start_metrics_file(path: Path, epochs_done: int):
 
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = path.read_text().splitlines() if epochs_done and path.exists() else []
-    path.write_text("".join(line + "\n" for line in lines if epoch_of(line) <= epochs_done))
+    tmp = path.with_name(path.name + ".tmp")  # rewritten by a rename, so a kill now loses no line
+    tmp.write_text("".join(line + "\n" for line in lines if epoch_of(line) <= epochs_done))
+    os.replace(tmp, path)
 
 
 def describe(args, model: convit.ConViT, train_set, val_set, num_classes: int, procs: Processes) -> str:
     n_gpsa, n_params = len(model.gpsa_layers()), sum(p.numel() for p in model.parameters())
-    return (f"{args.model} ({n_gpsa} GPSA + {model.cfg.depth - n_gpsa} MHSA blocks, C={model.cfg.embed_dim}, "
+    # --num-heads alone, in a recipe with a fixed head width, changes C too: say so
+    width = f"{model.cfg.embed_dim} = {model.cfg.num_heads} heads x {args.head_width}" \
+        if args.num_heads and not args.embed_dim and args.head_width else model.cfg.embed_dim
+    return (f"{args.model} ({n_gpsa} GPSA + {model.cfg.depth - n_gpsa} MHSA blocks, C={width}, "
             f"H={model.cfg.num_heads}, {n_params / 1e6:.2f}M parameters) on {args.dataset}: {len(train_set)} training / "
             f"{len(val_set)} validation images of {args.img_size}x{args.img_size}, patch {args.patch_size}, "
             f"{num_classes} classes; {procs.world} process(es) on {procs.device}, batch {args.batch_size * procs.world}, "
@@ -541,6 +636,10 @@ def train(args, procs: Processes) -> dict:
     is_main = procs.rank == 0
     log = print if is_main and not args.quiet else (lambda *a, **k: None)
     show_progress = is_main and not (args.quiet or args.no_progress) and sys.stderr.isatty()
+    global_batch = args.batch_size * procs.world
+    if args.lr is None:
+        args.lr = args.base_lr * global_batch / 512  # DeiT's linear scaling rule
+    saved = read_resumable(args) if args.resume else None  # before the data: a wrong file fails at once
     torch.manual_seed(args.seed)  # the same initial weights in every process
     random.seed(args.seed)
 
@@ -550,7 +649,6 @@ def train(args, procs: Processes) -> dict:
     train_set, val_set, num_classes = data.build_datasets(args)
     if is_main and procs.distributed:
         dist.barrier()
-    global_batch = args.batch_size * procs.world
     if len(train_set) < global_batch:
         raise TrainError(f"the training set has {len(train_set)} images, fewer than one batch of {global_batch}; "
                          "lower --batch-size")
@@ -562,9 +660,7 @@ def train(args, procs: Processes) -> dict:
     model = build_model(args, num_classes).to(procs.device)
     torch.manual_seed(args.seed + procs.rank)  # from here on, each process draws its own augmentations
     if args.checkpoint:  # start from given weights (fine-tuning); the head is re-initialised if the classes differ
-        convit.load_checkpoint(model, args.checkpoint, verbose=is_main)
-    if args.lr is None:
-        args.lr = args.base_lr * global_batch / 512  # DeiT's linear scaling rule
+        convit.load_checkpoint(model, args.checkpoint, verbose=is_main and not args.quiet)
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
     scheduler = build_schedule(optimizer, args)
     amp_dtype = mixed_precision(procs.device, args.amp)
@@ -577,8 +673,8 @@ def train(args, procs: Processes) -> dict:
     train_model = torch.compile(train_model) if args.compile else train_model
 
     # --- where to start from, where to write --------------------------------------------
-    start_epoch = resume(args, model, optimizer, scheduler, scaler, ema, loader_generator, procs, log) \
-        if args.resume else 0
+    start_epoch = resume(saved, args, model, optimizer, scheduler, scaler, ema, loader_generator, procs, log) \
+        if saved else 0
     out = Path(args.output_dir)
     checkpoint_path, metrics_path = out / "checkpoint.pth", out / "metrics.jsonl"
     if is_main:
@@ -653,23 +749,25 @@ def train(args, procs: Processes) -> dict:
         record = {"epoch": start_epoch, **evaluate(model, val_loader, procs, amp_dtype, show_progress)}
     minutes, seconds = divmod(time.perf_counter() - run_start, 60)
     epochs_run = record["epoch"] - start_epoch
-    log(f"done: val top-1 {record['val_top1']:.1f}%, top-5 {record['val_top5']:.1f}% after {record['epoch']} epochs "
-        f"({epochs_run} in this run, {minutes:.0f}m{seconds:02.0f}s); metrics in {metrics_path}")
+    if is_main:  # the final result line: the one line --quiet prints
+        print(f"done: val top-1 {record['val_top1']:.1f}%, top-5 {record['val_top5']:.1f}% after {record['epoch']} epochs "
+              f"({epochs_run} in this run, {minutes:.0f}m{seconds:02.0f}s); metrics in {metrics_path}", flush=True)
     return {**record, "epochs_run": epochs_run, "output_dir": str(out), "model": model}
 
 
 def evaluate_only(args, procs: Processes) -> dict:
     """Top-1 / top-5 of one of our checkpoints, or of a released ConViT .pth (e.g. on ImageNet val)."""
+    checkpoint = read_checkpoint(args.checkpoint)  # before the data: a wrong file fails at once
     _train_set, val_set, num_classes = data.build_datasets(args)
-    checkpoint = read_checkpoint(args.checkpoint)
     ours = "cfg" in checkpoint
     if not ours:  # a released checkpoint: keep its head, so that its class indices still count
-        head = checkpoint.get("model", checkpoint).get("head.weight")
+        state = checkpoint.get("model", checkpoint)
+        head = state.get("head.weight") if isinstance(state, dict) else None
         num_classes = head.shape[0] if torch.is_tensor(head) and head.shape[0] > num_classes else num_classes
     model = build_model(args, num_classes).to(procs.device)
     if ours:
         check_same_model(checkpoint, model, args.checkpoint)
-    convit.load_checkpoint(model, args.checkpoint, verbose=procs.rank == 0)
+    convit.load_checkpoint(model, args.checkpoint, verbose=procs.rank == 0 and not args.quiet)
     val_shard = Subset(val_set, range(procs.rank, len(val_set), procs.world))
     loader = DataLoader(val_shard, args.batch_size, num_workers=args.workers or 0, pin_memory=procs.device.type == "cuda")
     show = procs.rank == 0 and not (args.quiet or args.no_progress) and sys.stderr.isatty()
@@ -680,17 +778,47 @@ def evaluate_only(args, procs: Processes) -> dict:
     return {**result, "epoch": checkpoint.get("epoch", 0), "epochs_run": 0, "output_dir": args.output_dir, "model": model}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying the line that says which checkpoint the run can continue from."""
+
+
+def where_to_continue(args, started: float) -> str:
+    """After Ctrl-C: the real path of the last checkpoint to continue from, if there is one.
+    A checkpoint.pth older than this run belongs to an earlier run in the same folder."""
+    if args.eval_only:
+        return "interrupted (evaluation only: nothing to continue)"
+    written = Path(args.output_dir, "checkpoint.pth").resolve()
+    last = written if written.is_file() and written.stat().st_mtime >= started else (
+        Path(args.resume).resolve() if args.resume else None)
+    if last is None:
+        return f"interrupted before the first epoch ended: no checkpoint written yet (to {written.parent})"
+    return f"interrupted; the last checkpoint is {last}: continue with --resume {last}"
+
+
+def one_line(err: Exception) -> str:
+    """A bad-input message as one line. An error raised in a data-loading worker reaches us
+    wrapped by torch, with the worker's traceback in its text: keep the worker's own message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train (or with --eval-only, evaluate) as the flags say; return the final metrics:
     epoch, val_loss, val_top1, val_top5 (percent), epochs_run, output_dir, and the trained
     `model` (unwrapped, on its device). Raises TrainError (or convit's ValueError) on bad input;
-    never exits the interpreter, and leaves no process group behind unless torchrun made one."""
+    never exits the interpreter, and leaves no process group behind unless torchrun made one.
+    Ctrl-C raises Interrupted (a KeyboardInterrupt) naming the checkpoint to continue from."""
+    started = time.time()
     args = resolve_args(build_parser().parse_args(argv))
     procs = start_processes(args.device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads_before)
     try:
         return evaluate_only(args, procs) if args.eval_only else train(args, procs)
+    except KeyboardInterrupt:
+        raise Interrupted(where_to_continue(args, started)) from None
     finally:  # leave the interpreter as we found it: lessons call main() in-process
         torch.set_num_threads(threads_before)
         if procs.started_group:
@@ -699,13 +827,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     """The command-line entry: a clear `error: ...` line and exit code 2 for bad input, no traceback."""
+    return run_reporting_errors(main, argv)
+
+
+def run_reporting_errors(entry, argv: list[str] | None = None) -> int:
+    """Run entry(argv) as a command-line program (train.py's and every lesson's): bad input
+    ends with one `error: ...` line on stderr and exit code 2, Ctrl-C with one line and 130."""
     try:
-        main(argv)
-    except (TrainError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        entry(argv)
+    except ValueError as err:  # TrainError, data.DataError and convit's errors alike
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume <output-dir>/checkpoint.pth", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # Ctrl-C: one line, the checkpoint to continue from
+        print(str(stop) or "interrupted", file=sys.stderr)
         return 130
     return 0
 
