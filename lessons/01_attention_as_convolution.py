@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import (Stopwatch, draw_map, head_looking_at, lesson_parser, parse, sample_images,  # noqa: E402
+from lessons._common import (Stopwatch, cli, draw_map, head_looking_at, lesson_parser, parse, sample_images,  # noqa: E402
                              save_figure)
 
 HARD = 50.0  # alpha (and lambda) so large that softmax and sigmoid round to exactly 0 / 1 in float64
@@ -173,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from einops import reduce  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import (Stopwatch, draw_map, head_looking_at, in_chans, lesson_parser, parse,  # noqa: E402
+from lessons._common import (Stopwatch, cli, draw_map, head_looking_at, in_chans, lesson_parser, parse,  # noqa: E402
                              sample_images, save_figure)  # noqa: E402
 
 LAMBDAS = [-30.0, -1.0, 0.0, 1.0, 3.0, 30.0]  # sigma = 0, 0.27, 0.50, 0.73 (the init), 0.95, 1
@@ -131,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

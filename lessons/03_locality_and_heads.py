@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import Stopwatch, draw_map, head_looking_at, lesson_parser, parse, save_figure  # noqa: E402
+from lessons._common import Stopwatch, cli, draw_map, head_looking_at, lesson_parser, parse, save_figure  # noqa: E402
 
 ALPHAS = (0.1, 1.0, 10.0)
 SQUARE_HEADS = (4, 9, 16)
@@ -110,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

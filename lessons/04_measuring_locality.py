@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import Stopwatch, in_chans, lesson_parser, parse, sample_images, save_figure  # noqa: E402
+from lessons._common import Stopwatch, cli, in_chans, lesson_parser, parse, sample_images, save_figure  # noqa: E402
 
 
 def plot_layers(ax, nonlocality: torch.Tensor, style: str, colour: str, label: str, heads: bool = False):
@@ -80,4 +80,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

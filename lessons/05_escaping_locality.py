@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import Stopwatch, parse, run_folder, save_figure, train_small, training_parser  # noqa: E402
+from lessons._common import Stopwatch, cli, parse, run_folder, save_figure, train_small, training_parser  # noqa: E402
 
 DEPTH = 6  # 4 GPSA blocks, then 2 MHSA blocks (train.py keeps the last two plain)
 
@@ -74,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

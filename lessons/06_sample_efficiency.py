@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 import matplotlib.pyplot as plt  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import Stopwatch, parse, run_folder, save_figure, train_small, training_parser  # noqa: E402
+from lessons._common import Stopwatch, cli, parse, run_folder, save_figure, train_small, training_parser  # noqa: E402
 
 DEPTH = 4  # 2 GPSA + 2 MHSA blocks for ConViT; 4 MHSA blocks for the DeiT
 MODELS = {"ConViT": [], "DeiT": ["--local-up-to-layer", "0"]}  # same C, H and depth
@@ -105,6 +105,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="one run per seed and setting (default: 0); the figures show the mean and the range")
     args = parse(parser, argv)
+    if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
+        raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
     clock = Stopwatch("lesson 6")
     epochs = args.epochs
     fractions = sorted(args.fractions or ((0.5, 1.0) if args.quick else (0.1, 0.25, 0.5, 1.0)))
@@ -152,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from einops import einsum, rearrange  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import Stopwatch, lesson_parser, parse, save_figure  # noqa: E402
+from lessons._common import Stopwatch, cli, lesson_parser, parse, save_figure  # noqa: E402
 
 PAPER_TABLE1 = {"DeiT-Ti": 1442, "ConViT-Ti": 734}  # img/s, fp32, batch 128, Quadro GP100 (paper.md)
 
@@ -125,4 +125,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

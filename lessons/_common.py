@@ -35,13 +35,29 @@ FIGURES = REPO_ROOT / "lessons" / "figures"
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+class LessonArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # Instead of argparse's usage block and sys.exit(2): one ValueError, which cli() below
+        # reports as one `error: ...` line, as train.py does.
+        raise ValueError(f"{message} (see --help)")
+
+
+def cli(main, argv=None) -> int:
+    """A lesson's command-line entry, the same error path as train.py's: bad input (a missing
+    data set, a device that is not there, a flag out of range) ends with one `error: ...` line
+    and exit code 2, Ctrl-C with one line and 130, never a traceback. Use: sys.exit(cli(main))."""
+    import train  # imported here, not at the top: it pulls in torchvision
+
+    return train.run_reporting_errors(main, argv)
+
+
 def lesson_parser(doc: str, uses_data: bool = False) -> argparse.ArgumentParser:
     """The options every lesson shares. `doc` is the lesson's module docstring.
 
     One CPU thread by default: the lessons' models are small, and torch's default of one thread
     per core collapses when another process wants the same cores (on our shared 2-core machine
     a training run fell from 1,660 to 20-50 images/s with 2 threads; with 1 it kept its speed)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = LessonArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a much smaller run (seconds) that still writes every figure; used by CI")
     parser.add_argument("--out-dir", type=Path, default=FIGURES, help="where the PNG figures go")
@@ -74,6 +90,9 @@ def training_parser(doc: str, lesson: str, epochs: int, quick_epochs: int) -> ar
 def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse the command line, apply --threads, and seed torch so that every figure can be made again."""
     args = parser.parse_args(argv)
+    convit.torch_device(args.device, "--device")  # a typo or a missing GPU: one ValueError, now
+    if args.threads < 0:
+        raise ValueError(f"--threads must be at least 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if getattr(args, "epochs", 0) is None:
