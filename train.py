@@ -275,7 +275,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------
 def build_model(args, num_classes: int) -> convit.ConViT:
     """The --model preset, resized by the flags and the recipe, with the ablations applied."""
-    preset_dim, preset_heads, preset_gpsa = convit.MODEL_PRESETS[args.model]
+    preset = convit.MODEL_PRESETS[args.model]
+    preset_dim, preset_heads, preset_gpsa = preset["embed_dim"], preset["num_heads"], preset["local_up_to_layer"]
     num_heads = args.num_heads or preset_heads
     width = args.embed_dim or (num_heads * args.head_width if args.head_width else preset_dim)
     depth = args.depth
