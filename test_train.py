@@ -163,14 +163,82 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_gates():
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
 
 
-def test_ablation_flags_freeze_gates_and_positional_weights(image_folder, tmp_path):
+def resolved(*argv: str):
+    return train.resolve_args(train.build_parser().parse_args(list(argv)))
+
+
+GPSA_ATTENTION = ["qk.weight", "v.weight", "proj.weight", "proj.bias", "pos_proj.weight", "pos_proj.bias",
+                  "gating_param"]
+
+
+@pytest.mark.parametrize("flags, frozen", [
+    ([], []),  # row a: everything trains
+    (["--freeze-gates"], ["gating_param"]),  # b, d: "train gating: no"
+    (["--freeze-gpsa"], GPSA_ATTENTION),  # the whole GPSA attention, its gates at their start value
+    (["--freeze-gates", "--freeze-gpsa"], GPSA_ATTENTION),  # f, g: and the gates at 0
+])
+def test_table3_switches_freeze_exactly_their_tensors(image_folder, tmp_path, flags, frozen):
+    """A short run from known weights: the frozen tensors come back bit for bit (the gates at
+    exactly 0 with --freeze-gates), every other tensor moved, and the optimiser holds only
+    the trainable ones."""
+    start = tiny_model(num_classes=3)
+    with torch.no_grad():
+        start.blocks[0].attn.gating_param.normal_()  # gates away from 0 and 1: freezing at 0 is a change
+    torch.save({"model": start.state_dict()}, tmp_path / "start.pth")
     result = train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--epochs", "1",
-                         "--batch-size", "16", "--freeze-gates", "--freeze-positional", "--output-dir", str(tmp_path)])
-    gpsa = result["model"].gpsa_layers()[0]
-    fresh = tiny_model().gpsa_layers()[0]
-    assert torch.equal(gpsa.gating_param, torch.ones(4))  # Table 3 "train gating: no"
-    assert torch.equal(gpsa.pos_proj.weight, fresh.pos_proj.weight)  # "train GPSA: no": the conv init of Eq. 5
-    assert not torch.equal(gpsa.qk.weight, fresh.qk.weight)  # while the rest did train
+                         "--batch-size", "16", "--lr", "2e-3", *flags, "--checkpoint", str(tmp_path / "start.pth"),
+                         "--output-dir", str(tmp_path / "run")])
+    model, before = result["model"], start.state_dict()
+    after = model.state_dict()
+    frozen_names = {f"blocks.0.attn.{name}" for name in frozen}
+    for name in after:
+        if name == "blocks.0.attn.gating_param" and "--freeze-gates" in flags:
+            assert torch.equal(after[name], torch.zeros(4)), after[name]  # lambda = 0: sigma = 0.5
+        elif name in frozen_names:
+            assert torch.equal(after[name], before[name]), f"{name} moved but is frozen"
+        elif name != "blocks.0.attn.pos_proj.bias":  # its gradient is 0: it cancels in the softmax
+            assert not torch.equal(after[name], before[name]), f"{name} did not train"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(after) - frozen_names - ({"blocks.0.attn.gating_param"} if "--freeze-gates" in flags else set())
+    decay, no_decay = train.parameter_groups(model, 0.05)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)  # frozen ones stay out
+
+
+def test_table3_switches_at_build_time():
+    """What each row's flags build: b's gates at lambda = 0 (sigma = 0.5), c's GPSA random, f's
+    attention frozen at Eq. 5's init (W_val = I), with the FFNs and norms still training."""
+    def build(*flags):
+        torch.manual_seed(0)
+        return train.build_model(resolved(*TINY, *flags), 3)
+
+    conv_init, random_init = build().blocks[0].attn, build("--no-conv-init").blocks[0].attn
+    assert torch.equal(conv_init.v.weight, torch.eye(32)) and not torch.equal(random_init.v.weight, torch.eye(32))
+    assert not torch.allclose(random_init.pos_proj.weight, conv_init.pos_proj.weight)
+    gates_frozen = build("--freeze-gates")
+    assert torch.equal(gates_frozen.gates(), torch.full((1, 4), 0.5))
+    assert not gates_frozen.blocks[0].attn.gating_param.requires_grad
+    f = build("--freeze-gates", "--freeze-gpsa")
+    assert torch.equal(f.blocks[0].attn.v.weight, torch.eye(32)) and torch.equal(f.gates(), torch.full((1, 4), 0.5))
+    assert not any(p.requires_grad for p in f.blocks[0].attn.parameters())
+    assert all(p.requires_grad for p in [*f.blocks[0].mlp.parameters(), *f.blocks[0].norm1.parameters()])
+
+
+def test_row_e_is_deits_own_network_at_the_convits_size(image_folder, tmp_path, capsys):
+    convit_args, deit_args = resolved(*TINY), resolved(*TINY, "--model", "deit_tiny")
+    conv, deit = train.build_model(convit_args, 3), train.build_model(deit_args, 3)
+    assert (deit.cfg.embed_dim, deit.cfg.num_heads, deit.cfg.depth) == (conv.cfg.embed_dim, conv.cfg.num_heads, 3)
+    assert deit.cfg.qkv_bias and deit.cfg.class_token_in_pos_embed and not deit.gpsa_layers()
+    assert deit.pos_embed.shape == (1, 1 + 16, 32)  # the class token's position, then the 4x4 grid
+    result = train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--model", "deit_tiny",
+                         "--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--output-dir", str(tmp_path)])
+    record = metrics_of(tmp_path)[0]
+    assert "gates" not in record and np.array(record["nonlocality"]).shape == (3, 4)
+    assert result["model"].blocks[0].attn.qkv.bias.abs().sum() > 0
+    fails_with([*TINY, "--model", "deit_tiny", "--local-up-to-layer", "2"],
+               "deit_tiny is DeiT's own network, which has no GPSA block", capsys)
+    fails_with([*TINY, "--model", "deit_tiny", "--freeze-gates"], "--freeze-gates act(s) on GPSA blocks", capsys)
+    fails_with([*TINY, "--local-up-to-layer", "0", "--freeze-gpsa", "--no-conv-init"],
+               "--freeze-gpsa --no-conv-init act(s) on GPSA blocks", capsys)
 
 
 # ---------------------------------------------------------------------------------------

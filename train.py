@@ -25,25 +25,29 @@ The commands, from the smallest to the largest:
 
     # Continue an interrupted run exactly (same flags, plus --resume)
     python train.py --resume runs/digits-convit_tiny/checkpoint.pth
-    # Top-1 / top-5 of one of our checkpoints, or of a released ConViT .pth
+    # Top-1 / top-5 of one of our checkpoints, or of a released ConViT (or DeiT: --model deit_tiny) .pth
     python train.py --eval-only --checkpoint runs/digits-convit_tiny/checkpoint.pth
     python train.py --dataset imagefolder --data-dir /path/to/imagenet --model convit_tiny \\
         --eval-only --checkpoint convit_tiny.pth
 
     # Table 2 (sample efficiency) at small scale, on the digits: keep a stratified fraction f of
-    # each class and train 1/f times the epochs; ConViT, then a DeiT of the same width and heads
+    # each class and train 1/f times the epochs; ConViT, then DeiT's own network at the ConViT's
+    # width and heads (the paper compares DeiT-S, 6 heads 384 wide, with ConViT-S, 9 heads 432 wide)
     python train.py --data-fraction 0.1 --scale-epochs --output-dir runs/t2-convit-0.1
-    python train.py --data-fraction 0.1 --scale-epochs --local-up-to-layer 0 --output-dir runs/t2-deit-0.1
+    python train.py --data-fraction 0.1 --scale-epochs --model deit_tiny --num-heads 4 --output-dir runs/t2-deit-0.1
 
     # Table 3 (ablations), one command per row; add --data-fraction 0.1 --scale-epochs for its
     # last column, and --dataset imagefolder --data-dir ... --model convit_small_plus for its scale
+    # (row e is then --model deit_small_plus: DeiT's own network at ConViT-S+'s size).
+    # --freeze-gates: every gate lambda = 0 (sigma = 0.5), never trained ("train gating: no");
+    # --freeze-gpsa: the whole attention of every GPSA block stays at its init ("train GPSA: no").
     python train.py --output-dir runs/t3-a                                          # a: ConViT
-    python train.py --freeze-gates --output-dir runs/t3-b                           # b: gates frozen
+    python train.py --freeze-gates --output-dir runs/t3-b                           # b: gates frozen at 0
     python train.py --no-conv-init --output-dir runs/t3-c                           # c: no conv init
-    python train.py --freeze-gates --no-conv-init --output-dir runs/t3-d            # d
-    python train.py --local-up-to-layer 0 --output-dir runs/t3-e                    # e: DeiT
-    python train.py --freeze-gates --freeze-positional --output-dir runs/t3-f       # f: GPSA frozen at conv init
-    python train.py --freeze-gates --freeze-positional --no-conv-init --output-dir runs/t3-g  # g: ... at random
+    python train.py --freeze-gates --no-conv-init --output-dir runs/t3-d            # d: both
+    python train.py --model deit_tiny --num-heads 4 --output-dir runs/t3-e          # e: DeiT, same C and H
+    python train.py --freeze-gates --freeze-gpsa --output-dir runs/t3-f             # f: GPSA frozen at conv init
+    python train.py --freeze-gates --freeze-gpsa --no-conv-init --output-dir runs/t3-g  # g: GPSA frozen at random
     # Fig. 8: more GPSA blocks, stronger locality (--locality-strength is alpha of Eq. 5)
     python train.py --local-up-to-layer 2 --locality-strength 3 --output-dir runs/f8-2-3
 
@@ -184,12 +188,17 @@ def build_parser() -> ArgumentParser:
 
     ablation = p.add_argument_group("the paper's ablations (Table 3, Fig. 8)")
     ablation.add_argument("--local-up-to-layer", type=int, default=None,
-                          help="number of GPSA blocks; 0 = DeiT (default: all but the last two for a ConViT)")
+                          help="number of GPSA blocks (default: all but the last two for a ConViT); 0 = the "
+                               "same-size baseline, a ConViT with no GPSA (DeiT's own network is --model deit_*)")
     ablation.add_argument("--locality-strength", type=float, default=1.0, help="alpha of Eq. 5")
     ablation.add_argument("--no-conv-init", action="store_true",
-                          help="GPSA starts random instead of as a convolution (Eq. 5)")
-    ablation.add_argument("--freeze-gates", action="store_true", help="lambda is not trained: sigma(lambda) stays 0.73")
-    ablation.add_argument("--freeze-positional", action="store_true", help="v_pos is not trained: it stays at its init")
+                          help="Table 3 'conv init: no': GPSA starts random instead of as a convolution (Eq. 5)")
+    ablation.add_argument("--freeze-gates", action="store_true",
+                          help="Table 3 'train gating: no': every gate lambda is set to 0 (sigma = 0.5: content "
+                               "and position weigh the same) and never trained")
+    ablation.add_argument("--freeze-gpsa", action="store_true",
+                          help="Table 3 'train GPSA: no': the whole attention of every GPSA block (W_qry, W_key, "
+                               "W_val, W_out, v_pos and the gates) keeps its init; the FFNs, norms and the rest train")
     ablation.add_argument("--no-pos-embed", action="store_true", help="no absolute position embedding")
 
     recipe = p.add_argument_group("recipe (unset flags take the --preset's value)")
@@ -234,10 +243,26 @@ def build_parser() -> ArgumentParser:
                           "(for jobs with a time limit: continue later with --resume)")
     run.add_argument("--eval-only", action="store_true", help="only report top-1 / top-5 of --checkpoint")
     run.add_argument("--checkpoint", default=None, metavar="PATH",
-                     help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT .pth")
+                     help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT "
+                          "or DeiT .pth (with the matching --model)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     run.add_argument("--quiet", action="store_true", help="print only the final result")
     return p
+
+
+def check_table3_switches(args):
+    """Table 3's switches act on GPSA blocks: DeiT's own network (--model deit_*) has none to add
+    or to switch, nor has a ConViT with --local-up-to-layer 0 (the same-size baseline)."""
+    is_deit = convit.MODEL_PRESETS[args.model].get("class_token_in_pos_embed", False)
+    if is_deit and args.local_up_to_layer:
+        raise TrainError(f"--local-up-to-layer {args.local_up_to_layer}: {args.model} is DeiT's own network, which "
+                         f"has no GPSA block; for a ConViT of its size use --model convit_{args.model[5:]} --num-heads "
+                         f"{convit.MODEL_PRESETS[args.model]['num_heads']}")
+    switches = [flag for flag, on in (("--freeze-gates", args.freeze_gates), ("--freeze-gpsa", args.freeze_gpsa),
+                                      ("--no-conv-init", args.no_conv_init)) if on]
+    if switches and (is_deit or args.local_up_to_layer == 0):
+        raise TrainError(f"{' '.join(switches)} act(s) on GPSA blocks, and this model has none "
+                         f"(Table 3's row e, DeiT, is --model deit_* with no switch)")
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -263,6 +288,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_table3_switches(args)
     if args.eval_only and not args.checkpoint:
         raise TrainError("--eval-only needs --checkpoint PATH (one of our checkpoints or a released ConViT .pth)")
     if args.num_classes_subset is not None and args.num_classes_subset < 1:
@@ -274,26 +300,33 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 # Model, optimiser, schedule
 # ---------------------------------------------------------------------------------------
 def build_model(args, num_classes: int) -> convit.ConViT:
-    """The --model preset, resized by the flags and the recipe, with the ablations applied."""
+    """The --model preset, resized by the flags and the recipe, with Table 3's switches applied."""
     preset = convit.MODEL_PRESETS[args.model]
-    preset_dim, preset_heads, preset_gpsa = preset["embed_dim"], preset["num_heads"], preset["local_up_to_layer"]
-    num_heads = args.num_heads or preset_heads
-    width = args.embed_dim or (num_heads * args.head_width if args.head_width else preset_dim)
+    num_heads = args.num_heads or preset["num_heads"]
+    width = args.embed_dim or (num_heads * args.head_width if args.head_width else preset["embed_dim"])
     depth = args.depth
-    # A ConViT makes all blocks GPSA but the last two (10 of 12 in the paper); a DeiT none.
+    # A ConViT makes all blocks GPSA but the last two (10 of 12 in the paper); DeiT none.
     local_up_to_layer = args.local_up_to_layer if args.local_up_to_layer is not None else (
-        max(depth - 2, 1) if preset_gpsa > 0 else 0)
+        max(depth - 2, 1) if preset["local_up_to_layer"] > 0 else 0)
     model = convit.create_model(
         args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=data.DATASETS[args.dataset].in_chans,
         num_classes=num_classes, embed_dim=width, depth=depth, num_heads=num_heads,
         local_up_to_layer=local_up_to_layer, locality_strength=args.locality_strength,
         use_local_init=not args.no_conv_init, use_pos_embed=not args.no_pos_embed, drop_path_rate=args.drop_path,
     )
+    return freeze_for_table3(model, args)
+
+
+def freeze_for_table3(model: convit.ConViT, args) -> convit.ConViT:
+    """Table 3's "train GPSA: no" and "train gating: no" (its footnote: gates frozen at lambda = 0).
+    Frozen parameters keep requires_grad=False, so parameter_groups leaves them out of the optimiser."""
     for layer in model.gpsa_layers():
-        if args.freeze_gates:  # Table 3 "train gating: no": sigma(lambda) stays at sigma(1) = 0.73
+        if args.freeze_gpsa:  # W_qry, W_key (qk), W_val (v), W_out (proj), v_pos (pos_proj) and lambda
+            layer.requires_grad_(False)
+        if args.freeze_gates:  # sigma(0) = 0.5: content and positional attention mixed half and half
+            with torch.no_grad():
+                layer.gating_param.zero_()
             layer.gating_param.requires_grad_(False)
-        if args.freeze_positional:  # Table 3 "train GPSA: no": v_pos stays at its init
-            layer.pos_proj.requires_grad_(False)
     return model
 
 
@@ -564,6 +597,7 @@ def train(args, procs: Processes) -> dict:
     torch.manual_seed(args.seed + procs.rank)  # from here on, each process draws its own augmentations
     if args.checkpoint:  # start from given weights (fine-tuning); the head is re-initialised if the classes differ
         convit.load_checkpoint(model, args.checkpoint, verbose=is_main)
+        freeze_for_table3(model, args)  # the checkpoint brought its own gates: --freeze-gates sets them to 0 again
     if args.lr is None:
         args.lr = args.base_lr * global_batch / 512  # DeiT's linear scaling rule
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
