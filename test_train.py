@@ -7,6 +7,7 @@ with `error: ...` and exit code 2 instead of a traceback.
 """
 
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 import convit
 import data
@@ -135,7 +137,8 @@ def test_data_fraction_is_stratified_and_seeded():
     assert kept != data.stratified_fraction(labels, 0.1, seed=1)
     args = train.resolve_args(train.build_parser().parse_args(["--data-fraction", "0.25", "--scale-epochs"]))
     small = train.RECIPES["small"]
-    assert (args.epochs, args.warmup_epochs) == (4 * small.epochs, 4 * small.warmup_epochs)
+    # 1/f times the epochs; the warmup keeps its epochs, as in the released code
+    assert (args.epochs, args.warmup_epochs) == (4 * small.epochs, small.warmup_epochs)
 
 
 def test_first_k_classes_of_an_image_folder(image_folder, tmp_path):
@@ -233,12 +236,114 @@ def test_row_e_is_deits_own_network_at_the_convits_size(image_folder, tmp_path, 
                          "--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--output-dir", str(tmp_path)])
     record = metrics_of(tmp_path)[0]
     assert "gates" not in record and np.array(record["nonlocality"]).shape == (3, 4)
+    assert record["lr"] == 2e-3  # one epoch: the warmup is capped to 0, so it trains at the peak lr
     assert result["model"].blocks[0].attn.qkv.bias.abs().sum() > 0
     fails_with([*TINY, "--model", "deit_tiny", "--local-up-to-layer", "2"],
                "deit_tiny is DeiT's own network, which has no GPSA block", capsys)
     fails_with([*TINY, "--model", "deit_tiny", "--freeze-gates"], "--freeze-gates act(s) on GPSA blocks", capsys)
     fails_with([*TINY, "--local-up-to-layer", "0", "--freeze-gpsa", "--no-conv-init"],
                "--freeze-gpsa --no-conv-init act(s) on GPSA blocks", capsys)
+
+
+# ---------------------------------------------------------------------------------------
+# DeiT's augmentation and schedule: RandAugment's strength, MixUp's partners, the warmup
+# ---------------------------------------------------------------------------------------
+def draw_augmentations(monkeypatch, argv: list[str], draws: int) -> tuple[list[float], list[int]]:
+    """Run train.py's training transform `draws` times on one 32x32 image and record the angle
+    of every rotation RandAugment draws, and how many RandAugment ops each image went through."""
+    args = resolved("--dataset", "cifar10", *argv)
+    transform = data.train_transform(args, data.DATASETS["cifar10"])
+    angles, ops = [], []
+    real_rotate, real_forward = v2.functional.rotate, v2.RandAugment.forward
+
+    def rotate(image, angle, *rest, **options):
+        angles.append(angle)
+        return real_rotate(image, angle, *rest, **options)
+
+    def forward(self, *inputs):
+        ops[-1] += 1
+        return real_forward(self, *inputs)
+
+    monkeypatch.setattr(v2.functional, "rotate", rotate)
+    monkeypatch.setattr(v2.RandAugment, "forward", forward)
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    for _ in range(draws):
+        ops.append(0)
+        transform(image)
+    return angles, ops
+
+
+def test_randaugment_rotates_by_27_degrees_at_magnitude_9(monkeypatch):
+    # timm's rand-m9-mstd0.5: rotate by +-3 x N(9, 0.5) degrees; torchvision's RandAugment(2, 9) gave +-9.
+    angles, _ = draw_augmentations(monkeypatch, [], draws=3000)
+    size = torch.tensor(angles).abs()
+    assert len(angles) > 120  # about 3000 x 2 ops x 0.5 x 1/14 ops = 214
+    assert abs(size.mean() - 27) < 0.4 and 1.1 < size.std() < 1.9 and size.max() <= 30  # std 3 x 0.5 = 1.5
+    assert 0.35 < (torch.tensor(angles) < 0).float().mean() < 0.65  # either way
+    exact, _ = draw_augmentations(monkeypatch, ["--randaug-magnitude-std", "0"], draws=600)
+    assert exact and {abs(a) for a in exact} == {27.0}
+
+
+def test_each_randaugment_op_applies_with_probability_half(monkeypatch):
+    _, ops = draw_augmentations(monkeypatch, [], draws=2000)
+    counts = torch.tensor(ops).float()  # 0, 1 or 2 ops per image: Binomial(2, 0.5)
+    assert abs(counts.mean() - 1.0) < 0.06
+    assert abs((counts == 0).float().mean() - 0.25) < 0.04 and abs((counts == 2).float().mean() - 0.25) < 0.04
+    none, _ = draw_augmentations(monkeypatch, ["--randaug-ops", "0"], draws=50)
+    assert none == [] and data.train_transform(resolved("--dataset", "cifar10"), data.DATASETS["cifar10"])
+
+
+def test_mixup_partners_are_copies_only_by_chance():
+    """Repeated augmentation x3 on one process puts an image's copies next to each other, and
+    torchvision mixes image i with image i - 1: 65.6% of the images were mixed with a copy of
+    themselves. Shuffled first, a partner is a copy about as often as chance: (copies - 1) / (B - 1)."""
+    n, batch = 600, 60
+    args = resolved("--dataset", "fake", "--preset", "paper", "--repeated-aug", "3", "--batch-size", str(batch),
+                    "--cutmix", "0", "--workers", "0")
+    identity = data.ArrayImageDataset(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), list(range(n)), lambda x: x.float())
+    procs = train.Processes(0, 1, torch.device("cpu"), started_group=False)
+    sampler, _, loader, _ = train.make_loaders(args, procs, identity, identity)
+    mixer = data.batch_mixer(args, num_classes=n)  # label = the image's index: a soft target names both images
+    torch.manual_seed(0)
+    self_pairs = chance = rows = 0
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        for images, labels in loader:
+            _, targets = mixer(images, labels)  # (B, n)
+            self_pairs += ((targets > 0).sum(dim=1) == 1).sum().item()  # mixed with its own copy
+            copies = (labels[:, None] == labels[None, :]).sum(dim=1) - 1  # other copies in the batch
+            chance += (copies / (batch - 1)).sum().item()
+            rows += len(labels)
+    assert rows == 5 * n and 0.02 < chance / rows < 0.05  # about 2 / 59
+    assert abs(self_pairs / rows - chance / rows) < 0.02, (self_pairs / rows, chance / rows)
+
+
+def test_warmup_is_capped_so_that_the_lr_leaves_warmup_lr(capsys):
+    def learning_rates(*flags):
+        args = resolved(*flags)
+        args.lr = 1e-3
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+        scheduler = train.build_schedule(optimizer, args)
+        lrs = []
+        for _ in range(args.epochs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()  # (no gradient: a no-op, in the order train.py steps)
+            scheduler.step()
+        return args, lrs
+
+    args, lrs = learning_rates("--epochs", "1")  # the small preset's 2 warmup epochs would hold 1e-6
+    assert args.warmup_epochs == 0 and lrs == [1e-3]
+    assert "note: --warmup-epochs 2 capped to 0" in capsys.readouterr().out
+    args, lrs = learning_rates("--epochs", "10", "--warmup-epochs", "8")
+    assert args.warmup_epochs == 5 and lrs[0] == pytest.approx(1e-6) and lrs[5] == pytest.approx(1e-3)
+    assert lrs[1] == pytest.approx(1e-6 + (1e-3 - 1e-6) / 5) and max(lrs) == pytest.approx(1e-3)
+    assert "note: --warmup-epochs 8 capped to 5" in capsys.readouterr().out
+    args, _ = learning_rates("--epochs", "50")
+    assert args.warmup_epochs == 2 and "capped" not in capsys.readouterr().out  # the preset's own warmup
+    paper = resolved("--dataset", "cifar10")
+    assert (paper.warmup_epochs, paper.color_jitter, paper.randaug_magnitude, paper.randaug_magnitude_std) == (5, 0, 9, 0.5)
+    assert not math.isclose(paper.randaug_magnitude, 27)
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,6 +414,8 @@ def test_bad_input_exits_2_without_traceback_from_the_command_line():
     (["--model", "convit_huge"], "invalid choice: 'convit_huge'"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--randaug-magnitude", "27"], "--randaug-magnitude in [0, 10] (timm's scale)"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
     (["--embed-dim", "30"], "width 30 is not divisible by 4 heads"),  # convit's own ValueError
 ])
 def test_bad_flags_are_rejected(argv, message, capsys):

@@ -111,9 +111,10 @@ class Recipe:
     smoothing: float  # label smoothing
     mixup: float  # alpha of MixUp's Beta(alpha, alpha); 0 = off
     cutmix: float  # alpha of CutMix; with both on, each batch picks one (probability 0.5)
-    randaug_ops: int  # RandAugment: number of operations per image (0 = off) ...
-    randaug_magnitude: int  # ... and their strength, on a scale of 0 to 30
-    color_jitter: float  # brightness, contrast and saturation jitter (0 = off)
+    randaug_ops: int  # RandAugment: operations per image, each applied with probability 0.5 (0 = off) ...
+    randaug_magnitude: float  # ... their strength on timm's scale of 0 to 10 (rotate: +-3 x this, in degrees) ...
+    randaug_magnitude_std: float  # ... plus Gaussian noise of this std, drawn for every op (data.rand_augment)
+    color_jitter: float  # brightness, contrast and saturation jitter (0 = off; inert in DeiT, see data.py)
     crop_scale: float  # RandomResizedCrop keeps between crop_scale and all of the image's area
     reprob: float  # RandomErasing probability
     repeated_aug: int  # repeated augmentation: each image this many times per epoch (1 = off)
@@ -129,18 +130,20 @@ RECIPES: dict[str, Recipe] = {
     "paper": Recipe(
         epochs=300, batch_size=64, base_lr=5e-4, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
         weight_decay=0.05, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_ops=2, randaug_magnitude=9,
-        color_jitter=0.4, crop_scale=0.08, reprob=0.25, repeated_aug=3, drop_path=0.1,
+        randaug_magnitude_std=0.5, color_jitter=0.0, crop_scale=0.08, reprob=0.25, repeated_aug=3, drop_path=0.1,
         ema_decay=0.99996, depth=12, head_width=None, threads=None,
     ),
     # For a dataset of a few thousand small images and a few CPU minutes: a 6-block model,
     # 24 dims per head, a short schedule, more steps (batch 32) at a larger lr (1e-3 at batch 32),
-    # and gentler augmentation (no MixUp/CutMix, milder crops: 16x16 digits do not survive the paper's).
+    # and gentler augmentation (no MixUp/CutMix, milder crops: 16x16 digits do not survive the paper's;
+    # RandAugment at 1.7 on timm's 0-10 scale, the strength per op it had before, 5 of torchvision's
+    # 30 bins, but now, as in the paper's recipe, each op is a coin flip and its magnitude is noisy).
     # One CPU thread: matrices this small gain nothing from a second core, and split across two
     # they stall whenever another program is busy (we measured 25x slower steps on a shared 2-core CPU).
     "small": Recipe(
         epochs=50, batch_size=32, base_lr=1.6e-2, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5,
-        weight_decay=0.05, smoothing=0.1, mixup=0.0, cutmix=0.0, randaug_ops=2, randaug_magnitude=5,
-        color_jitter=0.0, crop_scale=0.5, reprob=0.0, repeated_aug=1, drop_path=0.0,
+        weight_decay=0.05, smoothing=0.1, mixup=0.0, cutmix=0.0, randaug_ops=2, randaug_magnitude=1.7,
+        randaug_magnitude_std=0.5, color_jitter=0.0, crop_scale=0.5, reprob=0.0, repeated_aug=1, drop_path=0.0,
         ema_decay=0.999, depth=6, head_width=24, threads=1,
     ),
 }
@@ -172,7 +175,8 @@ def build_parser() -> ArgumentParser:
     data_flags.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
                       help="keep a seeded, stratified fraction F in (0, 1] of each training class (Table 2)")
     data_flags.add_argument("--scale-epochs", action="store_true",
-                      help="multiply epochs (and warmup) by 1/F, so that a fraction sees as many steps (Table 2)")
+                      help="multiply the epochs by 1/F, so that a fraction sees as many steps (Table 2); the "
+                           "warmup keeps its epochs, as in the released code (so it spans F times the steps)")
     data_flags.add_argument("--workers", type=int, default=None,
                       help="data-loading processes (default: 0 on a CPU, up to 8 per GPU)")
 
@@ -215,9 +219,14 @@ def build_parser() -> ArgumentParser:
     preset(recipe, "smoothing", "label smoothing")
     preset(recipe, "mixup", "MixUp alpha (0 = off)")
     preset(recipe, "cutmix", "CutMix alpha (0 = off)")
-    preset(recipe, "randaug-ops", "RandAugment operations per image (0 = off)", int)
-    preset(recipe, "randaug-magnitude", "RandAugment magnitude (0-30)", int)
-    preset(recipe, "color-jitter", "colour jitter strength (0 = off)")
+    preset(recipe, "randaug-ops", "RandAugment operations per image, each applied with probability 0.5 (0 = off)", int)
+    preset(recipe, "randaug-magnitude", "RandAugment magnitude on timm's scale of 0-10, as in DeiT's rand-m9 "
+                                        "(9: rotate +-27 degrees, brightness x (1 +- 0.81)); data.py lists what "
+                                        "still differs from timm")
+    preset(recipe, "randaug-magnitude-std", "std of the Gaussian noise on the magnitude, drawn for every op "
+                                            "(timm's mstd; 0 = none)")
+    preset(recipe, "color-jitter", "colour jitter strength (0 = off; in DeiT's recipe 0.4 was inert: timm adds "
+                                   "no ColorJitter when RandAugment is on)")
     preset(recipe, "crop-scale", "smallest area kept by RandomResizedCrop")
     preset(recipe, "reprob", "RandomErasing probability")
     preset(recipe, "repeated-aug", "repeated augmentation: copies of each image per epoch", int)
@@ -282,12 +291,24 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
     if not 0.0 < args.data_fraction <= 1.0:
         raise TrainError(f"--data-fraction must lie in (0, 1], got {args.data_fraction}")
-    if args.scale_epochs:
+    if args.scale_epochs:  # the warmup is not scaled: the released code leaves it at its 5 epochs
         args.epochs = round(args.epochs / args.data_fraction)
-        args.warmup_epochs = round(args.warmup_epochs / args.data_fraction)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup_epochs < 0:
+        raise TrainError(f"--warmup-epochs must be at least 0, got {args.warmup_epochs}")
+    if args.warmup_epochs > args.epochs // 2:
+        # A warmup as long as the run would hold the lr at --warmup-lr throughout (`--epochs 1` would
+        # train at 1e-6): it may take at most half of the epochs.
+        if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
+            print(f"note: --warmup-epochs {args.warmup_epochs} capped to {args.epochs // 2}, half of the "
+                  f"{args.epochs} epochs, so that the lr reaches its peak", flush=True)
+        args.warmup_epochs = args.epochs // 2
+    if not 0 <= args.randaug_magnitude <= 10 or args.randaug_magnitude_std < 0 or args.randaug_ops < 0:
+        raise TrainError(f"RandAugment needs --randaug-ops >= 0, --randaug-magnitude in [0, 10] (timm's scale) and "
+                         f"--randaug-magnitude-std >= 0; got {args.randaug_ops}, {args.randaug_magnitude}, "
+                         f"{args.randaug_magnitude_std}")
     check_table3_switches(args)
     if args.eval_only and not args.checkpoint:
         raise TrainError("--eval-only needs --checkpoint PATH (one of our checkpoints or a released ConViT .pth)")
