@@ -6,6 +6,7 @@ under torchrun work, metrics.jsonl holds what the paper plots, and every bad inp
 with `error: ...` and exit code 2 instead of a traceback.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -452,6 +453,16 @@ def test_checkpoint_of_another_model_is_refused(image_folder, tmp_path, capsys):
                "embed_dim=32 (checkpoint) vs 48 (this run)", capsys)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     fails_with([*other, "--eval-only", "--checkpoint", str(tmp_path / "junk.pth")], "cannot read checkpoint", capsys)
+
+
+def test_checkpoint_saved_before_the_deit_fields_still_fits():
+    model = tiny_model()
+    cfg = dataclasses.asdict(model.cfg)
+    del cfg["qkv_bias"], cfg["class_token_in_pos_embed"]  # as saved before DeiT's own network existed
+    train.check_same_model({"cfg": cfg}, model, "old.pth")  # no error: they were False then
+    with pytest.raises(train.TrainError, match="class_token_in_pos_embed=False .checkpoint. vs True"):
+        train.check_same_model({"cfg": cfg}, convit.create_model("deit_tiny", img_size=16, patch_size=4,
+                                                                 embed_dim=32, depth=3, num_heads=4), "old.pth")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys):

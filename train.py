@@ -445,7 +445,9 @@ def read_checkpoint(path) -> dict:
 
 def check_same_model(checkpoint: dict, model: convit.ConViT, path):
     """Refuse to continue or evaluate a checkpoint of another architecture, naming each difference."""
-    saved, wanted = checkpoint["cfg"], dataclasses.asdict(model.cfg)
+    # A field that an older checkpoint lacks (qkv_bias, class_token_in_pos_embed) had its default then.
+    defaults = {field.name: field.default for field in dataclasses.fields(convit.ConViTConfig)}
+    saved, wanted = {**defaults, **checkpoint["cfg"]}, dataclasses.asdict(model.cfg)
     saved["img_size"] = tuple(saved["img_size"])
     differences = [f"{key}={saved[key]} (checkpoint) vs {wanted[key]} (this run)"
                    for key in wanted if key != "fused" and saved.get(key) != wanted[key]]
