@@ -92,11 +92,11 @@ def test_non_square_head_counts_get_distinct_local_centres(num_heads):
 def test_init_is_far_more_local_than_random_mhsa():
     images = torch.randn(2, 3, 224, 224)
     convit_nonlocality = create_model("convit_tiny").eval().nonlocality(images)[:10]
-    deit_nonlocality = create_model("convit_tiny", local_up_to_layer=0).eval().nonlocality(images)
+    baseline_nonlocality = create_model("convit_tiny", local_up_to_layer=0).eval().nonlocality(images)
     # Uniform attention on a 14x14 grid sits ~7.2 patches away; the conv init pulls GPSA to ~2.7
     # (0.73 of the mass on offsets of norm 0.7, 0.27 still on near-uniform content attention).
-    assert deit_nonlocality.mean() > 7.0
-    assert convit_nonlocality.mean() < 0.4 * deit_nonlocality.mean()
+    assert baseline_nonlocality.mean() > 7.0
+    assert convit_nonlocality.mean() < 0.4 * baseline_nonlocality.mean()
 
 
 # --- GPSA limits (Eq. 6-7) -----------------------------------------------------------------
@@ -206,12 +206,14 @@ TABLE1_PARAMS = {
 }
 
 
-def expected_parameters(embed_dim, num_heads, num_gpsa, depth=12, patch=16, patches=196, classes=1000):
+def expected_parameters(embed_dim, num_heads, num_gpsa, deit=False, depth=12, patch=16, patches=196, classes=1000):
+    """The closed form. deit=True: DeiT's own network, whose qkv has a bias (3C more per block)
+    and whose pos_embed has one more position, the class token's."""
     c, h = embed_dim, num_heads
     shared = 4 * c + 8 * c * c + 5 * c + c * c + c  # two norms, MLP (ratio 4), W_out with bias
     gpsa = shared + 3 * c * c + 4 * h + h  # qk, v (no bias), pos_proj (3 -> H, bias), gates
-    mhsa = shared + 3 * c * c  # qkv (no bias)
-    stem = 3 * patch * patch * c + c + c + patches * c  # patch embedding, class token, pos_embed
+    mhsa = shared + 3 * c * c + (3 * c if deit else 0)  # qkv (a bias in DeiT only)
+    stem = 3 * patch * patch * c + c + c + (patches + deit) * c  # patch embedding, class token, pos_embed
     return stem + num_gpsa * gpsa + (depth - num_gpsa) * mhsa + 2 * c + c * classes + classes
 
 
@@ -220,17 +222,34 @@ def test_parameter_counts_match_table1(name):
     with torch.device("meta"):  # shapes only: no memory, no time
         model = create_model(name)
     count = convit.count_parameters(model)
-    embed_dim, num_heads, num_gpsa = convit.MODEL_PRESETS[name]
-    assert count == expected_parameters(embed_dim, num_heads, num_gpsa)
+    architecture, embed_dim, num_heads = convit.TABLE1_MODELS[name]
+    num_gpsa = 10 if architecture == "convit" else 0
+    assert count == expected_parameters(embed_dim, num_heads, num_gpsa, deit=architecture == "deit")
     assert abs(count / 1e6 - TABLE1_PARAMS[name]) < 1.2  # the paper rounds to whole millions
 
 
-def released_layout(embed_dim=192, num_heads=4, classes=1000):
-    """Names and shapes of a released ConViT checkpoint (12 blocks, 10 GPSA, 224^2, patch 16)."""
+def test_deit_presets_are_deits_own_network():
+    # The parameter counts of the released deit_{tiny,small,base}_patch16_224 models.
+    released = {"deit_tiny": 5_717_416, "deit_small": 22_050_664, "deit_base": 86_567_656}
+    for name, count in released.items():
+        with torch.device("meta"):
+            assert convit.count_parameters(create_model(name)) == count, name
+    # The same-size baseline (a ConViT with no GPSA block) is another network: 37 C fewer
+    # parameters (no qkv bias in 12 blocks, no class-token position).
+    with torch.device("meta"):
+        baseline = create_model("convit_tiny", local_up_to_layer=0, num_heads=3)
+    assert convit.count_parameters(baseline) == released["deit_tiny"] - 37 * 192
+
+
+def released_layout(embed_dim=192, num_heads=4, classes=1000, deit=False):
+    """Names and shapes of a released ConViT checkpoint (12 blocks, 10 GPSA, 224^2, patch 16),
+    or with deit=True of a released DeiT (timm's deit_*_patch16_224: 12 MHSA blocks whose qkv has
+    a bias, and a pos_embed of 1 + 196 positions)."""
     c = embed_dim
+    num_gpsa = 0 if deit else 10
     layout = {
         "patch_embed.proj.weight": (c, 3, 16, 16), "patch_embed.proj.bias": (c,),
-        "cls_token": (1, 1, c), "pos_embed": (1, 196, c),
+        "cls_token": (1, 1, c), "pos_embed": (1, 197 if deit else 196, c),
         "norm.weight": (c,), "norm.bias": (c,), "head.weight": (classes, c), "head.bias": (classes,),
     }
     for i in range(12):
@@ -239,27 +258,32 @@ def released_layout(embed_dim=192, num_heads=4, classes=1000):
                        b + "norm2.bias": (c,), b + "mlp.fc1.weight": (4 * c, c), b + "mlp.fc1.bias": (4 * c,),
                        b + "mlp.fc2.weight": (c, 4 * c), b + "mlp.fc2.bias": (c,),
                        b + "attn.proj.weight": (c, c), b + "attn.proj.bias": (c,)})
-        if i < 10:
+        if i < num_gpsa:
             layout.update({b + "attn.qk.weight": (2 * c, c), b + "attn.v.weight": (c, c),
                            b + "attn.pos_proj.weight": (num_heads, 3), b + "attn.pos_proj.bias": (num_heads,),
                            b + "attn.gating_param": (num_heads,)})
         else:
             layout[b + "attn.qkv.weight"] = (3 * c, c)
+            if deit:
+                layout[b + "attn.qkv.bias"] = (3 * c,)
     return layout
 
 
 @pytest.mark.parametrize("name, embed_dim, num_heads", [
-    ("convit_tiny", 192, 4), ("convit_small", 432, 9), ("convit_base", 768, 16)])
+    ("convit_tiny", 192, 4), ("convit_small", 432, 9), ("convit_base", 768, 16),
+    ("deit_tiny", 192, 3), ("deit_small", 384, 6), ("deit_base", 768, 12)])
 def test_state_dict_matches_released_layout(name, embed_dim, num_heads):
     with torch.device("meta"):
         model = create_model(name)
     shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    assert shapes == released_layout(embed_dim, num_heads)
+    assert shapes == released_layout(embed_dim, num_heads, deit=name.startswith("deit"))
 
 
-@pytest.mark.parametrize("name, embed_dim, num_heads", [("convit_tiny", 192, 4), ("convit_small", 432, 9)])
+@pytest.mark.parametrize("name, embed_dim, num_heads", [
+    ("convit_tiny", 192, 4), ("convit_small", 432, 9), ("deit_tiny", 192, 3)])
 def test_released_checkpoint_loads_strictly(tmp_path, name, embed_dim, num_heads):
-    released = {key: torch.randn(shape) for key, shape in released_layout(embed_dim, num_heads).items()}
+    layout = released_layout(embed_dim, num_heads, deit=name.startswith("deit"))
+    released = {key: torch.randn(shape) for key, shape in layout.items()}
     path = tmp_path / "released.pth"
     torch.save({"model": released}, path)  # the released files wrap the weights in "model"
     model = load_checkpoint(create_model(name), path)
@@ -288,6 +312,27 @@ def test_load_checkpoint_interpolates_pos_embed_and_resets_head(tmp_path):
     assert torch.equal(same(images), source.eval()(images))
 
 
+def test_deit_pos_embed_resizing_keeps_the_class_token_slot(tmp_path):
+    source = create_model("deit_tiny")
+    with torch.no_grad():
+        source.pos_embed[:, 0].fill_(-3.0)  # the class token's position
+        source.pos_embed[:, 1:].fill_(0.25)  # the 14 x 14 grid: constant, so resizing keeps it 0.25
+    path = tmp_path / "deit.pth"
+    torch.save({"model": source.state_dict()}, path)
+    for size in (384, 32):
+        target = load_checkpoint(create_model("deit_tiny", img_size=size, num_classes=10), path, verbose=False)
+        assert target.pos_embed.shape == (1, 1 + (size // 16) ** 2, 192)
+        assert torch.equal(target.pos_embed[:, 0], source.pos_embed[:, 0])  # kept bit for bit
+        assert torch.allclose(target.pos_embed[:, 1:], torch.full_like(target.pos_embed[:, 1:], 0.25), atol=1e-6)
+        assert target(torch.randn(1, 3, size, size)).shape == (1, 10)
+    # A DeiT checkpoint is no same-size baseline: the message names the class-token position and the biases.
+    with pytest.raises(ValueError, match="covers a class token"):
+        load_checkpoint(create_model("convit_tiny", local_up_to_layer=0, num_heads=3, img_size=32), path)
+    with pytest.raises(ValueError, match=r"not in the model \(12\): \['blocks\.0\.attn\.qkv\.bias'"):
+        load_checkpoint(create_model("convit_tiny", local_up_to_layer=0, num_heads=3, class_token_in_pos_embed=True),
+                        path)
+
+
 def test_checkpoint_from_another_model_is_rejected(tmp_path):
     path = tmp_path / "small.pth"
     torch.save(create_model("convit_small").state_dict(), path)
@@ -302,6 +347,34 @@ def test_class_token_joins_after_the_last_gpsa_block():
     deit = small("deit_tiny", local_up_to_layer=0, num_heads=3)
     assert not deit.gpsa_layers() and deit.gates().shape == (0, 3)
     assert [m.shape[-1] for m in deit.attention_maps(torch.randn(2, 3, 32, 32))] == [65] * 4
+
+
+def test_deit_class_token_joins_before_the_position_embedding():
+    """DeiT adds its position embedding to the class token too (slot 0); the same-size
+    baseline adds it to the patches only and joins the class token later, untouched."""
+    images = torch.randn(2, 3, 32, 32)
+    deit = small("deit_tiny", local_up_to_layer=0)
+    tokens = deit.embed(images)  # (B, 1 + N, C)
+    assert tokens.shape == (2, 65, 48)
+    assert torch.equal(tokens[:, 0], (deit.cls_token + deit.pos_embed[:, :1]).expand(2, 1, 48)[:, 0])
+    assert torch.equal(tokens[:, 1:], deit.patch_embed(images) + deit.pos_embed[:, 1:])
+    baseline = small(local_up_to_layer=0)
+    assert baseline.embed(images).shape == (2, 64, 48) and baseline.pos_embed.shape == (1, 64, 48)
+
+
+def test_deit_nonlocality_counts_patches_only_with_the_class_token_first():
+    rows, cols = 3, 4
+    deit = small("deit_tiny", img_size=(12, 16), depth=2, local_up_to_layer=0)
+    with torch.no_grad():
+        for block in deit.blocks:
+            block.attn.qkv.weight.zero_()  # queries and keys 0: uniform attention over 1 + N tokens
+            block.attn.qkv.bias.zero_()
+    points = list(itertools.product(range(rows), range(cols)))
+    mean_distance = sum(math.dist(p, q) for p in points for q in points) / len(points) ** 2
+    n = rows * cols
+    nonlocality = deit.nonlocality(torch.randn(2, 3, 12, 16))  # the class token's 1/(1 + N) left out
+    assert nonlocality.shape == (2, 3)  # 2 blocks, DeiT-Ti's 3 heads
+    assert torch.allclose(nonlocality, torch.full((2, 3), mean_distance * n / (n + 1)), atol=1e-5)
 
 
 def test_nonlocality_of_uniform_attention_is_the_mean_grid_distance():
@@ -356,6 +429,7 @@ def test_rectangular_image():
     (lambda: create_model("convit_tinny"), "unknown model 'convit_tinny'"),
     (lambda: create_model("convit_tiny", embed_dim=90), "width 90 is not divisible by 4 heads"),
     (lambda: create_model("convit_tiny", local_up_to_layer=12), "local_up_to_layer=12 must lie in"),
+    (lambda: create_model("deit_tiny", local_up_to_layer=2), "class_token_in_pos_embed=True needs local_up_to_layer=0"),
     (lambda: create_model("convit_tiny", patch=16), "unknown option"),
 ])
 def test_bad_configuration_raises(build, message):

@@ -6,7 +6,9 @@ under torchrun work, metrics.jsonl holds what the paper plots, and every bad inp
 with `error: ...` and exit code 2 instead of a traceback.
 """
 
+import dataclasses
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 import convit
 import data
@@ -135,7 +138,8 @@ def test_data_fraction_is_stratified_and_seeded():
     assert kept != data.stratified_fraction(labels, 0.1, seed=1)
     args = train.resolve_args(train.build_parser().parse_args(["--data-fraction", "0.25", "--scale-epochs"]))
     small = train.RECIPES["small"]
-    assert (args.epochs, args.warmup_epochs) == (4 * small.epochs, 4 * small.warmup_epochs)
+    # 1/f times the epochs; the warmup keeps its epochs, as in the released code
+    assert (args.epochs, args.warmup_epochs) == (4 * small.epochs, small.warmup_epochs)
 
 
 def test_first_k_classes_of_an_image_folder(image_folder, tmp_path):
@@ -163,14 +167,184 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_gates():
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
 
 
-def test_ablation_flags_freeze_gates_and_positional_weights(image_folder, tmp_path):
+def resolved(*argv: str):
+    return train.resolve_args(train.build_parser().parse_args(list(argv)))
+
+
+GPSA_ATTENTION = ["qk.weight", "v.weight", "proj.weight", "proj.bias", "pos_proj.weight", "pos_proj.bias",
+                  "gating_param"]
+
+
+@pytest.mark.parametrize("flags, frozen", [
+    ([], []),  # row a: everything trains
+    (["--freeze-gates"], ["gating_param"]),  # b, d: "train gating: no"
+    (["--freeze-gpsa"], GPSA_ATTENTION),  # the whole GPSA attention, its gates at their start value
+    (["--freeze-gates", "--freeze-gpsa"], GPSA_ATTENTION),  # f, g: and the gates at 0
+])
+def test_table3_switches_freeze_exactly_their_tensors(image_folder, tmp_path, flags, frozen):
+    """A short run from known weights: the frozen tensors come back bit for bit (the gates at
+    exactly 0 with --freeze-gates), every other tensor moved, and the optimiser holds only
+    the trainable ones."""
+    start = tiny_model(num_classes=3)
+    with torch.no_grad():
+        start.blocks[0].attn.gating_param.normal_()  # gates away from 0 and 1: freezing at 0 is a change
+    torch.save({"model": start.state_dict()}, tmp_path / "start.pth")
     result = train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--epochs", "1",
-                         "--batch-size", "16", "--freeze-gates", "--freeze-positional", "--output-dir", str(tmp_path)])
-    gpsa = result["model"].gpsa_layers()[0]
-    fresh = tiny_model().gpsa_layers()[0]
-    assert torch.equal(gpsa.gating_param, torch.ones(4))  # Table 3 "train gating: no"
-    assert torch.equal(gpsa.pos_proj.weight, fresh.pos_proj.weight)  # "train GPSA: no": the conv init of Eq. 5
-    assert not torch.equal(gpsa.qk.weight, fresh.qk.weight)  # while the rest did train
+                         "--batch-size", "16", "--lr", "2e-3", *flags, "--checkpoint", str(tmp_path / "start.pth"),
+                         "--output-dir", str(tmp_path / "run")])
+    model, before = result["model"], start.state_dict()
+    after = model.state_dict()
+    frozen_names = {f"blocks.0.attn.{name}" for name in frozen}
+    for name in after:
+        if name == "blocks.0.attn.gating_param" and "--freeze-gates" in flags:
+            assert torch.equal(after[name], torch.zeros(4)), after[name]  # lambda = 0: sigma = 0.5
+        elif name in frozen_names:
+            assert torch.equal(after[name], before[name]), f"{name} moved but is frozen"
+        elif name != "blocks.0.attn.pos_proj.bias":  # its gradient is 0: it cancels in the softmax
+            assert not torch.equal(after[name], before[name]), f"{name} did not train"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(after) - frozen_names - ({"blocks.0.attn.gating_param"} if "--freeze-gates" in flags else set())
+    decay, no_decay = train.parameter_groups(model, 0.05)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)  # frozen ones stay out
+
+
+def test_table3_switches_at_build_time():
+    """What each row's flags build: b's gates at lambda = 0 (sigma = 0.5), c's GPSA random, f's
+    attention frozen at Eq. 5's init (W_val = I), with the FFNs and norms still training."""
+    def build(*flags):
+        torch.manual_seed(0)
+        return train.build_model(resolved(*TINY, *flags), 3)
+
+    conv_init, random_init = build().blocks[0].attn, build("--no-conv-init").blocks[0].attn
+    assert torch.equal(conv_init.v.weight, torch.eye(32)) and not torch.equal(random_init.v.weight, torch.eye(32))
+    assert not torch.allclose(random_init.pos_proj.weight, conv_init.pos_proj.weight)
+    gates_frozen = build("--freeze-gates")
+    assert torch.equal(gates_frozen.gates(), torch.full((1, 4), 0.5))
+    assert not gates_frozen.blocks[0].attn.gating_param.requires_grad
+    f = build("--freeze-gates", "--freeze-gpsa")
+    assert torch.equal(f.blocks[0].attn.v.weight, torch.eye(32)) and torch.equal(f.gates(), torch.full((1, 4), 0.5))
+    assert not any(p.requires_grad for p in f.blocks[0].attn.parameters())
+    assert all(p.requires_grad for p in [*f.blocks[0].mlp.parameters(), *f.blocks[0].norm1.parameters()])
+
+
+def test_row_e_is_deits_own_network_at_the_convits_size(image_folder, tmp_path, capsys):
+    convit_args, deit_args = resolved(*TINY), resolved(*TINY, "--model", "deit_tiny")
+    conv, deit = train.build_model(convit_args, 3), train.build_model(deit_args, 3)
+    assert (deit.cfg.embed_dim, deit.cfg.num_heads, deit.cfg.depth) == (conv.cfg.embed_dim, conv.cfg.num_heads, 3)
+    assert deit.cfg.qkv_bias and deit.cfg.class_token_in_pos_embed and not deit.gpsa_layers()
+    assert deit.pos_embed.shape == (1, 1 + 16, 32)  # the class token's position, then the 4x4 grid
+    result = train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--model", "deit_tiny",
+                         "--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--output-dir", str(tmp_path)])
+    record = metrics_of(tmp_path)[0]
+    assert "gates" not in record and np.array(record["nonlocality"]).shape == (3, 4)
+    assert record["lr"] == 2e-3  # one epoch: the warmup is capped to 0, so it trains at the peak lr
+    assert result["model"].blocks[0].attn.qkv.bias.abs().sum() > 0
+    fails_with([*TINY, "--model", "deit_tiny", "--local-up-to-layer", "2"],
+               "deit_tiny is DeiT's own network, which has no GPSA block", capsys)
+    fails_with([*TINY, "--model", "deit_tiny", "--freeze-gates"], "--freeze-gates act(s) on GPSA blocks", capsys)
+    fails_with([*TINY, "--local-up-to-layer", "0", "--freeze-gpsa", "--no-conv-init"],
+               "--freeze-gpsa --no-conv-init act(s) on GPSA blocks", capsys)
+
+
+# ---------------------------------------------------------------------------------------
+# DeiT's augmentation and schedule: RandAugment's strength, MixUp's partners, the warmup
+# ---------------------------------------------------------------------------------------
+def draw_augmentations(monkeypatch, argv: list[str], draws: int) -> tuple[list[float], list[int]]:
+    """Run train.py's training transform `draws` times on one 32x32 image and record the angle
+    of every rotation RandAugment draws, and how many RandAugment ops each image went through."""
+    args = resolved("--dataset", "cifar10", *argv)
+    transform = data.train_transform(args, data.DATASETS["cifar10"])
+    angles, ops = [], []
+    real_rotate, real_forward = v2.functional.rotate, v2.RandAugment.forward
+
+    def rotate(image, angle, *rest, **options):
+        angles.append(angle)
+        return real_rotate(image, angle, *rest, **options)
+
+    def forward(self, *inputs):
+        ops[-1] += 1
+        return real_forward(self, *inputs)
+
+    monkeypatch.setattr(v2.functional, "rotate", rotate)
+    monkeypatch.setattr(v2.RandAugment, "forward", forward)
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    for _ in range(draws):
+        ops.append(0)
+        transform(image)
+    return angles, ops
+
+
+def test_randaugment_rotates_by_27_degrees_at_magnitude_9(monkeypatch):
+    # timm's rand-m9-mstd0.5: rotate by +-3 x N(9, 0.5) degrees; torchvision's RandAugment(2, 9) gave +-9.
+    angles, _ = draw_augmentations(monkeypatch, [], draws=3000)
+    size = torch.tensor(angles).abs()
+    assert len(angles) > 120  # about 3000 x 2 ops x 0.5 x 1/14 ops = 214
+    assert abs(size.mean() - 27) < 0.4 and 1.1 < size.std() < 1.9 and size.max() <= 30  # std 3 x 0.5 = 1.5
+    assert 0.35 < (torch.tensor(angles) < 0).float().mean() < 0.65  # either way
+    exact, _ = draw_augmentations(monkeypatch, ["--randaug-magnitude-std", "0"], draws=600)
+    assert exact and {abs(a) for a in exact} == {27.0}
+
+
+def test_each_randaugment_op_applies_with_probability_half(monkeypatch):
+    _, ops = draw_augmentations(monkeypatch, [], draws=2000)
+    counts = torch.tensor(ops).float()  # 0, 1 or 2 ops per image: Binomial(2, 0.5)
+    assert abs(counts.mean() - 1.0) < 0.06
+    assert abs((counts == 0).float().mean() - 0.25) < 0.04 and abs((counts == 2).float().mean() - 0.25) < 0.04
+    none, _ = draw_augmentations(monkeypatch, ["--randaug-ops", "0"], draws=50)
+    assert none == [] and data.train_transform(resolved("--dataset", "cifar10"), data.DATASETS["cifar10"])
+
+
+def test_mixup_partners_are_copies_only_by_chance():
+    """Repeated augmentation x3 on one process puts an image's copies next to each other, and
+    torchvision mixes image i with image i - 1: 65.6% of the images were mixed with a copy of
+    themselves. Shuffled first, a partner is a copy about as often as chance: (copies - 1) / (B - 1)."""
+    n, batch = 600, 60
+    args = resolved("--dataset", "fake", "--preset", "paper", "--repeated-aug", "3", "--batch-size", str(batch),
+                    "--cutmix", "0", "--workers", "0")
+    identity = data.ArrayImageDataset(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), list(range(n)), lambda x: x.float())
+    procs = train.Processes(0, 1, torch.device("cpu"), started_group=False)
+    sampler, _, loader, _ = train.make_loaders(args, procs, identity, identity)
+    mixer = data.batch_mixer(args, num_classes=n)  # label = the image's index: a soft target names both images
+    torch.manual_seed(0)
+    self_pairs = chance = rows = 0
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        for images, labels in loader:
+            _, targets = mixer(images, labels)  # (B, n)
+            self_pairs += ((targets > 0).sum(dim=1) == 1).sum().item()  # mixed with its own copy
+            copies = (labels[:, None] == labels[None, :]).sum(dim=1) - 1  # other copies in the batch
+            chance += (copies / (batch - 1)).sum().item()
+            rows += len(labels)
+    assert rows == 5 * n and 0.02 < chance / rows < 0.05  # about 2 / 59
+    assert abs(self_pairs / rows - chance / rows) < 0.02, (self_pairs / rows, chance / rows)
+
+
+def test_warmup_is_capped_so_that_the_lr_leaves_warmup_lr(capsys):
+    def learning_rates(*flags):
+        args = resolved(*flags)
+        args.lr = 1e-3
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+        scheduler = train.build_schedule(optimizer, args)
+        lrs = []
+        for _ in range(args.epochs):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()  # (no gradient: a no-op, in the order train.py steps)
+            scheduler.step()
+        return args, lrs
+
+    args, lrs = learning_rates("--epochs", "1")  # the small preset's 2 warmup epochs would hold 1e-6
+    assert args.warmup_epochs == 0 and lrs == [1e-3]
+    assert "note: --warmup-epochs 2 capped to 0" in capsys.readouterr().out
+    args, lrs = learning_rates("--epochs", "10", "--warmup-epochs", "8")
+    assert args.warmup_epochs == 5 and lrs[0] == pytest.approx(1e-6) and lrs[5] == pytest.approx(1e-3)
+    assert lrs[1] == pytest.approx(1e-6 + (1e-3 - 1e-6) / 5) and max(lrs) == pytest.approx(1e-3)
+    assert "note: --warmup-epochs 8 capped to 5" in capsys.readouterr().out
+    args, _ = learning_rates("--epochs", "50")
+    assert args.warmup_epochs == 2 and "capped" not in capsys.readouterr().out  # the preset's own warmup
+    paper = resolved("--dataset", "cifar10")
+    assert (paper.warmup_epochs, paper.color_jitter, paper.randaug_magnitude, paper.randaug_magnitude_std) == (5, 0, 9, 0.5)
+    assert not math.isclose(paper.randaug_magnitude, 27)
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,6 +415,8 @@ def test_bad_input_exits_2_without_traceback_from_the_command_line():
     (["--model", "convit_huge"], "invalid choice: 'convit_huge'"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--randaug-magnitude", "27"], "--randaug-magnitude must lie in [0, 10], got 27.0"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
     (["--embed-dim", "30"], "width 30 is not divisible by 4 heads"),  # convit's own ValueError
 ])
 def test_bad_flags_are_rejected(argv, message, capsys):
@@ -276,6 +452,16 @@ def test_checkpoint_of_another_model_is_refused(image_folder, tmp_path, capsys):
                "embed_dim=32 (checkpoint) vs 48 (this run)", capsys)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     fails_with([*other, "--eval-only", "--checkpoint", str(tmp_path / "junk.pth")], "truncated or damaged", capsys)
+
+
+def test_checkpoint_saved_before_the_deit_fields_still_fits():
+    model = tiny_model()
+    cfg = dataclasses.asdict(model.cfg)
+    del cfg["qkv_bias"], cfg["class_token_in_pos_embed"]  # as saved before DeiT's own network existed
+    train.check_same_model({"cfg": cfg}, model, "old.pth")  # no error: they were False then
+    with pytest.raises(train.TrainError, match="class_token_in_pos_embed=False .checkpoint. vs True"):
+        train.check_same_model({"cfg": cfg}, convit.create_model("deit_tiny", img_size=16, patch_size=4,
+                                                                 embed_dim=32, depth=3, num_heads=4), "old.pth")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys):

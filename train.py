@@ -25,25 +25,29 @@ The commands, from the smallest to the largest:
 
     # Continue an interrupted run exactly (same flags, plus --resume)
     python train.py --resume runs/digits-convit_tiny/checkpoint.pth
-    # Top-1 / top-5 of one of our checkpoints, or of a released ConViT .pth
+    # Top-1 / top-5 of one of our checkpoints, or of a released ConViT (or DeiT: --model deit_tiny) .pth
     python train.py --eval-only --checkpoint runs/digits-convit_tiny/checkpoint.pth
     python train.py --dataset imagefolder --data-dir /path/to/imagenet --model convit_tiny \\
         --eval-only --checkpoint convit_tiny.pth
 
     # Table 2 (sample efficiency) at small scale, on the digits: keep a stratified fraction f of
-    # each class and train 1/f times the epochs; ConViT, then a DeiT of the same width and heads
+    # each class and train 1/f times the epochs; ConViT, then DeiT's own network at the ConViT's
+    # width and heads (the paper compares DeiT-S, 6 heads 384 wide, with ConViT-S, 9 heads 432 wide)
     python train.py --data-fraction 0.1 --scale-epochs --output-dir runs/t2-convit-0.1
-    python train.py --data-fraction 0.1 --scale-epochs --local-up-to-layer 0 --output-dir runs/t2-deit-0.1
+    python train.py --data-fraction 0.1 --scale-epochs --model deit_tiny --num-heads 4 --output-dir runs/t2-deit-0.1
 
     # Table 3 (ablations), one command per row; add --data-fraction 0.1 --scale-epochs for its
     # last column, and --dataset imagefolder --data-dir ... --model convit_small_plus for its scale
+    # (row e is then --model deit_small_plus: DeiT's own network at ConViT-S+'s size).
+    # --freeze-gates: every gate lambda = 0 (sigma = 0.5), never trained ("train gating: no");
+    # --freeze-gpsa: the whole attention of every GPSA block stays at its init ("train GPSA: no").
     python train.py --output-dir runs/t3-a                                          # a: ConViT
-    python train.py --freeze-gates --output-dir runs/t3-b                           # b: gates frozen
+    python train.py --freeze-gates --output-dir runs/t3-b                           # b: gates frozen at 0
     python train.py --no-conv-init --output-dir runs/t3-c                           # c: no conv init
-    python train.py --freeze-gates --no-conv-init --output-dir runs/t3-d            # d
-    python train.py --local-up-to-layer 0 --output-dir runs/t3-e                    # e: DeiT
-    python train.py --freeze-gates --freeze-positional --output-dir runs/t3-f       # f: GPSA frozen at conv init
-    python train.py --freeze-gates --freeze-positional --no-conv-init --output-dir runs/t3-g  # g: ... at random
+    python train.py --freeze-gates --no-conv-init --output-dir runs/t3-d            # d: both
+    python train.py --model deit_tiny --num-heads 4 --output-dir runs/t3-e          # e: DeiT, same C and H
+    python train.py --freeze-gates --freeze-gpsa --output-dir runs/t3-f             # f: GPSA frozen at conv init
+    python train.py --freeze-gates --freeze-gpsa --no-conv-init --output-dir runs/t3-g  # g: GPSA frozen at random
     # Fig. 8: more GPSA blocks, stronger locality (--locality-strength is alpha of Eq. 5)
     python train.py --local-up-to-layer 2 --locality-strength 3 --output-dir runs/f8-2-3
 
@@ -108,9 +112,10 @@ class Recipe:
     smoothing: float  # label smoothing
     mixup: float  # alpha of MixUp's Beta(alpha, alpha); 0 = off
     cutmix: float  # alpha of CutMix; with both on, each batch picks one (probability 0.5)
-    randaug_ops: int  # RandAugment: number of operations per image (0 = off) ...
-    randaug_magnitude: int  # ... and their strength, on a scale of 0 to 30
-    color_jitter: float  # brightness, contrast and saturation jitter (0 = off)
+    randaug_ops: int  # RandAugment: operations per image, each applied with probability 0.5 (0 = off) ...
+    randaug_magnitude: float  # ... their strength on timm's scale of 0 to 10 (rotate: +-3 x this, in degrees) ...
+    randaug_magnitude_std: float  # ... plus Gaussian noise of this std, drawn for every op (data.rand_augment)
+    color_jitter: float  # brightness, contrast and saturation jitter (0 = off; inert in DeiT, see data.py)
     crop_scale: float  # RandomResizedCrop keeps between crop_scale and all of the image's area
     reprob: float  # RandomErasing probability
     repeated_aug: int  # repeated augmentation: each image this many times per epoch (1 = off)
@@ -126,18 +131,20 @@ RECIPES: dict[str, Recipe] = {
     "paper": Recipe(
         epochs=300, batch_size=64, base_lr=5e-4, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
         weight_decay=0.05, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_ops=2, randaug_magnitude=9,
-        color_jitter=0.4, crop_scale=0.08, reprob=0.25, repeated_aug=3, drop_path=0.1,
+        randaug_magnitude_std=0.5, color_jitter=0.0, crop_scale=0.08, reprob=0.25, repeated_aug=3, drop_path=0.1,
         ema_decay=0.99996, depth=12, head_width=None, threads=None,
     ),
     # For a dataset of a few thousand small images and a few CPU minutes: a 6-block model,
     # 24 dims per head, a short schedule, more steps (batch 32) at a larger lr (1e-3 at batch 32),
-    # and gentler augmentation (no MixUp/CutMix, milder crops: 16x16 digits do not survive the paper's).
+    # and gentler augmentation (no MixUp/CutMix, milder crops: 16x16 digits do not survive the paper's;
+    # RandAugment at 1.7 on timm's 0-10 scale, the strength per op it had before, 5 of torchvision's
+    # 30 bins, but now, as in the paper's recipe, each op is a coin flip and its magnitude is noisy).
     # One CPU thread: matrices this small gain nothing from a second core, and split across two
     # they stall whenever another program is busy (we measured 25x slower steps on a shared 2-core CPU).
     "small": Recipe(
         epochs=50, batch_size=32, base_lr=1.6e-2, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5,
-        weight_decay=0.05, smoothing=0.1, mixup=0.0, cutmix=0.0, randaug_ops=2, randaug_magnitude=5,
-        color_jitter=0.0, crop_scale=0.5, reprob=0.0, repeated_aug=1, drop_path=0.0,
+        weight_decay=0.05, smoothing=0.1, mixup=0.0, cutmix=0.0, randaug_ops=2, randaug_magnitude=1.7,
+        randaug_magnitude_std=0.5, color_jitter=0.0, crop_scale=0.5, reprob=0.0, repeated_aug=1, drop_path=0.0,
         ema_decay=0.999, depth=6, head_width=24, threads=1,
     ),
 }
@@ -171,7 +178,8 @@ def build_parser() -> ArgumentParser:
     data_flags.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
                       help="keep a seeded, stratified fraction F in (0, 1] of each training class (Table 2)")
     data_flags.add_argument("--scale-epochs", action="store_true",
-                      help="multiply epochs (and warmup) by 1/F, so that a fraction sees as many steps (Table 2)")
+                      help="multiply the epochs by 1/F, so that a fraction sees as many steps (Table 2); the "
+                           "warmup keeps its epochs, as in the released code (so it spans F times the steps)")
     data_flags.add_argument("--workers", type=int, default=None,
                       help="data-loading processes, 0 or more (default: 0 on a CPU, up to 8 per GPU)")
 
@@ -188,12 +196,17 @@ def build_parser() -> ArgumentParser:
 
     ablation = p.add_argument_group("the paper's ablations (Table 3, Fig. 8)")
     ablation.add_argument("--local-up-to-layer", type=int, default=None,
-                          help="number of GPSA blocks; 0 = DeiT (default: all but the last two for a ConViT)")
+                          help="number of GPSA blocks (default: all but the last two for a ConViT); 0 = the "
+                               "same-size baseline, a ConViT with no GPSA (DeiT's own network is --model deit_*)")
     ablation.add_argument("--locality-strength", type=float, default=1.0, help="alpha of Eq. 5")
     ablation.add_argument("--no-conv-init", action="store_true",
-                          help="GPSA starts random instead of as a convolution (Eq. 5)")
-    ablation.add_argument("--freeze-gates", action="store_true", help="lambda is not trained: sigma(lambda) stays 0.73")
-    ablation.add_argument("--freeze-positional", action="store_true", help="v_pos is not trained: it stays at its init")
+                          help="Table 3 'conv init: no': GPSA starts random instead of as a convolution (Eq. 5)")
+    ablation.add_argument("--freeze-gates", action="store_true",
+                          help="Table 3 'train gating: no': every gate lambda is set to 0 (sigma = 0.5: content "
+                               "and position weigh the same) and never trained")
+    ablation.add_argument("--freeze-gpsa", action="store_true",
+                          help="Table 3 'train GPSA: no': the whole attention of every GPSA block (W_qry, W_key, "
+                               "W_val, W_out, v_pos and the gates) keeps its init; the FFNs, norms and the rest train")
     ablation.add_argument("--no-pos-embed", action="store_true", help="no absolute position embedding")
 
     recipe = p.add_argument_group("recipe (unset flags take the --preset's value)")
@@ -210,9 +223,14 @@ def build_parser() -> ArgumentParser:
     preset(recipe, "smoothing", "label smoothing")
     preset(recipe, "mixup", "MixUp alpha (0 = off)")
     preset(recipe, "cutmix", "CutMix alpha (0 = off)")
-    preset(recipe, "randaug-ops", "RandAugment operations per image (0 = off)", int)
-    preset(recipe, "randaug-magnitude", "RandAugment magnitude (0-30)", int)
-    preset(recipe, "color-jitter", "colour jitter strength (0 = off)")
+    preset(recipe, "randaug-ops", "RandAugment operations per image, each applied with probability 0.5 (0 = off)", int)
+    preset(recipe, "randaug-magnitude", "RandAugment magnitude on timm's scale of 0-10, as in DeiT's rand-m9 "
+                                        "(9: rotate +-27 degrees, brightness x (1 +- 0.81)); data.py lists what "
+                                        "still differs from timm")
+    preset(recipe, "randaug-magnitude-std", "std of the Gaussian noise on the magnitude, drawn for every op "
+                                            "(timm's mstd; 0 = none)")
+    preset(recipe, "color-jitter", "colour jitter strength (0 = off; in DeiT's recipe 0.4 was inert: timm adds "
+                                   "no ColorJitter when RandAugment is on)")
     preset(recipe, "crop-scale", "smallest area kept by RandomResizedCrop")
     preset(recipe, "reprob", "RandomErasing probability")
     preset(recipe, "repeated-aug", "repeated augmentation: copies of each image per epoch", int)
@@ -240,8 +258,9 @@ def build_parser() -> ArgumentParser:
                           "(for jobs with a time limit: continue later with --resume)")
     run.add_argument("--eval-only", action="store_true", help="only report top-1 / top-5 of --checkpoint")
     run.add_argument("--checkpoint", default=None, metavar="PATH",
-                     help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT .pth "
-                          "(read with weights_only=True: a file that needs anything but tensors and plain data is refused)")
+                     help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT "
+                          "or DeiT .pth, with the matching --model (read with weights_only=True: a file that needs "
+                          "anything but tensors and plain data is refused)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     run.add_argument("--quiet", action="store_true", help="print only the final result line (and errors)")
     return p
@@ -255,7 +274,7 @@ FLAG_RANGES = {
     "epochs": "[1, inf)", "batch_size": "[1, inf)", "base_lr": "(0, inf)", "lr": "(0, inf)",
     "warmup_epochs": "[0, inf)", "warmup_lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)",
     "smoothing": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "randaug_ops": "[0, inf)",
-    "randaug_magnitude": "[0, 30]", "color_jitter": "[0, inf)", "crop_scale": "(0, 1]", "reprob": "[0, 1]",
+    "randaug_magnitude": "[0, 10]", "randaug_magnitude_std": "[0, inf)", "color_jitter": "[0, inf)", "crop_scale": "(0, 1]", "reprob": "[0, 1]",
     "repeated_aug": "[1, inf)", "drop_path": "[0, 1)", "ema_decay": "[0, 1]", "hflip": "[0, 1]",
     "clip_grad": "(0, inf)", "threads": "[0, inf)", "stop_after": "[1, inf)",
 }
@@ -285,6 +304,21 @@ def checkpoint_flag(args, flag: str):
         setattr(args, flag, str(Path(path) / "checkpoint.pth"))
 
 
+def check_table3_switches(args):
+    """Table 3's switches act on GPSA blocks: DeiT's own network (--model deit_*) has none to add
+    or to switch, nor has a ConViT with --local-up-to-layer 0 (the same-size baseline)."""
+    is_deit = convit.MODEL_PRESETS[args.model].get("class_token_in_pos_embed", False)
+    if is_deit and args.local_up_to_layer:
+        raise TrainError(f"--local-up-to-layer {args.local_up_to_layer}: {args.model} is DeiT's own network, which "
+                         f"has no GPSA block; for a ConViT of its size use --model convit_{args.model[5:]} --num-heads "
+                         f"{convit.MODEL_PRESETS[args.model]['num_heads']}")
+    switches = [flag for flag, on in (("--freeze-gates", args.freeze_gates), ("--freeze-gpsa", args.freeze_gpsa),
+                                      ("--no-conv-init", args.no_conv_init)) if on]
+    if switches and (is_deit or args.local_up_to_layer == 0):
+        raise TrainError(f"{' '.join(switches)} act(s) on GPSA blocks, and this model has none "
+                         f"(Table 3's row e, DeiT, is --model deit_* with no switch)")
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every unset flag from the dataset and the recipe, and check the values."""
     spec = data.DATASETS[args.dataset]
@@ -307,9 +341,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     checkpoint_flag(args, "checkpoint")
     args.output_dir = args.output_dir or (
         str(Path(args.resume).parent) if args.resume else f"runs/{args.dataset}-{args.model}")
-    if args.scale_epochs:
+    if args.scale_epochs:  # the warmup is not scaled: the released code leaves it at its 5 epochs
         args.epochs = round(args.epochs / args.data_fraction)
-        args.warmup_epochs = round(args.warmup_epochs / args.data_fraction)
+    if args.warmup_epochs > args.epochs // 2:
+        # A warmup as long as the run would hold the lr at --warmup-lr throughout (`--epochs 1` would
+        # train at 1e-6): it may take at most half of the epochs.
+        if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
+            print(f"note: --warmup-epochs {args.warmup_epochs} capped to {args.epochs // 2}, half of the "
+                  f"{args.epochs} epochs, so that the lr reaches its peak", flush=True)
+        args.warmup_epochs = args.epochs // 2
+    check_table3_switches(args)
     return args
 
 
@@ -317,25 +358,33 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 # Model, optimiser, schedule
 # ---------------------------------------------------------------------------------------
 def build_model(args, num_classes: int) -> convit.ConViT:
-    """The --model preset, resized by the flags and the recipe, with the ablations applied."""
-    preset_dim, preset_heads, preset_gpsa = convit.MODEL_PRESETS[args.model]
-    num_heads = args.num_heads or preset_heads
-    width = args.embed_dim or (num_heads * args.head_width if args.head_width else preset_dim)
+    """The --model preset, resized by the flags and the recipe, with Table 3's switches applied."""
+    preset = convit.MODEL_PRESETS[args.model]
+    num_heads = args.num_heads or preset["num_heads"]
+    width = args.embed_dim or (num_heads * args.head_width if args.head_width else preset["embed_dim"])
     depth = args.depth
-    # A ConViT makes all blocks GPSA but the last two (10 of 12 in the paper); a DeiT none.
+    # A ConViT makes all blocks GPSA but the last two (10 of 12 in the paper); DeiT none.
     local_up_to_layer = args.local_up_to_layer if args.local_up_to_layer is not None else (
-        max(depth - 2, 1) if preset_gpsa > 0 else 0)
+        max(depth - 2, 1) if preset["local_up_to_layer"] > 0 else 0)
     model = convit.create_model(
         args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=data.DATASETS[args.dataset].in_chans,
         num_classes=num_classes, embed_dim=width, depth=depth, num_heads=num_heads,
         local_up_to_layer=local_up_to_layer, locality_strength=args.locality_strength,
         use_local_init=not args.no_conv_init, use_pos_embed=not args.no_pos_embed, drop_path_rate=args.drop_path,
     )
+    return freeze_for_table3(model, args)
+
+
+def freeze_for_table3(model: convit.ConViT, args) -> convit.ConViT:
+    """Table 3's "train GPSA: no" and "train gating: no" (its footnote: gates frozen at lambda = 0).
+    Frozen parameters keep requires_grad=False, so parameter_groups leaves them out of the optimiser."""
     for layer in model.gpsa_layers():
-        if args.freeze_gates:  # Table 3 "train gating: no": sigma(lambda) stays at sigma(1) = 0.73
+        if args.freeze_gpsa:  # W_qry, W_key (qk), W_val (v), W_out (proj), v_pos (pos_proj) and lambda
+            layer.requires_grad_(False)
+        if args.freeze_gates:  # sigma(0) = 0.5: content and positional attention mixed half and half
+            with torch.no_grad():
+                layer.gating_param.zero_()
             layer.gating_param.requires_grad_(False)
-        if args.freeze_positional:  # Table 3 "train GPSA: no": v_pos stays at its init
-            layer.pos_proj.requires_grad_(False)
     return model
 
 
@@ -463,9 +512,11 @@ def read_resumable(args) -> dict:
 
 def check_same_model(checkpoint: dict, model: convit.ConViT, path):
     """Refuse to continue or evaluate a checkpoint of another architecture, naming each difference."""
-    saved, wanted = checkpoint["cfg"], dataclasses.asdict(model.cfg)
-    if not isinstance(saved, dict) or "img_size" not in saved:
+    if not isinstance(checkpoint["cfg"], dict) or "img_size" not in checkpoint["cfg"]:
         raise TrainError(f"{path} has a damaged model config (cfg); it is not a checkpoint of this train.py")
+    # A field that an older checkpoint lacks (qkv_bias, class_token_in_pos_embed) had its default then.
+    defaults = {field.name: field.default for field in dataclasses.fields(convit.ConViTConfig)}
+    saved, wanted = {**defaults, **checkpoint["cfg"]}, dataclasses.asdict(model.cfg)
     saved["img_size"] = tuple(saved["img_size"])
     differences = [f"{key}={saved[key]} (checkpoint) vs {wanted[key]} (this run)"
                    for key in wanted if key != "fused" and saved.get(key) != wanted[key]]
@@ -661,6 +712,7 @@ def train(args, procs: Processes) -> dict:
     torch.manual_seed(args.seed + procs.rank)  # from here on, each process draws its own augmentations
     if args.checkpoint:  # start from given weights (fine-tuning); the head is re-initialised if the classes differ
         convit.load_checkpoint(model, args.checkpoint, verbose=is_main and not args.quiet)
+        freeze_for_table3(model, args)  # the checkpoint brought its own gates: --freeze-gates sets them to 0 again
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
     scheduler = build_schedule(optimizer, args)
     amp_dtype = mixed_precision(procs.device, args.amp)

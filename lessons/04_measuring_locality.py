@@ -6,11 +6,11 @@ in patch units. A head that copies the query's own patch scores 0, a 3x3 kernel 
 uniform attention the mean distance between two patches of the grid. convit.py measures it on
 each layer's real input (the released script fed the patch embeddings to every layer).
 
-Here: a DeiT (every block plain self-attention) and a ConViT of the same width and heads, both
-freshly initialised, layer by layer, on real images and on noise.
+Here: the same-size baseline (ConViT-Ti with no GPSA block: every block plain self-attention,
+as in DeiT) and ConViT-Ti, both freshly initialised, layer by layer, on real images and on noise.
 
 Figure (in --out-dir):
-  04_nonlocality_at_init.png  nonlocality per layer, DeiT vs ConViT, real images vs noise
+  04_nonlocality_at_init.png  nonlocality per layer, the same-size baseline vs ConViT, real images vs noise
 
 Run from the repository root:  python lessons/04_measuring_locality.py [--quick] [--dataset cifar10 --data-dir data]
 """
@@ -44,10 +44,10 @@ def main(argv=None):
     img_size, batch = (112, 4) if args.quick else (224, 16)  # 224 / 16 = the paper's 14 x 14 grid
     grid = img_size // 16
     channels = in_chans(args.dataset)
-    models = {  # ConViT-Ti, and a DeiT of the same width (192) and heads (4): only the GPSA layers differ
+    models = {  # ConViT-Ti, and the same-size baseline (width 192, 4 heads, no GPSA): only the GPSA layers differ
         "ConViT-Ti at init": convit.create_model("convit_tiny", img_size=img_size, in_chans=channels),
-        "DeiT (same C, H) at init": convit.create_model("convit_tiny", img_size=img_size, in_chans=channels,
-                                                        local_up_to_layer=0),
+        "same-size baseline (no GPSA) at init": convit.create_model("convit_tiny", img_size=img_size,
+                                                                    in_chans=channels, local_up_to_layer=0),
     }
     images = {args.dataset: sample_images(args.dataset, batch, img_size, args.data_dir),
               "Gaussian noise": torch.randn(batch, channels, img_size, img_size)}

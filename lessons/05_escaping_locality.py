@@ -2,10 +2,12 @@
 
 ConViT starts every GPSA layer as a soft convolution (sigma(lambda) = 0.73, heads on a kernel)
 and lets gradient descent decide, head by head, how much content attention to mix in.
-The paper (Fig. 5/6, 300 ImageNet epochs) finds that the later GPSA layers open up: their
-gates fall towards 0 (content) and their nonlocality rises, while the first layers stay
-positional and local. Here we train a small ConViT with train.py and plot the same two
-quantities from its metrics.jsonl, one line per epoch.
+The paper (Fig. 5/6, 300 ImageNet epochs) finds that the nonlocality grows in every GPSA
+layer: the first and the last GPSA layers escape locality most, the intermediate ones (the
+second above all) stay more local. The gates of the later GPSA layers (6-10) fall to about 0,
+pure content attention, while the early layers keep a sizeable positional share. Here we
+train a small ConViT with train.py and plot the same two quantities from its metrics.jsonl,
+one line per epoch.
 
 Figure (in --out-dir):
   05_escaping_locality.png  sigma(lambda) per GPSA layer, nonlocality per layer, top-1, per epoch

@@ -11,7 +11,8 @@ fused attention kernel (torch's scaled_dot_product_attention) computes without s
 N x N matrix, and P V is two small 1-D mixes, along the rows and along the columns of the grid.
 
 Figures (in --out-dir):
-  07_throughput.png  images per second of a DeiT of the same size, ConViT fused, ConViT explicit
+  07_throughput.png  images per second of the same-size baseline (ConViT-Ti with no GPSA block, plain
+                     attention everywhere), ConViT fused, ConViT explicit
 
 Run from the repository root:  python lessons/07_speed.py [--quick] [--device cuda]
 """
@@ -60,9 +61,9 @@ def check_exactness(img_size: int, device: str) -> dict[str, float]:
 
 
 def three_models(img_size: int, device: str) -> dict:
-    """DeiT of ConViT-Ti's width and heads, and ConViT-Ti on each path, the two sharing weights
-    (convit.comparison_models, the set that `python convit.py --compare` times)."""
-    names = {"deit (same C, H)": "DeiT (same C, H)", "convit fused": "ConViT fused", "convit explicit": "ConViT explicit"}
+    """The same-size baseline (convit_tiny with local_up_to_layer=0: no GPSA), and ConViT-Ti on each
+    path, the two sharing weights (convit.comparison_models, the set `python convit.py --compare` times)."""
+    names = {convit.BASELINE: BASELINE, "convit fused": "ConViT fused", "convit explicit": "ConViT explicit"}
     return {names[name]: model.to(device) for name, model in convit.comparison_models(img_size).items()}
 
 
@@ -73,35 +74,36 @@ def measure(models: dict, make_job, batch: int, img_size: int, rounds: int, devi
     jobs = {name: make_job(model, images) for name, model in models.items()}
     seconds = convit.time_interleaved(jobs, rounds=rounds, device=device)  # on a GPU it synchronises
     speeds = {name: batch / s for name, s in seconds.items()}
-    base = speeds["DeiT (same C, H)"]
+    base = speeds[BASELINE]
     for name, speed in speeds.items():
-        print(f"{what:<14} {img_size}x{img_size}, batch {batch}: {name:<17} {speed:8.1f} img/s  {speed / base:5.2f}x DeiT")
+        print(f"{what:<14} {img_size}x{img_size}, batch {batch}: {name:<18} {speed:8.1f} img/s  {speed / base:5.2f}x baseline")
     return speeds
 
 
-COLOURS = {"DeiT (same C, H)": "tab:blue", "ConViT fused": "tab:red", "ConViT explicit": "tab:orange"}
+BASELINE = convit.BASELINE  # "same-size baseline": convit_tiny with local_up_to_layer=0
+COLOURS = {BASELINE: "tab:blue", "ConViT fused": "tab:red", "ConViT explicit": "tab:orange"}
 
 
 def plot(bars: dict, sweep: dict, settings: str, args):
     """bars: {"inference": speeds, "training step": speeds} at one size; sweep: {img_size: inference speeds}."""
     fig, axes = plt.subplots(1, 3, figsize=(15.5, 4.3), layout="constrained")
     for ax, (what, speeds) in zip(axes, bars.items()):
-        base = speeds["DeiT (same C, H)"]
+        base = speeds[BASELINE]
         drawn = ax.bar(list(speeds), list(speeds.values()), color=[COLOURS[n] for n in speeds])
         ax.bar_label(drawn, [f"{v:.1f}\n{v / base:.2f}x" for v in speeds.values()], fontsize=9)
         ax.set(ylabel="images / second", title=what, ylim=(0, max(speeds.values()) * 1.25))
         ax.tick_params(axis="x", labelsize=8)
     tokens = [(size // 16) ** 2 for size in sweep]
     for name in ("ConViT fused", "ConViT explicit"):
-        ratio = [speeds[name] / speeds["DeiT (same C, H)"] for speeds in sweep.values()]
+        ratio = [speeds[name] / speeds[BASELINE] for speeds in sweep.values()]
         axes[2].plot(tokens, ratio, "o-", color=COLOURS[name], label=name)
-    axes[2].axhline(1.0, color=COLOURS["DeiT (same C, H)"], ls=":", label="DeiT (same C, H)")
+    axes[2].axhline(1.0, color=COLOURS[BASELINE], ls=":", label=BASELINE)
     axes[2].set_xticks(tokens, [f"{n}\n({size}px)" for n, size in zip(tokens, sweep)])
-    axes[2].set(xlabel="patches N (image side)", ylabel="speed / DeiT's speed", ylim=(0, 1.2),
-                title="inference, relative to DeiT, as N grows")
+    axes[2].set(xlabel="patches N (image side)", ylabel="speed / the baseline's speed", ylim=(0, 1.2),
+                title="inference, relative to the same-size baseline, as N grows")
     axes[2].legend(fontsize=8)
     paper = PAPER_TABLE1["ConViT-Ti"] / PAPER_TABLE1["DeiT-Ti"]
-    fig.suptitle(f"ConViT-Ti against a DeiT of the same width and heads (paper, Table 1: ConViT-Ti runs at "
+    fig.suptitle(f"ConViT-Ti against the same-size baseline, no GPSA (paper, Table 1: ConViT-Ti runs at "
                  f"{paper:.2f}x DeiT-Ti, explicit attention, GP100)", fontsize=10)
     save_figure(fig, args.out_dir, "07_throughput.png", settings, args.device)
 
