@@ -689,7 +689,8 @@ class Timing(NamedTuple):
     speed_ratio: float  # median over rounds of (baseline's seconds / this job's seconds); 1.0 for the baseline
 
 
-def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu") -> dict[str, Timing]:
+def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu",
+                     clock: callable | None = None) -> dict[str, Timing]:
     """Time each job once per round, the order of the jobs rotated every round, and compare
     each with the first job (the baseline) within the same round.
 
@@ -698,7 +699,11 @@ def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, de
     ratio of two separate medians does not. Why rotate: a job that always runs right after
     another one (or always first, with cold caches) would carry that position's cost in every
     round; rotating spreads it over all jobs. The median of the per-round ratios ignores the
-    odd round that a spell hit half-way through."""
+    odd round that a spell hit half-way through.
+
+    `clock` defaults to the wall clock; time.thread_time (CPU time of this thread) leaves out the
+    time other programs take from the core, and is right only when torch runs on one thread."""
+    clock = clock or time.perf_counter
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)  # GPU work is async
     names = list(jobs)
     for job in jobs.values():
@@ -708,10 +713,10 @@ def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, de
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:  # round r starts with job r
             sync()
-            start = time.perf_counter()
+            start = clock()
             jobs[name]()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     baseline = times[names[0]]
     return {name: Timing(statistics.median(ts), statistics.median(b / t for b, t in zip(baseline, ts)))
             for name, ts in times.items()}
@@ -790,10 +795,16 @@ PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "c
                "deit_base": 187, "convit_base": 141, "deit_base_plus": 114, "convit_base_plus": 96}
 
 
+def clock(args):
+    """--cpu-time: the main thread's CPU time, which one thread makes the whole job's."""
+    return time.thread_time if getattr(args, "cpu_time", False) else time.perf_counter
+
+
 def settings(args, batch: int) -> str:
     """What every measured ratio depends on, printed beside it."""
     precision = "bf16 autocast" if getattr(args, "amp", False) else "fp32"
     compiled = ", torch.compile" if getattr(args, "compile", False) else ""
+    compiled += ", CPU time of the thread" if getattr(args, "cpu_time", False) else ""
     load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
     return (f"{args.device}, {precision}{compiled}, batch {batch}, 224x224, {torch.get_num_threads()} thread(s), "
             f"median of {args.rounds} per-round ratios, order rotated every round{load}")
@@ -822,7 +833,7 @@ def print_table1(args):
                   convit_name + " (explicit)": explicit_twin(fused)}
         macs = {name: count_macs(model) for name, model in models.items()}
         jobs = {name: inference_job(prepared(model, args), images, amp_dtype) for name, model in models.items()}
-        timings = time_interleaved(jobs, rounds=args.rounds, device=args.device)  # the DeiT first: the baseline
+        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))  # the DeiT first: the baseline
         for name, model in models.items():
             base = name.split(" ")[0]
             speed = args.batch_size / timings[name].seconds
@@ -845,7 +856,7 @@ def print_comparison(args):
             continue
         images = torch.randn(batch, 3, 224, 224, device=args.device)
         jobs = {name: make_job(prepared(model, args), images, amp_dtype) for name, model in models.items()}
-        timings = time_interleaved(jobs, rounds=args.rounds, device=args.device)
+        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))
         print(f"ConViT-Ti {what} against the same-size baseline ({baseline}): {settings(args, batch)}")
         for name, timing in timings.items():
             print(f"  {name:<18} {batch / timing.seconds:8.1f} img/s   {timing.speed_ratio:5.3f}x baseline "
@@ -873,6 +884,11 @@ if __name__ == "__main__":
     parser.add_argument("--inference-only", action="store_true", help="with --compare: skip training and memory")
     parser.add_argument("--amp", action="store_true", help="time under bf16 autocast instead of fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model first (at the warm-up call)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --threads 1: time the thread's CPU time, not the wall clock, so that time other "
+                             "programs take from the core does not count (their use of caches and memory still does)")
     cli = parser.parse_args()
+    if cli.cpu_time and cli.threads != 1:
+        parser.error("--cpu-time measures one thread: add --threads 1")
     torch.set_num_threads(cli.threads)
     print_comparison(cli) if cli.compare else print_table1(cli)
