@@ -567,9 +567,10 @@ class ConViT(nn.Module):
     def nonlocality(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 8: D_loc^{h,l} = (1/L) sum_ij A^{h,l}_ij ||delta_ij||, attention averaged over
         the batch, for every block l and head h: (depth, H), fp32 (under autocast too, see
-        attention_maps). Measured in patch units on each block's real input. For MHSA blocks only patch-to-patch attention counts: the class
-        token has no position on the grid, and its share is left out, not renormalised away,
-        so uniform attention over 1 + N tokens reads N / (N + 1) of the mean grid distance."""
+        attention_maps). Measured in patch units on each block's real input. For MHSA blocks
+        only patch-to-patch attention counts: the class token has no position on the grid, and
+        its share is left out, not renormalised away, so uniform attention over 1 + N tokens
+        reads N / (N + 1) of the mean grid distance."""
         rows = []
         with torch.autocast(images.device.type, enabled=False):  # the contraction too stays fp32
             for attn in self.attention_maps(images):
@@ -803,10 +804,11 @@ def clock(args):
 def settings(args, batch: int) -> str:
     """What every measured ratio depends on, printed beside it."""
     precision = "bf16 autocast" if getattr(args, "amp", False) else "fp32"
-    compiled = ", torch.compile" if getattr(args, "compile", False) else ""
-    compiled += ", CPU time of the thread" if getattr(args, "cpu_time", False) else ""
+    precision += ", torch.compile" if getattr(args, "compile", False) else ""
+    timed = "CPU time of the thread" if getattr(args, "cpu_time", False) else "wall clock"
+    # Above the number of cores, other programs were waiting for them: the figures are noisier.
     load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
-    return (f"{args.device}, {precision}{compiled}, batch {batch}, 224x224, {torch.get_num_threads()} thread(s), "
+    return (f"{args.device}, {precision}, batch {batch}, 224x224, {torch.get_num_threads()} thread(s), {timed}, "
             f"median of {args.rounds} per-round ratios, order rotated every round{load}")
 
 
