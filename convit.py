@@ -24,7 +24,6 @@ Legend of dimension letters used in the shape comments and einops patterns:
 Contents, in file order (nothing is used before it is defined):
     ConViTConfig, MODEL_PRESETS   one config dataclass and the table of Table 1's models (ConViT, DeiT)
     relative_positions            r_ij for a rows x cols patch grid (Eq. 4)
-    axis_offsets                  the same offsets along one axis (for the fast path)
     kernel_centres                which offset Delta_h each head looks at (Eq. 5)
     content_attention             softmax(QK^T / sqrt(D)), Eq. 1's attention matrix
     PatchEmbed                    image -> patch tokens
@@ -42,15 +41,18 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import pickle
 import re
+import statistics
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, repeat
+from einops import einsum, rearrange
 from torch import nn
 
 
@@ -178,12 +180,6 @@ def relative_positions(rows: int, cols: int) -> torch.Tensor:
     return torch.cat([delta, squared_distance], dim=-1)  # (N, N, 3)
 
 
-def axis_offsets(length: int) -> torch.Tensor:
-    """Key minus query position along one axis of the grid, (length, length)."""
-    position = torch.arange(length).float()
-    return rearrange(position, "j -> 1 j") - rearrange(position, "i -> i 1")
-
-
 def kernel_centres(num_heads: int) -> torch.Tensor:
     """The offset Delta_h = (Delta_x, Delta_y) that head h attends to at init (Eq. 5).
 
@@ -210,9 +206,13 @@ def kernel_centres(num_heads: int) -> torch.Tensor:
 # Layers
 # ---------------------------------------------------------------------------------------
 def content_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Eq. 1's attention matrix softmax_j(Q_i K_j^T / sqrt(D)), explicitly: (B, H, N, N)."""
+    """Eq. 1's attention matrix softmax_j(Q_i K_j^T / sqrt(D)), explicitly: (B, H, N, N), fp32.
+
+    Under autocast the scores come out of the matrix product in bf16/fp16; the softmax runs
+    in fp32, as it does inside the fused kernel (scaled_dot_product_attention), so that the
+    explicit and fused paths round alike and the rows of A sum to 1 to fp32 precision."""
     scores = einsum(q, k, "b h i d, b h j d -> b h i j") / math.sqrt(q.shape[-1])
-    return scores.softmax(dim=-1)
+    return scores.float().softmax(dim=-1)
 
 
 class PatchEmbed(nn.Module):
@@ -245,7 +245,8 @@ class GPSA(nn.Module):
     of `pos_proj.weight`). The gate lambda_h (`gating_param`) starts at 1, so sigma = 0.73
     and the positional, convolution-like term dominates at init.
 
-    Two paths compute the same output (a test proves them equal to 1e-5):
+    Two paths compute the same output (tests prove them equal to 1e-5 in fp32, and within
+    16 roundings of bf16 or fp16 under autocast, test_precision.py):
     - `attention()` + `forward_explicit()`: the readable path. It builds the B x H x N x N
       matrix A of Eq. 7 and multiplies. Read this one first; inspection uses it.
     - `forward_fused()`: the fast default, built on two exact identities.
@@ -287,9 +288,10 @@ class GPSA(nn.Module):
         # r_ij never changes, so it is computed once and kept out of the state dict.
         self.grid = grid  # (rows, cols)
         self.register_buffer("rel_pos", relative_positions(*grid), persistent=False)  # (N, N, 3)
-        # The same offsets along one axis (key - query), for the factorised fast path.
-        self.register_buffer("row_offsets", axis_offsets(grid[0]), persistent=False)  # (rows, rows)
-        self.register_buffer("col_offsets", axis_offsets(grid[1]), persistent=False)  # (cols, cols)
+        # r_ij within one column of the grid, (0, dy, dy^2), and within one row, (dx, 0, dx^2):
+        # the factors of P on the fast path (identity b below).
+        self.register_buffer("column_rel_pos", relative_positions(grid[0], 1), persistent=False)  # (rows, rows, 3)
+        self.register_buffer("row_rel_pos", relative_positions(1, grid[1]), persistent=False)  # (cols, cols, 3)
         self.use_local_init = use_local_init
 
     @torch.no_grad()
@@ -311,61 +313,75 @@ class GPSA(nn.Module):
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.gating_param)  # sigma(lambda_h), (H,)
 
-    def position_attention(self) -> torch.Tensor:
-        """softmax_j(v_pos^h . r_ij + bias_h): the same (H, N, N) matrix P for every image.
-        (The bias is constant along j, so the softmax removes it.)"""
-        scores = einsum(self.rel_pos, self.pos_proj.weight, "i j r, h r -> h i j")  # (H, N, N)
-        return (scores + rearrange(self.pos_proj.bias, "h -> h 1 1")).softmax(dim=-1)
+    def position_attention(self, rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax_j(v_pos^h . r_ij + bias_h), Eq. 4's positional attention, for the relative
+        positions `rel_pos` (default: the whole grid, which gives the (H, N, N) matrix P of
+        Eq. 7). It is the same for every image. The bias is constant along j: the softmax
+        removes it, but it stays in the graph, so that its gradient is exactly what it is
+        (zero, up to rounding) on both paths.
+
+        Always computed in fp32, under autocast too. At init the scores are
+        -alpha ||delta - Delta_h||^2 + const, some alpha (rows^2 + cols^2) in size (over 300 on a
+        14 x 14 grid). bf16 keeps 8 significant bits: it rounds a score near 128 to a whole
+        number, up to 0.5 off, which changes its exponential by up to a factor e^0.5 = 1.6."""
+        rel_pos = self.rel_pos if rel_pos is None else rel_pos  # (I, J, 3)
+        with torch.autocast(rel_pos.device.type, enabled=False):
+            scores = F.linear(rel_pos.float(), self.pos_proj.weight.float(), self.pos_proj.bias.float())  # (I, J, H)
+            return rearrange(scores.softmax(dim=1), "i j h -> h i j")  # (H, I, J)
 
     def position_attention_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """P_rows (H, rows, rows) and P_cols (H, cols, cols) with P = P_rows (x) P_cols, identity (b).
-
-        v_pos = (w_x, w_y, w_d) in the checkpoint's order (dx, dy, ||d||^2); each factor is a
-        1-D softmax over one axis: P_cols[h, c, c'] = softmax_c'(w_x (c' - c) + w_d (c' - c)^2).
-        The bias cancels in the softmax; it goes into the row factor anyway so that, as on the
-        explicit path, it stays in the autograd graph (with a gradient of zero up to rounding)."""
-        w_x, w_y, w_d = self.pos_proj.weight.unbind(dim=-1)  # each (H,)
-
-        def axis_softmax(w_axis, offsets, bias=0.0):
-            scores = einsum(w_axis, offsets, "h, i j -> h i j") + einsum(w_d, offsets**2, "h, i j -> h i j")
-            return (scores + bias).softmax(dim=-1)
-
-        bias = rearrange(self.pos_proj.bias, "h -> h 1 1")
-        return axis_softmax(w_y, self.row_offsets, bias), axis_softmax(w_x, self.col_offsets)
+        """P_rows (H, rows, rows) and P_cols (H, cols, cols) with P = P_rows (x) P_cols, identity (b):
+        the positional attention within one column of the grid (keys above and below the query,
+        r = (0, dy, dy^2)) and within one row (r = (dx, 0, dx^2)). fp32, like P."""
+        return self.position_attention(self.column_rel_pos), self.position_attention(self.row_rel_pos)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The explicit gated attention matrix A of Eq. 7, (B, H, N, N). Rows sum to 1."""
+        """The explicit gated attention matrix A of Eq. 7, (B, H, N, N), fp32. Rows sum to 1."""
         q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
-        content_attn = content_attention(q, k)  # (B, H, N, N)
-        position_attn = self.position_attention()  # (H, N, N)
+        content_attn = content_attention(q, k)  # (B, H, N, N), fp32
+        position_attn = self.position_attention()  # (H, N, N), fp32
         gate = rearrange(self.gate(), "h -> 1 h 1 1")
         attn = (1 - gate) * content_attn + gate * position_attn  # (B, H, N, N)
         # "normalize" of Eq. 7: a convex mix of two row-stochastic matrices already sums to 1,
-        # so this division changes nothing but rounding. Kept here because the paper has it.
+        # so this division changes nothing but rounding. Kept here because the paper has it,
+        # and kept in fp32: in bf16 each entry would be rounded (by up to 2^-8 of itself) and
+        # the division would add that error instead of removing it.
         return attn / attn.sum(dim=-1, keepdim=True)
 
     def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
-        attn = self.attn_drop(self.attention(x))  # (B, H, N, N)
-        v = rearrange(self.v(x), "b n (h d) -> b h n d", h=self.num_heads)
-        out = einsum(attn, v, "b h i j, b h j d -> b h i d")
+        attn = self.attn_drop(self.attention(x))  # (B, H, N, N), fp32
+        v = rearrange(self.v(x), "b n (h d) -> b h n d", h=self.num_heads)  # bf16/fp16 under autocast
+        out = einsum(attn.to(v.dtype), v, "b h i j, b h j d -> b h i d")  # cast once, at the boundary
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        # The same maths as forward_explicit, rearranged for speed:
+        # The same maths as forward_explicit, rearranged for speed. What it costs beyond plain
+        # attention, measured for ConViT-Ti at batch 32, 224x224, on one CPU thread: about 2 ms
+        # per layer against some 31 ms for the three matrix products and the fused kernel:
+        # steps 3 and 4, which read and write B x N x C numbers a few times each (memory-bound;
+        # their multiply-adds are 1% of the layer's). The alternatives we timed were slower:
+        # mixing a head-major copy of V in small batched products, per-head products on the
+        # strided V (no copy), the whole Kronecker P in one product, and two products for W_qk
+        # and W_val instead of the concatenation (+0.4 ms; the concatenation costs 0.06 ms).
         # 1. W_qry, W_key and W_val in one matrix product (stacked as the checkpoint stores them).
         qkv = F.linear(x, torch.cat([self.qk.weight, self.v.weight]))  # (B, N, 3C)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         # 2. Content term: softmax(QK^T / sqrt(D)) V in one fused kernel; no N x N matrix is kept.
         content_out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
         # 3. Positional term P V, as two 1-D mixes (identity b): along each row of the
-        #    grid with P_cols, then along each column with P_rows.
-        p_rows, p_cols = self.position_attention_factors()
+        #    grid with P_cols, then along each column with P_rows. The factors are fp32; under
+        #    autocast they are cast once to V's dtype, so that no product sees two dtypes.
+        p_rows, p_cols = (p.to(v.dtype) for p in self.position_attention_factors())
+        # Each einsum copies V once into a head-major layout and runs one batched product per
+        # head over all B x rows x D columns at once: large products, which run faster than the
+        # small ones a copy-free layout would need.
         v_grid = rearrange(v, "b h (r c) d -> b h r c d", r=self.grid[0])
         mixed_in_rows = einsum(p_cols, v_grid, "h c c2, b h r c2 d -> b h r c d")
         position_out = einsum(p_rows, mixed_in_rows, "h r r2, b h r2 c d -> b h r c d")
         position_out = rearrange(position_out, "b h r c d -> b h (r c) d")  # (B, H, N, D)
         # 4. The gate: lerp(a, b, g) = (1 - g) a + g b, Eq. 7 applied to the outputs, not to A.
-        gate = rearrange(self.gate(), "h -> h 1 1")
+        #    sigma(lambda) is computed in fp32 and cast like the factors: lerp wants one dtype.
+        gate = rearrange(self.gate(), "h -> h 1 1").to(content_out.dtype)
         out = torch.lerp(content_out, position_out, gate)  # (B, H, N, D)
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
@@ -408,8 +424,8 @@ class MHSA(nn.Module):
             dropout_p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, H, N, D)
         else:
-            attn = self.attn_drop(content_attention(q, k))  # (B, H, N, N)
-            out = einsum(attn, v, "b h i j, b h j d -> b h i d")
+            attn = self.attn_drop(content_attention(q, k))  # (B, H, N, N), fp32
+            out = einsum(attn.to(v.dtype), v, "b h i j, b h j d -> b h i d")
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
 
@@ -558,7 +574,10 @@ class ConViT(nn.Module):
         return self.pos_drop(x)
 
     def join_class_token(self, x: torch.Tensor) -> torch.Tensor:
-        cls = repeat(self.cls_token, "1 1 c -> b 1 c", b=x.shape[0])
+        # expand, not einops' repeat: einops registers each tensor type the first time it sees
+        # one, and torch.compile guards on that registry; its first nn.Parameter seen inside a
+        # compiled call would force a second compilation of the whole model.
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, C), one token shared by the batch
         return torch.cat([cls, x], dim=1)  # (B, 1 + N, C)
 
     def class_token_joins_before(self, i: int) -> bool:
@@ -579,7 +598,7 @@ class ConViT(nn.Module):
 
     # --- inspection: what the paper plots -------------------------------------------------
     def gates(self) -> torch.Tensor:
-        """sigma(lambda) of every GPSA layer and head, (n_gpsa, H): 1 = positional, 0 = content."""
+        """sigma(lambda) of every GPSA layer and head, (n_gpsa, H), fp32: 1 = positional, 0 = content."""
         if not self.gpsa_layers():
             return torch.empty(0, self.cfg.num_heads)
         return torch.stack([layer.gate().detach().float().cpu() for layer in self.gpsa_layers()])
@@ -588,28 +607,33 @@ class ConViT(nn.Module):
     def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The explicit attention matrix of every block, each computed on that block's real
         input (the released script fed the patch embeddings to every layer; we do not).
-        GPSA blocks give (B, H, N, N); MHSA blocks (B, H, 1 + N, 1 + N), class token first."""
+        GPSA blocks give (B, H, N, N); MHSA blocks (B, H, 1 + N, 1 + N), class token first.
+        A measurement, so it runs in fp32 even when called under autocast (which it switches
+        off), and always returns fp32."""
         maps = []
-        x = self.embed(images)
-        for i, block in enumerate(self.blocks):
-            if self.class_token_joins_before(i):
-                x = self.join_class_token(x)
-            maps.append(block.attn.attention(block.norm1(x)))
-            x = block(x)
+        with torch.autocast(images.device.type, enabled=False):
+            x = self.embed(images)
+            for i, block in enumerate(self.blocks):
+                if self.class_token_joins_before(i):
+                    x = self.join_class_token(x)
+                maps.append(block.attn.attention(block.norm1(x)).float())
+                x = block(x)
         return maps
 
     @torch.no_grad()
     def nonlocality(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 8: D_loc^{h,l} = (1/L) sum_ij A^{h,l}_ij ||delta_ij||, attention averaged over
-        the batch, for every block l and head h: (depth, H). Measured in patch units on each
-        block's real input. For MHSA blocks only patch-to-patch attention counts: the class
-        token has no position on the grid, and its share is left out, not renormalised away,
-        so uniform attention over 1 + N tokens reads N / (N + 1) of the mean grid distance."""
+        the batch, for every block l and head h: (depth, H), fp32 (under autocast too, see
+        attention_maps). Measured in patch units on each block's real input. For MHSA blocks
+        only patch-to-patch attention counts: the class token has no position on the grid, and
+        its share is left out, not renormalised away, so uniform attention over 1 + N tokens
+        reads N / (N + 1) of the mean grid distance."""
         rows = []
-        for attn in self.attention_maps(images):
-            patch_attn = attn[:, :, -self.patch_distances.shape[0] :, -self.patch_distances.shape[0] :]
-            mean_attn = patch_attn.float().mean(dim=0)  # (H, N, N)
-            rows.append(einsum(mean_attn, self.patch_distances, "h i j, i j -> h") / mean_attn.shape[-1])
+        with torch.autocast(images.device.type, enabled=False):  # the contraction too stays fp32
+            for attn in self.attention_maps(images):
+                patch_attn = attn[:, :, -self.patch_distances.shape[0] :, -self.patch_distances.shape[0] :]
+                mean_attn = patch_attn.mean(dim=0)  # (H, N, N)
+                rows.append(einsum(mean_attn, self.patch_distances.float(), "h i j, i j -> h") / mean_attn.shape[-1])
         return torch.stack(rows).cpu()  # (depth, H)
 
 
@@ -827,42 +851,66 @@ def torch_device(name: str, flag: str = "device") -> torch.device:
     return device
 
 
-def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu") -> dict[str, float]:
-    """Median seconds per call of each job, the jobs run in turn round after round, so that
-    a slow spell of a noisy machine hits all of them alike and their ratios stay fair."""
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+class Timing(NamedTuple):
+    seconds: float  # median seconds per call
+    speed_ratio: float  # median over rounds of (baseline's seconds / this job's seconds); 1.0 for the baseline
+
+
+def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu",
+                     clock: callable | None = None) -> dict[str, Timing]:
+    """Time each job once per round, the order of the jobs rotated every round, and compare
+    each with the first job (the baseline) within the same round.
+
+    Why per-round ratios: on a shared machine a slow spell stretches every job timed during it.
+    The ratio of two jobs timed one after the other in the same round cancels that spell; the
+    ratio of two separate medians does not. Why rotate: a job that always runs right after
+    another one (or always first, with cold caches) would carry that position's cost in every
+    round; rotating spreads it over all jobs. The median of the per-round ratios ignores the
+    odd round that a spell hit half-way through.
+
+    `clock` defaults to the wall clock; time.thread_time (CPU time of this thread) leaves out the
+    time other programs take from the core, and is right only when torch runs on one thread."""
+    clock = clock or time.perf_counter
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)  # GPU work is async
+    names = list(jobs)
     for job in jobs.values():
         for _ in range(warmup):
             job()
-    times = {name: [] for name in jobs}
-    for _ in range(rounds):
-        for name, job in jobs.items():
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # round r starts with job r
             sync()
-            start = time.perf_counter()
-            job()
+            start = clock()
+            jobs[name]()
             sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+            times[name].append(clock() - start)
+    baseline = times[names[0]]
+    return {name: Timing(statistics.median(ts), statistics.median(b / t for b, t in zip(baseline, ts)))
+            for name, ts in times.items()}
 
 
-def inference_job(model: nn.Module, images: torch.Tensor):
+def inference_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None):
+    """A forward pass without grad, in fp32 or (amp_dtype) under autocast."""
     model.eval()
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             model(images)
 
     return run
 
 
-def training_job(model: nn.Module, images: torch.Tensor):
+def training_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None):
+    """Forward, backward and one AdamW step, in fp32 or (amp_dtype) under autocast."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
 
     def run():
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        F.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
 
     return run
@@ -919,12 +967,34 @@ PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "c
                "deit_base": 187, "convit_base": 141, "deit_base_plus": 114, "convit_base_plus": 96}
 
 
+def clock(args):
+    """--cpu-time: the main thread's CPU time, which one thread makes the whole job's."""
+    return time.thread_time if getattr(args, "cpu_time", False) else time.perf_counter
+
+
+def settings(args, batch: int) -> str:
+    """What every measured ratio depends on, printed beside it."""
+    precision = "bf16 autocast" if getattr(args, "amp", False) else "fp32"
+    precision += ", torch.compile" if getattr(args, "compile", False) else ""
+    timed = "CPU time of the thread" if getattr(args, "cpu_time", False) else "wall clock"
+    # Above the number of cores, other programs were waiting for them: the figures are noisier.
+    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    return (f"{args.device}, {precision}, batch {batch}, 224x224, {torch.get_num_threads()} thread(s), {timed}, "
+            f"median of {args.rounds} per-round ratios, order rotated every round{load}")
+
+
+def prepared(model: nn.Module, args) -> nn.Module:
+    """The model on args.device, compiled with --compile (compiling happens at the warm-up call)."""
+    model = model.to(args.device)
+    return torch.compile(model) if getattr(args, "compile", False) else model
+
+
 def print_table1(args):
     """Each DeiT row of Table 1 is timed interleaved with its ConViT row (fused and explicit),
     so the ConViT/DeiT ratios are fair even on a noisy machine."""
     images = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
-    print(f"Table 1 measured here: {args.device}, fp32, batch {args.batch_size}, 224x224, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
+    print(f"Table 1 measured here: {settings(args, args.batch_size)}")
     header = ["model", "heads", "C", "params", "GMACs", "img/s", "vs DeiT", "paper img/s", "paper vs DeiT"]
     widths = [28, 5, 5, 7, 6, 8, 7, 11, 13]
     print(markdown_row(header, widths))
@@ -935,34 +1005,37 @@ def print_table1(args):
         models = {deit_name: create_model(deit_name), convit_name + " (fused)": fused,
                   convit_name + " (explicit)": explicit_twin(fused)}
         macs = {name: count_macs(model) for name, model in models.items()}
-        for model in models.values():
-            model.to(args.device)
-        jobs = {name: inference_job(model, images) for name, model in models.items()}
-        seconds = time_interleaved(jobs, rounds=args.rounds, device=args.device)
+        jobs = {name: inference_job(prepared(model, args), images, amp_dtype) for name, model in models.items()}
+        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))  # the DeiT first: the baseline
         for name, model in models.items():
             base = name.split(" ")[0]
-            speed = args.batch_size / seconds[name]
-            ratio = seconds[deit_name] / seconds[name]
+            speed = args.batch_size / timings[name].seconds
             paper_ratio = PAPER_SPEED[base] / PAPER_SPEED[deit_name]
             cells = [name, model.cfg.num_heads, model.cfg.embed_dim, f"{count_parameters(model) / 1e6:.1f}M",
-                     f"{macs[name] / 1e9:.2f}", f"{speed:.1f}", f"{ratio:.2f}x", PAPER_SPEED[base], f"{paper_ratio:.2f}x"]
+                     f"{macs[name] / 1e9:.2f}", f"{speed:.1f}", f"{timings[name].speed_ratio:.2f}x", PAPER_SPEED[base],
+                     f"{paper_ratio:.2f}x"]
             print(markdown_row(cells, widths), flush=True)
 
 
 def print_comparison(args):
-    """ConViT-Ti against the same-size baseline (convit_tiny, local_up_to_layer=0)."""
-    models = {name: model.to(args.device) for name, model in comparison_models().items()}
-    print(f"ConViT-Ti vs the same-size baseline (no GPSA): {args.device}, fp32, 224x224, "
-          f"{torch.get_num_threads()} threads")
+    """ConViT-Ti against the same-size baseline (ConViT-Ti with no GPSA layer: convit_tiny,
+    local_up_to_layer=0), which comparison_models puts first."""
+    models = comparison_models()
+    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
+    baseline = next(iter(models))
     for what, make_job, batch in (("inference", inference_job, args.batch_size),
                                   ("training step", training_job, args.train_batch_size)):
+        if what == "training step" and args.inference_only:
+            continue
         images = torch.randn(batch, 3, 224, 224, device=args.device)
-        jobs = {name: make_job(model, images) for name, model in models.items()}
-        seconds = time_interleaved(jobs, rounds=args.rounds, device=args.device)
-        base = seconds[BASELINE]
-        print(f"{what} (batch {batch}, median of {args.rounds} interleaved rounds):")
-        for name, s in seconds.items():
-            print(f"  {name:<18} {batch / s:8.1f} img/s   {base / s:5.2f}x baseline")
+        jobs = {name: make_job(prepared(model, args), images, amp_dtype) for name, model in models.items()}
+        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))
+        print(f"ConViT-Ti {what} against the same-size baseline ({baseline}): {settings(args, batch)}")
+        for name, timing in timings.items():
+            print(f"  {name:<18} {batch / timing.seconds:8.1f} img/s   {timing.speed_ratio:5.3f}x baseline "
+                  f"(batch {batch}, {torch.get_num_threads()} thread(s))", flush=True)
+    if args.inference_only:
+        return
     memory_images = torch.randn(args.memory_batch_size, 3, 224, 224, device=args.device)
     print(f"training memory at batch {args.memory_batch_size}: activations saved for backward (exact count):")
     for name, model in models.items():
@@ -980,8 +1053,15 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")
     parser.add_argument("--compare", action="store_true",
-                        help="instead: ConViT-Ti fused/explicit vs the same-size baseline (no GPSA): "
-                             "inference, training, memory")
+                        help="instead: ConViT-Ti fused/explicit vs the same-size baseline: inference, training, memory")
+    parser.add_argument("--inference-only", action="store_true", help="with --compare: skip training and memory")
+    parser.add_argument("--amp", action="store_true", help="time under bf16 autocast instead of fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model first (at the warm-up call)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --threads 1: time the thread's CPU time, not the wall clock, so that time other "
+                             "programs take from the core does not count (their use of caches and memory still does)")
     cli = parser.parse_args()
+    if cli.cpu_time and cli.threads != 1:
+        parser.error("--cpu-time measures one thread: add --threads 1")
     torch.set_num_threads(cli.threads)
     print_comparison(cli) if cli.compare else print_table1(cli)

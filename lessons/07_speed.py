@@ -68,16 +68,17 @@ def three_models(img_size: int, device: str) -> dict:
 
 
 def measure(models: dict, make_job, batch: int, img_size: int, rounds: int, device: str, what: str) -> dict:
-    """img/s of each model, timed in turn round after round (convit.time_interleaved), so that a
-    slow spell of a shared machine hits all of them alike."""
+    """img/s of each model and its speed relative to the first (the baseline): the models run in
+    turn, their order rotated every round, and each ratio is the median of the per-round ratios
+    (convit.time_interleaved), so that a slow spell of a shared machine hits all of them alike."""
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     jobs = {name: make_job(model, images) for name, model in models.items()}
-    seconds = convit.time_interleaved(jobs, rounds=rounds, device=device)  # on a GPU it synchronises
-    speeds = {name: batch / s for name, s in seconds.items()}
-    base = speeds[BASELINE]
-    for name, speed in speeds.items():
-        print(f"{what:<14} {img_size}x{img_size}, batch {batch}: {name:<18} {speed:8.1f} img/s  {speed / base:5.2f}x baseline")
-    return speeds
+    timings = convit.time_interleaved(jobs, rounds=rounds, device=device)  # on a GPU it synchronises
+    threads = f"{torch.get_num_threads()} thread(s)" if device == "cpu" else device
+    for name, timing in timings.items():
+        print(f"{what:<14} {img_size}x{img_size}: {name:<17} {batch / timing.seconds:8.1f} img/s  "
+              f"{timing.speed_ratio:5.2f}x baseline (batch {batch}, {threads})")
+    return {name: (batch / timing.seconds, timing.speed_ratio) for name, timing in timings.items()}
 
 
 BASELINE = convit.BASELINE  # "same-size baseline": convit_tiny with local_up_to_layer=0
@@ -85,17 +86,18 @@ COLOURS = {BASELINE: "tab:blue", "ConViT fused": "tab:red", "ConViT explicit": "
 
 
 def plot(bars: dict, sweep: dict, settings: str, args):
-    """bars: {"inference": speeds, "training step": speeds} at one size; sweep: {img_size: inference speeds}."""
+    """bars: {"inference": measured, "training step": measured} at one size; sweep: {img_size: inference
+    measured}; each `measured` maps a model to (img/s, median per-round speed ratio to the baseline)."""
     fig, axes = plt.subplots(1, 3, figsize=(15.5, 4.3), layout="constrained")
-    for ax, (what, speeds) in zip(axes, bars.items()):
-        base = speeds[BASELINE]
-        drawn = ax.bar(list(speeds), list(speeds.values()), color=[COLOURS[n] for n in speeds])
-        ax.bar_label(drawn, [f"{v:.1f}\n{v / base:.2f}x" for v in speeds.values()], fontsize=9)
-        ax.set(ylabel="images / second", title=what, ylim=(0, max(speeds.values()) * 1.25))
+    for ax, (what, measured) in zip(axes, bars.items()):
+        speeds = [speed for speed, _ in measured.values()]
+        drawn = ax.bar(list(measured), speeds, color=[COLOURS[n] for n in measured])
+        ax.bar_label(drawn, [f"{speed:.1f}\n{ratio:.2f}x" for speed, ratio in measured.values()], fontsize=9)
+        ax.set(ylabel="images / second", title=what, ylim=(0, max(speeds) * 1.25))
         ax.tick_params(axis="x", labelsize=8)
     tokens = [(size // 16) ** 2 for size in sweep]
     for name in ("ConViT fused", "ConViT explicit"):
-        ratio = [speeds[name] / speeds[BASELINE] for speeds in sweep.values()]
+        ratio = [measured[name][1] for measured in sweep.values()]
         axes[2].plot(tokens, ratio, "o-", color=COLOURS[name], label=name)
     axes[2].axhline(1.0, color=COLOURS[BASELINE], ls=":", label=BASELINE)
     axes[2].set_xticks(tokens, [f"{n}\n({size}px)" for n, size in zip(tokens, sweep)])
@@ -121,7 +123,8 @@ def main(argv=None):
              measure(three_models(size, args.device), convit.inference_job, batch, size, rounds, args.device, "inference")
              for size in sizes}
     settings = (f"convit_tiny (C = 192, 4 heads, 10 GPSA + 2 MHSA), patch 16, fp32, batch {batch} "
-                f"(training: one AdamW step), bars at {img_size}x{img_size}; median of {rounds} interleaved rounds")
+                f"(training: one AdamW step), bars at {img_size}x{img_size}, {torch.get_num_threads()} thread(s); "
+                f"ratios: median of {rounds} per-round ratios, the order rotated every round")
     plot(bars, sweep, settings, args)
     clock.done()
 
