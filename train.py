@@ -6,6 +6,9 @@ The commands, from the smallest to the largest:
     # that ship with scikit-learn, to about 97-98% validation top-1
     python train.py
 
+    # 10,000 real MNIST digits, shipped in data/ (offline): 28x28 in 4x4 patches, a 7x7 grid
+    python train.py --dataset mnist10k
+
     # CIFAR-10 / CIFAR-100 from scratch (downloaded into --data-dir when missing)
     python train.py --dataset cifar10 --data-dir data
     python train.py --dataset cifar100 --data-dir data --patch-size 2 --model convit_tiny_plus
@@ -162,7 +165,8 @@ def build_parser() -> ArgumentParser:
 
     data_flags = p.add_argument_group("data")
     data_flags.add_argument("--dataset", choices=list(data.DATASETS), default="digits")
-    data_flags.add_argument("--data-dir", default="data", help="where cifar is (or goes), or the root holding train/ and val/")
+    data_flags.add_argument("--data-dir", default="data", help="where cifar is (or goes), or the root holding train/ and val/ "
+                                 "(mnist10k: read from here if it holds mnist10k.npz, else from the repository's data/)")
     data_flags.add_argument("--num-classes-subset", type=int, default=None, metavar="K",
                       help="imagefolder: keep only the first K classes in sorted order (the paper: 100)")
     data_flags.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
@@ -175,9 +179,9 @@ def build_parser() -> ArgumentParser:
     model = p.add_argument_group("model (defaults: the --model preset, shrunk by --preset small)")
     model.add_argument("--model", default="convit_tiny", choices=list(convit.MODEL_PRESETS))
     model.add_argument("--img-size", type=int, default=None,
-                       help="default: the dataset's (digits 16, cifar 32, imagefolder 224)")
+                       help="default: the dataset's (digits 16, mnist10k 28, cifar 32, imagefolder 224)")
     model.add_argument("--patch-size", type=int, default=None,
-                       help="default: the dataset's (digits 4, cifar 4, imagefolder 16)")
+                       help="default: the dataset's (digits 4, mnist10k 4, cifar 4, imagefolder 16)")
     model.add_argument("--embed-dim", type=int, default=None, help="C")
     model.add_argument("--depth", type=int, default=None)
     model.add_argument("--num-heads", type=int, default=None, help="H")
