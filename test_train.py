@@ -136,6 +136,14 @@ def test_data_fraction_is_stratified_and_seeded():
     args = train.resolve_args(train.build_parser().parse_args(["--data-fraction", "0.25", "--scale-epochs"]))
     small = train.RECIPES["small"]
     assert (args.epochs, args.warmup_epochs) == (4 * small.epochs, 4 * small.warmup_epochs)
+    assert args.eval_every == 4  # every fraction is evaluated after the same numbers of steps
+
+
+def test_eval_every_logs_and_saves_every_n_epochs_and_the_last(cifar_folder, tmp_path):
+    result = train.main(["--dataset", "cifar10", "--data-dir", str(cifar_folder), *TINY, "--epochs", "5",
+                         "--batch-size", "20", "--eval-every", "2", "--output-dir", str(tmp_path)])
+    assert [m["epoch"] for m in metrics_of(tmp_path)] == [2, 4, 5]
+    assert result["epoch"] == 5 and torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 5
 
 
 MNIST10K_PER_CLASS = [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]  # data/README.md

@@ -52,7 +52,8 @@ The commands, from the smallest to the largest:
 
 Every run writes <output-dir>/metrics.jsonl (one JSON line per epoch: loss, lr, top-1, top-5,
 images/s and, per GPSA layer and head, sigma(lambda) and the nonlocality of Eq. 8) and
-<output-dir>/checkpoint.pth (replaced atomically after every epoch).
+<output-dir>/checkpoint.pth (replaced atomically after every epoch). With --eval-every N (and by
+default with --scale-epochs, N = 1/F), both happen every N epochs and after the last.
 
 Every flag left unset takes its value from the dataset (image and patch size) and from the
 recipe, --preset paper (DeiT's, the default for cifar and imagefolder) or --preset small (the
@@ -236,6 +237,9 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                      help="stop once this many epochs are done, the schedule still spanning --epochs "
                           "(for jobs with a time limit: continue later with --resume)")
+    run.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS",
+                     help="evaluate, log to metrics.jsonl and save the checkpoint every this many epochs and after "
+                          "the last (default 1; with --scale-epochs 1/F: the same steps apart at every fraction)")
     run.add_argument("--eval-only", action="store_true", help="only report top-1 / top-5 of --checkpoint")
     run.add_argument("--checkpoint", default=None, metavar="PATH",
                      help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT .pth")
@@ -264,7 +268,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.scale_epochs:
         args.epochs = round(args.epochs / args.data_fraction)
         args.warmup_epochs = round(args.warmup_epochs / args.data_fraction)
-    for name in ("epochs", "batch_size"):
+    if args.eval_every is None:  # evaluating a 5% run 20 times as often as a full one would cost more than training it
+        args.eval_every = max(1, round(1 / args.data_fraction)) if args.scale_epochs else 1
+    for name in ("epochs", "batch_size", "eval_every"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.eval_only and not args.checkpoint:
@@ -377,7 +383,7 @@ def global_sum(values: torch.Tensor, procs: Processes) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # Flags that change how a run is executed or reported, not what it computes.
 RUN_ONLY_FLAGS = {"resume", "stop_after", "output_dir", "workers", "threads", "quiet", "no_progress", "compile",
-                  "device"}
+                  "device", "eval_every"}
 
 
 def read_checkpoint(path) -> dict:
@@ -591,7 +597,8 @@ def train(args, procs: Processes) -> dict:
 
     # --- the loop: data, forward, loss, backward, step, log ----------------------------
     record, run_start = None, time.perf_counter()
-    for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start_epoch, last_epoch):
         train_model.train()
         sampler.set_epoch(epoch)  # a new shuffle each epoch, the same in a resumed run
         lr = optimizer.param_groups[0]["lr"]
@@ -631,6 +638,9 @@ def train(args, procs: Processes) -> dict:
         bar.close()
         scheduler.step()
         train_seconds = time.perf_counter() - epoch_start
+
+        if (epoch + 1) % args.eval_every and epoch + 1 < last_epoch:
+            continue  # --eval-every: evaluate, log and save every few epochs (and after the last)
 
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / steps,
                   **evaluate(model, val_loader, procs, amp_dtype, show_progress),
