@@ -12,16 +12,17 @@ its metrics.jsonl, one point per epoch.
 If the gates barely move, the lesson measures why rather than guessing. The run is cut into
 segments (train.py --stop-after, then --resume: exactly the uninterrupted run), and after each
 segment it reads lambda's gradient and Adam's state from the checkpoint:
-  - lambda's gradient on training batches: its mean and how much it varies from batch to batch;
+  - lambda's gradient on 16 training batches: |its mean| / its root mean square, 1 when every
+    batch pushes the same way, 0.20 for pure noise (mean 0);
   - Adam's step for lambda relative to the lr, |m_hat| / sqrt(v_hat): 1 when the gradient keeps
-    its sign, about 0 when it flips from step to step;
+    its sign, 0.18 for pure noise (lambda then only random-walks);
   - the learning rate, and the weight decay on lambda (none: train.py never decays gates);
   - how far lambda could have moved at most (Adam moves a parameter by at most about lr per step,
     so by the sum of the lr over the steps) against how far it did move.
 
 Outputs (in --out-dir):
-  05_escaping_locality.png   gates and nonlocality per GPSA layer and epoch, nonlocality by layer
-                             at init and at the end, Adam's step for lambda, top-1
+  05_escaping_locality.png   gates and nonlocality per GPSA layer and epoch, top-1, nonlocality by
+                             block at init and at the end, Adam's step for lambda, lambda
   05_escaping_locality.json  every epoch's gates, nonlocality and top-1, and the lambda measurements
 
 Run from the repository root:  python lessons/05_escaping_locality.py [--quick]
@@ -45,14 +46,14 @@ from lessons._common import (LessonRecipe, Stopwatch, hardware, parse, read_metr
                              run_parallel, save_figure, train_argv, training_parser)
 
 # One long run per seed on the full 8,000-image training split; 2 seeds, one per core.
-RECIPE = LessonRecipe(epochs=60, embed_dim=48, num_heads=4, depth=8, batch_size=64, lr=2e-3, warmup_epochs=2,
+RECIPE = LessonRecipe(epochs=50, embed_dim=48, num_heads=4, depth=8, batch_size=64, lr=2e-3, warmup_epochs=2,
                       warmup_lr=2e-4)
 # --quick: a tiny model on 5% of the training split, for seconds.
 QUICK = LessonRecipe(epochs=2, embed_dim=16, num_heads=4, depth=4, batch_size=64, lr=1e-3, warmup_epochs=0,
                      warmup_lr=1e-4)
 QUICK_FLAGS = ["--data-fraction", "0.05"]
 MEASUREMENTS = 10  # segments of the run, each followed by a measurement of lambda's gradient
-GRADIENT_BATCHES = 8  # training batches per gradient measurement
+GRADIENT_BATCHES = 16  # training batches per gradient measurement
 
 
 def mean(values) -> float:
@@ -115,9 +116,16 @@ def lambda_measurements(checkpoint_path: Path, argv: list[str]) -> dict:
         loss.backward()
         per_batch.append(torch.stack([gate.grad for gate in gates]))  # (n_gpsa, H)
     per_batch = torch.stack(per_batch)  # (batches, n_gpsa, H)
+    # What pure noise would show, a gradient of mean 0 whose sign flips at random from batch to
+    # batch: the mean of n batches is about rms / sqrt(n), so E|mean| / rms = sqrt(2 / (pi n));
+    # Adam's m averages about 2 / (1 - beta1) steps, so E|m_hat| / sqrt(v_hat) =
+    # sqrt(2 / pi) sqrt((1 - beta1) / (1 + beta1)). A push that never changes sign gives 1 for both.
+    noise_grad = math.sqrt(2 / (math.pi * len(per_batch)))
+    noise_adam = math.sqrt(2 / math.pi) * math.sqrt((1 - beta1) / (1 + beta1))
     return {"epoch": checkpoint["epoch"], "lambda": torch.stack([gate.detach() for gate in gates]).tolist(),
             "grad_mean": per_batch.mean(0).tolist(), "grad_rms": per_batch.pow(2).mean(0).sqrt().tolist(),
             "adam_step_over_lr": adam_step, "gate_weight_decay": gate_decay,
+            "noise_grad_mean_over_rms": noise_grad, "noise_adam_step_over_lr": noise_adam, "gradient_batches": len(per_batch),
             "steps_per_epoch": len(train_set) // args.batch_size}  # train.py drops the last partial batch
 
 
@@ -220,6 +228,8 @@ def plot(runs: list[dict], seeds: list[int], args, settings: str):
     for layer in range(n_gpsa):
         ax_adam.plot(measured, ratio[:, :, layer].mean((0, 2)), "o-", color=colours[layer], label=f"GPSA {layer + 1}")
         ax_lambda.plot([0] + measured, lam[:, :, layer].mean((0, 2)), "o-", color=colours[layer], label=f"GPSA {layer + 1}")
+    noise = runs[0]["measurements"][0]["noise_adam_step_over_lr"]
+    ax_adam.axhline(noise, color="0.5", ls=":", label=f"a gradient of pure noise, {noise:.2f}")
     ax_adam.set(xlabel="epoch", ylabel="$|\\hat m| / \\sqrt{\\hat v}$ for $\\lambda$", ylim=(0, 1),
                 title="Adam's step for $\\lambda$, as a fraction of the lr (1 = a steady push)")
     ax_adam.legend(fontsize=7, ncol=2)
@@ -266,6 +276,10 @@ def main(argv=None):
         print(f"| {row['block']} ({row['kind']}) | {gate}{where}{moves} |")
     decay = runs[0]["measurements"][0]["gate_weight_decay"]
     top1 = ", ".join(f"{run['val_top1']:.1f}%" for run in runs)
+    noise = runs[0]["measurements"][0]
+    print(f"A gradient of pure noise (mean 0) would give Adam step / lr = {noise['noise_adam_step_over_lr']:.2f} and "
+          f"|mean grad| / rms grad = {noise['noise_grad_mean_over_rms']:.2f} ({noise['gradient_batches']} batches); a push that "
+          f"never changes sign, 1 and 1.")
     print(f"lr: peak {args.lr:g}, summed over the steps {mean(run['lr_sum'] for run in runs):.3g} (about the farthest "
           f"Adam could move lambda); weight decay on lambda: {decay}; top-1 {top1}")
     summary = {
