@@ -125,7 +125,8 @@ def lambda_measurements(checkpoint_path: Path, argv: list[str]) -> dict:
     return {"epoch": checkpoint["epoch"], "lambda": torch.stack([gate.detach() for gate in gates]).tolist(),
             "grad_mean": per_batch.mean(0).tolist(), "grad_rms": per_batch.pow(2).mean(0).sqrt().tolist(),
             "adam_step_over_lr": adam_step, "gate_weight_decay": gate_decay,
-            "noise_grad_mean_over_rms": noise_grad, "noise_adam_step_over_lr": noise_adam, "gradient_batches": len(per_batch),
+            "noise_grad_mean_over_rms": noise_grad, "noise_adam_step_over_lr": noise_adam,
+            "gradient_batches": len(per_batch),
             "steps_per_epoch": len(train_set) // args.batch_size}  # train.py drops the last partial batch
 
 
@@ -278,8 +279,8 @@ def main(argv=None):
     top1 = ", ".join(f"{run['val_top1']:.1f}%" for run in runs)
     noise = runs[0]["measurements"][0]
     print(f"A gradient of pure noise (mean 0) would give Adam step / lr = {noise['noise_adam_step_over_lr']:.2f} and "
-          f"|mean grad| / rms grad = {noise['noise_grad_mean_over_rms']:.2f} ({noise['gradient_batches']} batches); a push that "
-          f"never changes sign, 1 and 1.")
+          f"|mean grad| / rms grad = {noise['noise_grad_mean_over_rms']:.2f} ({noise['gradient_batches']} batches); "
+          f"a push that never changes sign, 1 and 1.")
     print(f"lr: peak {args.lr:g}, summed over the steps {mean(run['lr_sum'] for run in runs):.3g} (about the farthest "
           f"Adam could move lambda); weight decay on lambda: {decay}; top-1 {top1}")
     summary = {
