@@ -8,7 +8,7 @@ Contents, in file order:
     ArrayImageDataset, FirstClassesImageFolder
     rand_augment                   timm's rand-m9-mstd0.5-inc1 from torchvision pieces, and what still differs
     train_transform, eval_transform
-    load_digits, load_cifar, load_imagefolder, build_datasets
+    load_digits, load_mnist10k, load_cifar, load_imagefolder, build_datasets
     stratified_fraction            Table 2's subsets of each class
     RepeatedAugmentationSampler    DeiT's repeated augmentation
     batch_mixer                    MixUp / CutMix
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from einops import rearrange
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -37,6 +38,7 @@ class DataError(ValueError):
 # What each dataset looks like
 # ---------------------------------------------------------------------------------------
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)  # MNIST's usual values; our 10,000 digits give 0.1311 and 0.3087
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ DATASETS: dict[str, DatasetDefaults] = {
     # 8x8 grey digits, upsampled to 16x16 and cut in 4x4 patches: a 4x4 grid of 16 tokens. (Patch 2,
     # an 8x8 grid, learns far more slowly: its first ~100 steps sit on a plateau at chance.)
     "digits": DatasetDefaults(16, 4, 1, "small", 0.0, 1.0, (0.5,), (0.5,)),
+    # 10,000 real 28x28 MNIST digits shipped in data/ (data/README.md): in 4x4 patches a 7x7 grid
+    # of 49 tokens, far enough for a locality prior to matter (patch 2 gives 14x14, ImageNet's grid).
+    "mnist10k": DatasetDefaults(28, 4, 1, "small", 0.0, 1.0, MNIST_MEAN, MNIST_STD),
     # 32x32 colour images in 4x4 patches: an 8x8 grid (patch 2 gives 16x16 = 256 tokens).
     "cifar10": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
     "cifar100": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
@@ -64,6 +69,9 @@ DATASETS: dict[str, DatasetDefaults] = {
     "fake": DatasetDefaults(32, 4, 3, "small", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
 }
 FAKE_TRAIN_IMAGES, FAKE_VAL_IMAGES = 512, 128
+# MNIST-10k: the copy committed with the project, and its fixed validation split.
+MNIST10K_FILE = Path(__file__).resolve().parent / "data" / "mnist10k.npz"
+MNIST10K_VAL_FRACTION, MNIST10K_SPLIT_SEED = 0.2, 0
 
 
 
@@ -220,6 +228,32 @@ def load_digits(train_tf, eval_tf):
             ArrayImageDataset(images[val_idx], [labels[i] for i in val_idx], eval_tf))
 
 
+def load_mnist10k(data_dir: Path, train_tf, eval_tf):
+    """10,000 real MNIST digits, 28x28 grey (data/README.md: source, licence, counts), offline.
+
+    Read from <data_dir>/mnist10k.npz if that exists, else from the copy in the repository's
+    data/ folder. A fixed, stratified split: 20% of every class (seed 0 whatever --seed is)
+    is the validation set, 2,000 images on which every run is judged; the other 8,000 train."""
+    path = data_dir / MNIST10K_FILE.name if (data_dir / MNIST10K_FILE.name).is_file() else MNIST10K_FILE
+    if not path.is_file():
+        raise DataError(f"mnist10k: {path} not found; it ships with the repository "
+                        f"(git checkout -- data/{MNIST10K_FILE.name} restores it)")
+    try:
+        with np.load(path) as arrays:  # allow_pickle stays False: loading runs no code
+            images, labels = arrays["images"], arrays["labels"]
+    except (OSError, ValueError, KeyError, EOFError) as err:  # BadZipFile is an OSError
+        raise DataError(f"mnist10k: {path} is not a readable MNIST-10k file ({type(err).__name__}: {err})") from None
+    if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise DataError(f"mnist10k: {path} holds images {images.dtype} {images.shape} and labels {labels.shape}; "
+                        f"expected uint8 (N, H, W) and (N,)")
+    labels = labels.astype(np.int64).tolist()
+    val_idx = stratified_fraction(labels, MNIST10K_VAL_FRACTION, MNIST10K_SPLIT_SEED)
+    train_idx = sorted(set(range(len(labels))) - set(val_idx))
+    images = rearrange(torch.from_numpy(images), "n h w -> n 1 h w")  # one grey channel
+    return (ArrayImageDataset(images[train_idx], [labels[i] for i in train_idx], train_tf),
+            ArrayImageDataset(images[val_idx], [labels[i] for i in val_idx], eval_tf))
+
+
 def load_cifar(name: str, root: Path, train: bool, transform) -> ArrayImageDataset:
     """CIFAR-10/100 from the python pickles, downloaded through torchvision when missing.
 
@@ -276,6 +310,9 @@ def build_datasets(args) -> tuple[Dataset, Dataset, int]:
     root = Path(args.data_dir)
     if args.dataset == "digits":
         train_set, val_set = load_digits(train_tf, eval_tf)
+        num_classes = 10
+    elif args.dataset == "mnist10k":
+        train_set, val_set = load_mnist10k(root, train_tf, eval_tf)
         num_classes = 10
     elif args.dataset in ("cifar10", "cifar100"):
         train_set = load_cifar(args.dataset, root, True, train_tf)

@@ -8,6 +8,9 @@ The commands, from the smallest to the largest:
     # The same under bf16 autocast (--amp-dtype fp16: fp16 with a gradient scaler), the loop a GPU runs
     python train.py --amp
 
+    # 10,000 real MNIST digits, shipped in data/ (offline): 28x28 in 4x4 patches, a 7x7 grid
+    python train.py --dataset mnist10k
+
     # CIFAR-10 / CIFAR-100 from scratch (downloaded into --data-dir when missing)
     python train.py --dataset cifar10 --data-dir data
     python train.py --dataset cifar100 --data-dir data --patch-size 2 --model convit_tiny_plus
@@ -55,7 +58,8 @@ The commands, from the smallest to the largest:
 
 Every run writes <output-dir>/metrics.jsonl (one JSON line per epoch: loss, lr, top-1, top-5,
 images/s and, per GPSA layer and head, sigma(lambda) and the nonlocality of Eq. 8) and
-<output-dir>/checkpoint.pth (replaced atomically after every epoch).
+<output-dir>/checkpoint.pth (replaced atomically after every epoch). With --eval-every N (and by
+default with --scale-epochs, N = 1/F), both happen every N epochs and after the last.
 
 Every flag left unset takes its value from the dataset (image and patch size) and from the
 recipe, --preset paper (DeiT's, the default for cifar and imagefolder) or --preset small (the
@@ -174,7 +178,8 @@ def build_parser() -> ArgumentParser:
     data_flags.add_argument("--dataset", choices=list(data.DATASETS), default="digits")
     data_flags.add_argument("--data-dir", default="data",
                             help="where cifar is (or goes), or the root holding train/ and val/; an image that "
-                                 "cannot be read stops the run with an error naming the file")
+                                 "cannot be read stops the run with an error naming the file (mnist10k: read from "
+                                 "here if it holds mnist10k.npz, else from the repository's data/)")
     data_flags.add_argument("--num-classes-subset", type=int, default=None, metavar="K",
                       help="imagefolder: keep only the first K classes in sorted order (the paper: 100)")
     data_flags.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
@@ -188,9 +193,9 @@ def build_parser() -> ArgumentParser:
     model = p.add_argument_group("model (defaults: the --model preset, shrunk by --preset small)")
     model.add_argument("--model", default="convit_tiny", choices=list(convit.MODEL_PRESETS))
     model.add_argument("--img-size", type=int, default=None,
-                       help="default: the dataset's (digits 16, cifar 32, imagefolder 224)")
+                       help="default: the dataset's (digits 16, mnist10k 28, cifar 32, imagefolder 224)")
     model.add_argument("--patch-size", type=int, default=None,
-                       help="default: the dataset's (digits 4, cifar 4, imagefolder 16)")
+                       help="default: the dataset's (digits 4, mnist10k 4, cifar 4, imagefolder 16)")
     model.add_argument("--embed-dim", type=int, default=None, help="C")
     model.add_argument("--depth", type=int, default=None)
     model.add_argument("--num-heads", type=int, default=None,
@@ -261,6 +266,9 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                      help="stop once this many epochs (at least 1) are done, the schedule still spanning --epochs "
                           "(for jobs with a time limit: continue later with --resume)")
+    run.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS",
+                     help="evaluate, log to metrics.jsonl and save the checkpoint every this many epochs and after "
+                          "the last (default 1; with --scale-epochs 1/F: the same steps apart at every fraction)")
     run.add_argument("--eval-only", action="store_true", help="only report top-1 / top-5 of --checkpoint")
     run.add_argument("--checkpoint", default=None, metavar="PATH",
                      help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT "
@@ -281,7 +289,7 @@ FLAG_RANGES = {
     "smoothing": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "randaug_ops": "[0, inf)",
     "randaug_magnitude": "[0, 10]", "randaug_magnitude_std": "[0, inf)", "color_jitter": "[0, inf)", "crop_scale": "(0, 1]", "reprob": "[0, 1]",
     "repeated_aug": "[1, inf)", "drop_path": "[0, 1)", "ema_decay": "[0, 1]", "hflip": "[0, 1]",
-    "clip_grad": "(0, inf)", "threads": "[0, inf)", "stop_after": "[1, inf)",
+    "clip_grad": "(0, inf)", "threads": "[0, inf)", "stop_after": "[1, inf)", "eval_every": "[1, inf)",
 }
 
 
@@ -340,6 +348,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for name, interval in FLAG_RANGES.items():
         if getattr(args, name, None) is not None:
             check_range(name, getattr(args, name), interval)
+    if args.eval_every is None:  # evaluating a 5% run 20 times as often as a full one would cost more than training it
+        args.eval_every = max(1, round(1 / args.data_fraction)) if args.scale_epochs else 1
     if args.eval_only and not args.checkpoint:
         raise TrainError("--eval-only needs --checkpoint PATH (one of our checkpoints or a released ConViT .pth)")
     checkpoint_flag(args, "resume")
@@ -503,7 +513,7 @@ def global_sum(values: torch.Tensor, procs: Processes) -> torch.Tensor:
 # differ when a run is resumed. (--checkpoint only gave the starting weights, which the resumed
 # ones replace; --data-dir may move.) --epochs may grow; every other flag must be the same.
 RUN_ONLY_FLAGS = {"resume", "stop_after", "output_dir", "workers", "threads", "quiet", "no_progress", "compile",
-                  "device", "amp", "amp_dtype", "eval_only", "checkpoint", "data_dir"}
+                  "device", "amp", "amp_dtype", "eval_only", "checkpoint", "data_dir", "eval_every"}
 
 
 def read_checkpoint(path) -> dict:
@@ -758,7 +768,8 @@ def train(args, procs: Processes) -> dict:
 
     # --- the loop: data, forward, loss, backward, step, log ----------------------------
     record, run_start = None, time.perf_counter()
-    for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start_epoch, last_epoch):
         train_model.train()
         sampler.set_epoch(epoch)  # a new shuffle each epoch, the same in a resumed run
         lr = optimizer.param_groups[0]["lr"]
@@ -798,6 +809,9 @@ def train(args, procs: Processes) -> dict:
         bar.close()
         scheduler.step()
         train_seconds = time.perf_counter() - epoch_start
+
+        if (epoch + 1) % args.eval_every and epoch + 1 < last_epoch:
+            continue  # --eval-every: evaluate, log and save every few epochs (and after the last)
 
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / steps,
                   **evaluate(model, val_loader, procs, amp_dtype, show_progress),

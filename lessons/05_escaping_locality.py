@@ -2,76 +2,297 @@
 
 ConViT starts every GPSA layer as a soft convolution (sigma(lambda) = 0.73, heads on a kernel)
 and lets gradient descent decide, head by head, how much content attention to mix in.
-The paper (Fig. 5/6, 300 ImageNet epochs) finds that the nonlocality grows in every GPSA
-layer: the first and the last GPSA layers escape locality most, the intermediate ones (the
-second above all) stay more local. The gates of the later GPSA layers (6-10) fall to about 0,
-pure content attention, while the early layers keep a sizeable positional share. Here we
-train a small ConViT with train.py and plot the same two quantities from its metrics.jsonl,
-one line per epoch.
+The paper (Fig. 5/6, ConViT-S, 300 ImageNet epochs) finds that the nonlocality grows in every
+GPSA layer, most in the first and the last, least in the second; and that the gates of the
+later GPSA layers fall to about 0 (content attention) while the early layers keep a sizeable
+positional share. Here we train a small ConViT on MNIST-10k (8,000 real 28x28 digits in 4x4
+patches: a 7x7 grid) with train.py, two seeds side by side, and plot the same quantities from
+its metrics.jsonl, one point per epoch.
 
-Figure (in --out-dir):
-  05_escaping_locality.png  sigma(lambda) per GPSA layer, nonlocality per layer, top-1, per epoch
+If the gates barely move, the lesson measures why rather than guessing. The run is cut into
+segments (train.py --stop-after, then --resume: exactly the uninterrupted run), and after each
+segment it reads lambda's gradient and Adam's state from the checkpoint:
+  - lambda's gradient on 16 training batches: |its mean| / its root mean square, 1 when every
+    batch pushes the same way, 0.20 for pure noise (mean 0);
+  - Adam's step for lambda relative to the lr, |m_hat| / sqrt(v_hat): 1 when the gradient keeps
+    its sign, 0.18 for pure noise (lambda then only random-walks);
+  - the learning rate, and the weight decay on lambda (none: train.py never decays gates);
+  - how far lambda could have moved at most (Adam moves a parameter by at most about lr per step,
+    so by the sum of the lr over the steps) against how far it did move.
+
+Outputs (in --out-dir):
+  05_escaping_locality.png   gates and nonlocality per GPSA layer and epoch, top-1, nonlocality by
+                             block at init and at the end, Adam's step for lambda, lambda
+  05_escaping_locality.json  every epoch's gates, nonlocality and top-1, and the lambda measurements
 
 Run from the repository root:  python lessons/05_escaping_locality.py [--quick]
-    a real dataset / a GPU:      ... --dataset cifar10 --data-dir data --device cuda --epochs 100
+    on a GPU, longer:            ... --device cuda --epochs 300 --workers 1
 """
 
+import json
+import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import Stopwatch, cli, parse, run_folder, save_figure, train_small, training_parser  # noqa: E402
+from lessons._common import (LessonRecipe, Stopwatch, cli, hardware, parse, read_metrics, run_folder,  # noqa: E402
+                             run_parallel, save_figure, train_argv, training_parser)
 
-DEPTH = 6  # 4 GPSA blocks, then 2 MHSA blocks (train.py keeps the last two plain)
+# One long run per seed on the full 8,000-image training split; 2 seeds, one per core.
+RECIPE = LessonRecipe(epochs=50, embed_dim=48, num_heads=4, depth=8, batch_size=64, lr=2e-3, warmup_epochs=2,
+                      warmup_lr=2e-4)
+# --quick: a tiny model on 5% of the training split, for seconds.
+QUICK = LessonRecipe(epochs=2, embed_dim=16, num_heads=4, depth=4, batch_size=64, lr=1e-3, warmup_epochs=0,
+                     warmup_lr=1e-4)
+QUICK_FLAGS = ["--data-fraction", "0.05"]
+MEASUREMENTS = 10  # segments of the run, each followed by a measurement of lambda's gradient
+GRADIENT_BATCHES = 16  # training batches per gradient measurement
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def at_init(argv: list[str]) -> dict:
+    """An "epoch 0" line of metrics.jsonl: the gates and nonlocality of the model train.py starts
+    from (train.py seeds torch with --seed, then builds the model), on the same 64 validation images."""
+    import data
+    import train
+
+    args = train.resolve_args(train.build_parser().parse_args(argv))
+    torch.manual_seed(args.seed)
+    _, val_set, num_classes = data.build_datasets(args)
+    model = train.build_model(args, num_classes)
+    fixed_batch = torch.stack([val_set[i][0] for i in range(min(64, len(val_set)))])
+    return {"epoch": 0, **train.what_the_paper_plots(model, fixed_batch)}
+
+
+def lambda_measurements(checkpoint_path: Path, argv: list[str]) -> dict:
+    """From one of train.py's checkpoints: lambda (n_gpsa, H); its gradient on GRADIENT_BATCHES
+    training batches (the mean over the batches and the root mean square); Adam's step for
+    lambda relative to the lr, |m_hat| / (sqrt(v_hat) + eps), from the optimiser state; and the
+    weight decay train.py applies to lambda."""
+    import data
+    import train
+
+    checkpoint = convit.read_checkpoint_file(checkpoint_path)  # never runs code (weights_only=True)
+    args = train.resolve_args(train.build_parser().parse_args(argv))
+    model = convit.ConViT(convit.ConViTConfig(**checkpoint["cfg"]))
+    model.load_state_dict(checkpoint["model"])
+    gates = [layer.gating_param for layer in model.gpsa_layers()]
+
+    # Adam's state for each lambda, found by the parameter's position in train.py's groups.
+    groups = train.parameter_groups(model, args.weight_decay)
+    order = [id(p) for group in groups for p in group["params"]]
+    gate_decay = sorted({group["weight_decay"] for group in groups for p in group["params"]
+                         if any(p is gate for gate in gates)})
+    hyper = checkpoint["optimizer"]["param_groups"][0]
+    (beta1, beta2), eps = hyper["betas"], hyper["eps"]
+    adam_step = []
+    for gate in gates:
+        state = checkpoint["optimizer"]["state"][order.index(id(gate))]
+        step = float(state["step"])
+        m_hat, v_hat = state["exp_avg"] / (1 - beta1**step), state["exp_avg_sq"] / (1 - beta2**step)
+        adam_step.append((m_hat.abs() / (v_hat.sqrt() + eps)).tolist())
+
+    # lambda's gradient of the training loss, batch by batch (augmented, as in training).
+    train_set, _, _ = data.build_datasets(args)
+    torch.manual_seed(0)
+    picked = torch.randperm(len(train_set))[: GRADIENT_BATCHES * args.batch_size].tolist()
+    model.train()
+    per_batch = []
+    for start in range(0, len(picked), args.batch_size):
+        images, labels = zip(*(train_set[i] for i in picked[start:start + args.batch_size]))
+        loss = F.cross_entropy(model(torch.stack(images)), torch.tensor(labels), label_smoothing=args.smoothing)
+        model.zero_grad()
+        loss.backward()
+        per_batch.append(torch.stack([gate.grad for gate in gates]))  # (n_gpsa, H)
+    per_batch = torch.stack(per_batch)  # (batches, n_gpsa, H)
+    # What pure noise would show, a gradient of mean 0 whose sign flips at random from batch to
+    # batch: the mean of n batches is about rms / sqrt(n), so E|mean| / rms = sqrt(2 / (pi n));
+    # Adam's m averages about 2 / (1 - beta1) steps, so E|m_hat| / sqrt(v_hat) =
+    # sqrt(2 / pi) sqrt((1 - beta1) / (1 + beta1)). A push that never changes sign gives 1 for both.
+    noise_grad = math.sqrt(2 / (math.pi * len(per_batch)))
+    noise_adam = math.sqrt(2 / math.pi) * math.sqrt((1 - beta1) / (1 + beta1))
+    return {"epoch": checkpoint["epoch"], "lambda": torch.stack([gate.detach() for gate in gates]).tolist(),
+            "grad_mean": per_batch.mean(0).tolist(), "grad_rms": per_batch.pow(2).mean(0).sqrt().tolist(),
+            "adam_step_over_lr": adam_step, "gate_weight_decay": gate_decay,
+            "noise_grad_mean_over_rms": noise_grad, "noise_adam_step_over_lr": noise_adam,
+            "gradient_batches": len(per_batch),
+            "steps_per_epoch": len(train_set) // args.batch_size}  # train.py drops the last partial batch
+
+
+def train_and_measure(job: tuple) -> dict:
+    """One seed: train.py in segments (--stop-after, then --resume: the same run as without the
+    stops), measuring lambda after each. Returns the metrics (with an epoch-0 line) and the
+    measurements."""
+    import train
+
+    argv, stops = job
+    run_dir = Path(argv[argv.index("--output-dir") + 1])
+    start, measurements, result = time.perf_counter(), [], None
+    for stop in stops:
+        resume = ["--resume", str(run_dir / "checkpoint.pth")] if result else []
+        result = train.main(argv + resume + ["--stop-after", str(stop)])
+        measurements.append(lambda_measurements(run_dir / "checkpoint.pth", argv))
+        gates = " ".join(f"{sum(row) / len(row):.2f}" for row in result["model"].gates().tolist())
+        print(f"  seed {argv[argv.index('--seed') + 1]}, epoch {stop}: top-1 {result['val_top1']:.1f}%, "
+              f"sigma(lambda) per GPSA layer {gates} ({time.perf_counter() - start:.0f} s)", flush=True)
+    records = [at_init(argv), *read_metrics(run_dir)]
+    # Adam moves a parameter by at most about lr per step: the sum of the lr bounds lambda's journey.
+    lr_sum = sum(r["lr"] for r in records[1:]) * measurements[0]["steps_per_epoch"]
+    return {"val_top1": result["val_top1"], "seconds": time.perf_counter() - start, "records": records,
+            "measurements": measurements, "lr_sum": lr_sum, "grid": list(result["model"].cfg.grid)}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per GPSA or MHSA block, averaged over heads and seeds: what the text quotes."""
+    gates = torch.tensor([[run["records"][0]["gates"], run["records"][-1]["gates"]] for run in runs])  # (seeds, 2, L, H)
+    nonlocality = torch.tensor([[run["records"][0]["nonlocality"], run["records"][-1]["nonlocality"]] for run in runs])
+    lam = torch.tensor([[m["lambda"] for m in run["measurements"]] for run in runs])  # (seeds, points, n_gpsa, H)
+    adam = torch.tensor([[m["adam_step_over_lr"] for m in run["measurements"]] for run in runs])
+    grad_mean = torch.tensor([[m["grad_mean"] for m in run["measurements"]] for run in runs])
+    grad_rms = torch.tensor([[m["grad_rms"] for m in run["measurements"]] for run in runs])
+    rows = []
+    for layer in range(nonlocality.shape[2]):
+        row = {"block": layer + 1, "kind": "GPSA" if layer < gates.shape[2] else "MHSA",
+               "nonlocality_init": nonlocality[:, 0, layer].mean().item(),
+               "nonlocality_end": nonlocality[:, 1, layer].mean().item(),
+               "nonlocality_end_per_seed": nonlocality[:, 1, layer].mean(1).tolist()}
+        if layer < gates.shape[2]:
+            row.update({"gate_init": gates[:, 0, layer].mean().item(), "gate_end": gates[:, 1, layer].mean().item(),
+                        "gate_end_per_head": gates[:, 1, layer].mean(0).tolist(),
+                        "lambda_moved": (lam[:, -1, layer] - 1.0).abs().mean().item(),
+                        "adam_step_over_lr": adam[:, :, layer].mean().item(),
+                        "grad_mean_over_rms": (grad_mean[:, :, layer].abs() / grad_rms[:, :, layer]).mean().item()})
+        rows.append(row)
+    return rows
+
+
+def plot(runs: list[dict], seeds: list[int], args, settings: str):
+    epoch = [r["epoch"] for r in runs[0]["records"]]
+    gates = torch.tensor([[r["gates"] for r in run["records"]] for run in runs])  # (seeds, epochs, n_gpsa, H)
+    nonlocality = torch.tensor([[r["nonlocality"] for r in run["records"]] for run in runs])  # (seeds, epochs, blocks, H)
+    n_gpsa, depth = gates.shape[2], nonlocality.shape[2]
+    colours = plt.get_cmap("viridis")(torch.linspace(0, 0.9, depth).tolist())
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9), layout="constrained")
+    (ax_gate, ax_nonlocal, ax_acc), (ax_profile, ax_adam, ax_lambda) = axes
+
+    for layer in range(n_gpsa):
+        ax_gate.plot(epoch, gates[:, :, layer].mean((0, 2)), color=colours[layer], lw=2, label=f"GPSA {layer + 1}")
+        for run in range(len(runs)):
+            ax_gate.plot(epoch, gates[run, :, layer], color=colours[layer], lw=0.5, alpha=0.3)  # each head
+    ax_gate.axhline(torch.sigmoid(torch.tensor(1.0)), color="0.5", ls=":", label="init, $\\sigma(1)$ = 0.73")
+    ax_gate.set(xlabel="epoch", ylabel="$\\sigma(\\lambda)$ (1 = positional, 0 = content)", ylim=(0, 1),
+                title="gates (Fig. 5): mean of heads and seeds (thick), each head (thin)")
+    ax_gate.legend(fontsize=7, ncol=2)
+
+    for layer in range(depth):
+        kind = "GPSA" if layer < n_gpsa else "MHSA"
+        ax_nonlocal.plot(epoch, nonlocality[:, :, layer].mean((0, 2)), color=colours[layer], lw=2,
+                         ls="-" if kind == "GPSA" else "--", label=f"{layer + 1} ({kind})")
+    uniform = convit.relative_positions(*runs[0]["grid"])[..., 2].sqrt().mean()  # Eq. 8 of uniform attention
+    ax_nonlocal.axhline(uniform, color="0.5", ls=":", label=f"uniform, {uniform:.2f}")
+    ax_nonlocal.set(xlabel="epoch", ylabel="nonlocality (Eq. 8), patches",
+                    title="nonlocality (Fig. 6), mean of heads and seeds")
+    ax_nonlocal.legend(fontsize=7, ncol=2)
+
+    for run, seed in zip(runs, seeds):
+        ax_acc.plot(epoch, [r.get("val_top1", math.nan) for r in run["records"]], label=f"seed {seed}")
+    ax_acc.set(xlabel="epoch", ylabel="validation top-1 (%)", ylim=(0, 100),
+               title="top-1: " + ", ".join(f"{run['val_top1']:.1f}%" for run in runs))
+    ax_acc.legend(fontsize=8)
+
+    layers = list(range(1, depth + 1))
+    for index, colour, label in ((0, "0.6", "at initialisation"), (-1, "k", f"after epoch {epoch[-1]}")):
+        per_seed = nonlocality[:, index].mean(2)  # (seeds, depth)
+        ax_profile.errorbar(layers, per_seed.mean(0), yerr=[per_seed.mean(0) - per_seed.min(0).values,
+                                                              per_seed.max(0).values - per_seed.mean(0)],
+                            fmt="o-", color=colour, capsize=3, label=label)
+    ax_profile.axvspan(n_gpsa + 0.5, depth + 0.5, color="0.92", label="MHSA blocks")
+    ax_profile.set(xlabel="block", ylabel="nonlocality (patches)", xticks=layers,
+                   title="nonlocality by block (mean of heads; bars: min-max over seeds)")
+    ax_profile.legend(fontsize=8)
+
+    measured = [m["epoch"] for m in runs[0]["measurements"]]
+    ratio = torch.tensor([[m["adam_step_over_lr"] for m in run["measurements"]] for run in runs])  # (seeds, points, L, H)
+    lam = torch.cat([torch.logit(gates[:, :1]),  # lambda at initialisation, (seeds, 1, n_gpsa, H) ...
+                     torch.tensor([[m["lambda"] for m in run["measurements"]] for run in runs])], dim=1)  # ... then measured
+    for layer in range(n_gpsa):
+        ax_adam.plot(measured, ratio[:, :, layer].mean((0, 2)), "o-", color=colours[layer], label=f"GPSA {layer + 1}")
+        ax_lambda.plot([0] + measured, lam[:, :, layer].mean((0, 2)), "o-", color=colours[layer], label=f"GPSA {layer + 1}")
+    noise = runs[0]["measurements"][0]["noise_adam_step_over_lr"]
+    ax_adam.axhline(noise, color="0.5", ls=":", label=f"a gradient of pure noise, {noise:.2f}")
+    ax_adam.set(xlabel="epoch", ylabel="$|\\hat m| / \\sqrt{\\hat v}$ for $\\lambda$", ylim=(0, 1),
+                title="Adam's step for $\\lambda$, as a fraction of the lr (1 = a steady push)")
+    ax_adam.legend(fontsize=7, ncol=2)
+    reach = mean(run["lr_sum"] for run in runs)
+    ax_lambda.set(xlabel="epoch", ylabel="$\\lambda$ (mean of heads and seeds)",
+                  title=f"$\\lambda$; the lr allowed a move of up to {reach:.3g} in this run")
+    ax_lambda.legend(fontsize=7, ncol=2)
+    save_figure(fig, args.out_dir, "05_escaping_locality.png", settings, args.device)
 
 
 def main(argv=None):
-    args = parse(training_parser(__doc__, "05", epochs=60, quick_epochs=3), argv)
+    parser = training_parser(__doc__, "05", RECIPE, QUICK)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="one run per seed, --workers at a time (default 0 1; --quick: 0)")
+    args = parse(parser, argv)
     clock = Stopwatch("lesson 5")
-    epochs = args.epochs
-    with run_folder(args) as run_dir:
-        result, records = train_small(args, run_dir, epochs, "--depth", str(DEPTH), warmup=2, quiet=False)
+    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    count = min(MEASUREMENTS, args.epochs)
+    stops = sorted({round(args.epochs * (i + 1) / count) for i in range(count)})
+    print(f"{len(seeds)} run(s), {args.workers} at a time: {args.epochs} epochs of {args.dataset}, "
+          f"C = {args.embed_dim}, H = {args.num_heads}, {args.depth} blocks, batch {args.batch_size}, lr {args.lr:g}; "
+          f"lambda measured after epochs {stops}")
+    with run_folder(args) as run_root:
+        extra = QUICK_FLAGS if args.quick else []
+        jobs = [(train_argv(args, Path(run_root) / f"seed{seed}", *extra, seed=seed), stops) for seed in seeds]
+        runs = run_parallel(train_and_measure, jobs, args.workers, args.threads,
+                            done=lambda job, run: print(f"  seed {job[0][job[0].index('--seed') + 1]}: top-1 "
+                                                        f"{run['val_top1']:.1f}% ({run['seconds']:.0f} s)", flush=True))
+    settings = (f"train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, {args.depth} blocks "
+                f"({max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW lr {args.lr:g}, "
+                f"{args.warmup_epochs} warmup epoch(s) from {args.warmup_lr:g}, cosine, {args.epochs} epochs, "
+                f"no RandAugment, seeds {', '.join(map(str, seeds))}")
+    plot(runs, seeds, args, settings)
 
-    epoch = [r["epoch"] for r in records]
-    gates = torch.tensor([r["gates"] for r in records])  # (epochs, n_gpsa, H)
-    nonlocality = torch.tensor([r["nonlocality"] for r in records])  # (epochs, depth, H)
-    n_gpsa, depth = gates.shape[1], nonlocality.shape[1]
-    colours = plt.get_cmap("viridis")(torch.linspace(0, 0.9, depth).tolist())
-
-    fig, (ax_gate, ax_nonlocal, ax_acc) = plt.subplots(1, 3, figsize=(15, 4.3), layout="constrained")
-    for layer in range(n_gpsa):
-        ax_gate.plot(epoch, gates[:, layer].mean(1), color=colours[layer], lw=2, label=f"GPSA layer {layer + 1}")
-        ax_gate.plot(epoch, gates[:, layer], color=colours[layer], lw=0.6, alpha=0.4)  # each head
-    ax_gate.axhline(torch.sigmoid(torch.tensor(1.0)), color="0.5", ls=":", label="init, $\\sigma(1)$ = 0.73")
-    ax_gate.set(xlabel="epoch", ylabel="$\\sigma(\\lambda)$ (1 = positional, 0 = content)",
-                title="gates (Fig. 5): mean of heads (thick), each head (thin)")
-    ax_gate.legend(fontsize=8)
-    for layer in range(depth):
-        kind = "GPSA" if layer < n_gpsa else "MHSA"
-        ax_nonlocal.plot(epoch, nonlocality[:, layer].mean(1), color=colours[layer], lw=2,
-                         ls="-" if kind == "GPSA" else "--", label=f"layer {layer + 1} ({kind})")
-    uniform = convit.relative_positions(*result["model"].cfg.grid)[..., 2].sqrt().mean()  # Eq. 8 of uniform attention
-    ax_nonlocal.axhline(uniform, color="0.5", ls=":", label=f"uniform attention, {uniform:.2f}")
-    ax_nonlocal.set(xlabel="epoch", ylabel="nonlocality (Eq. 8), patches", title="nonlocality (Fig. 6), mean of heads")
-    ax_nonlocal.legend(fontsize=8)
-    ax_acc.plot(epoch, [r["val_top1"] for r in records], color="k")
-    ax_acc.set(xlabel="epoch", ylabel="validation top-1 (%)", ylim=(0, 100),
-               title=f"top-1: {result['val_top1']:.1f}% after {epochs} epochs")
-    grid = "8x8 images in 2x2 patches (4x4 grid)" if args.dataset == "digits" else "train.py's image and patch size"
-    save_figure(fig, args.out_dir, "05_escaping_locality.png",
-                f"train.py on {args.dataset} ({grid}), convit_tiny shrunk to C = 32, 4 heads, {DEPTH} blocks "
-                f"({n_gpsa} GPSA), batch 32, lr {args.lr:g}, {epochs} epochs, no RandAugment, seed 0", args.device)
-
-    print("layer | sigma(lambda) epoch 1 -> last | nonlocality epoch 1 -> last")
-    for layer in range(depth):
-        gate = f"{gates[0, layer].mean():.3f} -> {gates[-1, layer].mean():.3f}" if layer < n_gpsa else "  (MHSA)      "
-        print(f"{layer + 1:>5} | {gate:>28} | {nonlocality[0, layer].mean():.2f} -> {nonlocality[-1, layer].mean():.2f}")
-    print(f"per-head sigma(lambda) at the end: {[[round(g, 2) for g in row] for row in gates[-1].tolist()]}")
+    rows = summarise(runs)
+    print(f"\nPer block, mean of heads and of {len(seeds)} seed(s); init -> after epoch {args.epochs}:")
+    print("| block | sigma(lambda) | nonlocality (patches) | lambda moved | Adam step / lr | |mean grad| / rms grad |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        gate = (f"{row['gate_init']:.3f} -> {row['gate_end']:.3f} | " if row["kind"] == "GPSA" else "- | ")
+        moves = (f" | {row['lambda_moved']:.2f} | {row['adam_step_over_lr']:.2f} | {row['grad_mean_over_rms']:.2f}"
+                 if row["kind"] == "GPSA" else " | - | - | -")
+        where = f"{row['nonlocality_init']:.2f} -> {row['nonlocality_end']:.2f}"
+        print(f"| {row['block']} ({row['kind']}) | {gate}{where}{moves} |")
+    decay = runs[0]["measurements"][0]["gate_weight_decay"]
+    top1 = ", ".join(f"{run['val_top1']:.1f}%" for run in runs)
+    noise = runs[0]["measurements"][0]
+    print(f"A gradient of pure noise (mean 0) would give Adam step / lr = {noise['noise_adam_step_over_lr']:.2f} and "
+          f"|mean grad| / rms grad = {noise['noise_grad_mean_over_rms']:.2f} ({noise['gradient_batches']} batches); "
+          f"a push that never changes sign, 1 and 1.")
+    print(f"lr: peak {args.lr:g}, summed over the steps {mean(run['lr_sum'] for run in runs):.3g} (about the farthest "
+          f"Adam could move lambda); weight decay on lambda: {decay}; top-1 {top1}")
+    summary = {
+        "command": " ".join(["python", "lessons/05_escaping_locality.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": settings, "hardware": hardware(args.device), "seeds": seeds,
+        "seconds": round(time.perf_counter() - clock.start, 1), "per_block": rows,
+        "runs": [{key: run[key] for key in ("val_top1", "seconds", "lr_sum", "records", "measurements")}
+                 for run in runs],
+    }
+    path = Path(args.out_dir) / "05_escaping_locality.json"
+    path.write_text(json.dumps(summary) + "\n")
+    print(f"wrote {path}")
     clock.done()
 
 

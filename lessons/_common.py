@@ -8,13 +8,16 @@ argparse lines, image loading and figure captions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +32,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # convit.py and train.py live in the repository root
 import convit  # noqa: E402  (train.py and data.py are imported where needed: they pull in torchvision)
 
-FIGURES = REPO_ROOT / "lessons" / "figures"
+FIGURES = REPO_ROOT / "lessons" / "figures"  # the committed figures: only default runs write here
+QUICK_FIGURES = REPO_ROOT / "runs" / "lessons-quick"  # where --quick writes unless told (runs/ is ignored by git)
 
 
 # ---------------------------------------------------------------------------------------
@@ -59,8 +63,11 @@ def lesson_parser(doc: str, uses_data: bool = False) -> argparse.ArgumentParser:
     a training run fell from 1,660 to 20-50 images/s with 2 threads; with 1 it kept its speed)."""
     parser = LessonArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a much smaller run (seconds) that still writes every figure; used by CI")
-    parser.add_argument("--out-dir", type=Path, default=FIGURES, help="where the PNG figures go")
+                        help="a much smaller run (seconds) that still writes every figure, into runs/lessons-quick/ "
+                             "unless --out-dir says otherwise; used by CI")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where the figures go (default: lessons/figures, the committed ones; "
+                             "with --quick: runs/lessons-quick, so that a quick run never replaces them)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=int, default=1,
@@ -69,21 +76,45 @@ def lesson_parser(doc: str, uses_data: bool = False) -> argparse.ArgumentParser:
         import data  # train.py's datasets (it pulls in torchvision, so it is imported only here)
 
         parser.add_argument("--dataset", default="digits", choices=list(data.DATASETS),
-                            help="digits = scikit-learn's 8x8 handwritten digits, bundled, no download")
+                            help="digits = scikit-learn's 8x8 handwritten digits (the default of lessons 2 and 4); "
+                                 "mnist10k = 10,000 real 28x28 MNIST digits shipped in data/ (lessons 5 and 6); "
+                                 "both offline")
         parser.add_argument("--data-dir", default="data",
                             help="root of CIFAR or of an ImageFolder with train/ and val/ (see train.py)")
     return parser
 
 
-def training_parser(doc: str, lesson: str, epochs: int, quick_epochs: int) -> argparse.ArgumentParser:
-    """lesson_parser plus what a lesson that trains through train.py needs."""
+@dataclass(frozen=True)
+class LessonRecipe:
+    """The light recipe lessons 5 and 6 train with: train.py's flags of the same names, so that
+    a CPU run fits in minutes. Everything else is train.py's small preset (AdamW, weight decay
+    0.05, label smoothing 0.1, cosine to 1e-5, crops of 50-100% of the image), with no RandAugment."""
+
+    epochs: int  # epochs on the full training set; a fraction f trains epochs / f (lesson 6)
+    embed_dim: int  # C
+    num_heads: int  # H: 4 heads mimic a 2x2 kernel, 9 a 3x3 one
+    depth: int  # blocks; a ConViT makes all but the last two GPSA
+    batch_size: int
+    lr: float  # peak learning rate
+    warmup_epochs: int  # linear warmup (train.py steps its schedule once per epoch, as DeiT does) ...
+    warmup_lr: float  # ... from this lr (a whole epoch at train.py's 1e-6 would be lost to a short run)
+
+
+def training_parser(doc: str, lesson: str, recipe: LessonRecipe, quick: LessonRecipe) -> argparse.ArgumentParser:
+    """lesson_parser plus what a lesson that trains through train.py needs: the recipe's
+    flags (unset: the recipe's value, or with --quick the quick one's), --workers, --run-dir."""
     parser = lesson_parser(doc, uses_data=True)
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"epochs on the full training set (default {epochs}; with --quick {quick_epochs})")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    parser.set_defaults(dataset="mnist10k")  # real 28x28 digits, shipped in data/: a 7x7 grid of patches
+    for field in dataclasses.fields(LessonRecipe):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=type(getattr(recipe, field.name)), default=None, metavar=field.name.upper(),
+                            help=f"default {getattr(recipe, field.name)} (--quick: {getattr(quick, field.name)})")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="training runs at once, each a process with --threads threads "
+                             "(default 2, one per core of our machine; --quick: 1, in this process)")
     parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "lessons" / lesson,
                         help="where train.py writes metrics.jsonl and checkpoints (with --quick: a temporary folder)")
-    parser.set_defaults(default_epochs=(epochs, quick_epochs))
+    parser.set_defaults(recipes=(recipe, quick))
     return parser
 
 
@@ -93,10 +124,16 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     convit.torch_device(args.device, "--device")  # a typo or a missing GPU: one ValueError, now
     if args.threads < 0:
         raise ValueError(f"--threads must be at least 0, got {args.threads}")
+    if args.out_dir is None:
+        args.out_dir = QUICK_FIGURES if args.quick else FIGURES
     if args.threads:
         torch.set_num_threads(args.threads)
-    if getattr(args, "epochs", 0) is None:
-        args.epochs = args.default_epochs[1] if args.quick else args.default_epochs[0]
+    if hasattr(args, "recipes"):  # a training lesson: unset recipe flags take the recipe's values
+        recipe = args.recipes[1] if args.quick else args.recipes[0]
+        for field in dataclasses.fields(LessonRecipe):
+            if getattr(args, field.name) is None:
+                setattr(args, field.name, getattr(recipe, field.name))
+        args.workers = args.workers or (1 if args.quick else 2)
     torch.manual_seed(0)
     return args
 
@@ -170,27 +207,74 @@ def in_chans(dataset: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Training (lessons 5 and 6): one small recipe, through train.main
+# Training (lessons 5 and 6): train.main with the lesson's recipe, several runs at once
 # ---------------------------------------------------------------------------------------
-def train_small(args, out_dir: Path, epochs: int, *flags: str, warmup: int = 1, seed: int = 0, quiet: bool = True):
-    """Train a small convit_tiny through train.main and return (final metrics, per-epoch records).
+def train_argv(args, out_dir: Path, *flags: str, seed: int = 0) -> list[str]:
+    """train.py's command line for one run of the lesson's recipe; `flags` come last and win
+    (--data-fraction, the ablations, --model deit_tiny ...).
 
-    The recipe of the lessons: width 32 (4 heads of 8), batch 32, peak lr --lr, `warmup`
-    epochs of warmup, no RandAugment; `flags` add to it (--depth, --data-fraction,
-    the ablations ...). On digits the 8x8 image is cut into 2x2 patches: a 4x4 grid of 16
-    tokens, which is what lets each run finish in seconds on a CPU. Other datasets keep
-    train.py's image and patch sizes."""
-    import train
-
+    A convit_tiny shrunk to the recipe's C, H and depth, on train.py's image and patch size
+    (mnist10k: 28x28 in 4x4 patches, a 7x7 grid). On the 8x8 sklearn digits the image is cut
+    into 2x2 patches instead (a 4x4 grid), which keeps each run to seconds."""
     argv = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--device", args.device,
-            "--model", "convit_tiny", "--embed-dim", "32", "--batch-size", "32", "--lr", str(args.lr),
-            "--epochs", str(epochs), "--warmup-epochs", str(warmup), "--randaug-ops", "0", "--seed", str(seed),
-            "--output-dir", str(out_dir), "--no-progress", *(["--quiet"] if quiet else [])]
+            "--model", "convit_tiny", "--embed-dim", str(args.embed_dim), "--num-heads", str(args.num_heads),
+            "--depth", str(args.depth), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs),
+            "--warmup-lr", str(args.warmup_lr), "--randaug-ops", "0",
+            "--seed", str(seed), "--output-dir", str(out_dir), "--no-progress", "--quiet"]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
     if args.dataset == "digits":
         argv += ["--img-size", "8", "--patch-size", "2"]
-    result = train.main(argv + list(flags))
-    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return result, records
+    return argv + list(flags)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl, one dict per epoch."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_one(argv: list[str]) -> dict:
+    """One train.main run; returns its final scores, its parameter count, its wall-clock and CPU
+    seconds, and every epoch's metrics (not the model: results must travel between processes)."""
+    import train
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = train.main(argv)
+    return {"val_top1": result["val_top1"], "val_top5": result["val_top5"], "val_loss": result["val_loss"],
+            "parameters": convit.count_parameters(result["model"]), "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start, "records": read_metrics(result["output_dir"])}
+
+
+def run_parallel(function, items: list, workers: int, threads: int, done=None) -> list:
+    """[function(item) for item in items], `workers` at a time, each in its own process with
+    torch on `threads` threads; `done(item, result)` is called as each one finishes.
+
+    Small models gain little from a second thread, and two one-thread processes on two cores
+    keep both busy without fighting over them. Processes are spawned, not forked (a forked copy
+    of a process that has started torch's thread pool can hang). With workers <= 1, runs here."""
+    results = [None] * len(items)
+    if workers <= 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            results[i] = function(item)
+            if done:
+                done(item, results[i])
+        return results
+    jobs = [(function, threads, item) for item in items]
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(items))) as pool:
+        for i, result in pool.imap_unordered(_run_job, list(enumerate(jobs))):
+            results[i] = result
+            if done:
+                done(items[i], result)
+    return results
+
+
+def _run_job(numbered_job):
+    """In a worker process: set torch's threads, run one job, return it with its index."""
+    index, (function, threads, item) = numbered_job
+    if threads:
+        torch.set_num_threads(threads)
+    return index, function(item)
 
 
 # ---------------------------------------------------------------------------------------
