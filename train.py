@@ -2,7 +2,7 @@
 
 The commands, from the smallest to the largest:
 
-    # CPU, offline, about 2.5 minutes on 2 cores: a small ConViT on the UCI handwritten digits
+    # CPU, offline, about 3 minutes on 2 cores: a small ConViT on the UCI handwritten digits
     # that ship with scikit-learn, to about 97-98% validation top-1
     python train.py
     # The same under bf16 autocast (--amp-dtype fp16: fp16 with a gradient scaler), the loop a GPU runs
@@ -65,8 +65,8 @@ Every flag left unset takes its value from the dataset (image and patch size) an
 recipe, --preset paper (DeiT's, the default for cifar and imagefolder) or --preset small (the
 default for digits and fake); `python train.py --help` lists both values of each flag.
 
-Contents, in file order: presets (recipes) -> command line -> model, optimiser, schedule -> processes -> checkpoints -> evaluation -> setting up a run ->
-the training loop (`train`) -> `evaluate_only`, `main` and the command-line entry `cli`.
+Contents, in file order: presets (recipes) -> command line -> model, optimiser, schedule ->
+processes -> checkpoints -> evaluation -> setting up a run -> the training loop (`train`) -> `evaluate_only`, `main` and the command-line entry `cli`.
 The data side of the recipe (datasets, augmentation, repeated augmentation, MixUp/CutMix)
 is data.py.
 """
