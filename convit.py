@@ -356,13 +356,16 @@ class GPSA(nn.Module):
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         # The same maths as forward_explicit, rearranged for speed. What it costs beyond plain
-        # attention, measured for ConViT-Ti at batch 32, 224x224, on one CPU thread: about 2 ms
-        # per layer against some 31 ms for the three matrix products and the fused kernel:
+        # attention, measured for ConViT-Ti at batch 32, 224x224, on one CPU thread: about 1.5 ms
+        # per layer against some 32 ms for the three matrix products and the fused kernel:
         # steps 3 and 4, which read and write B x N x C numbers a few times each (memory-bound;
-        # their multiply-adds are 1% of the layer's). The alternatives we timed were slower:
-        # mixing a head-major copy of V in small batched products, per-head products on the
-        # strided V (no copy), the whole Kronecker P in one product, and two products for W_qk
-        # and W_val instead of the concatenation (+0.4 ms; the concatenation costs 0.06 ms).
+        # their multiply-adds are 1% of the layer's). Step 3 used to be two einsums, each a
+        # product per head over all B x rows x D columns, between two permuting copies: as fast
+        # on one thread, but those products ran no faster on two threads than on one, and the
+        # whole model ran 2.4% slower on two (batch 32). The alternatives we timed were slower:
+        # per-head products on the strided V (no copy), the whole Kronecker P in one product,
+        # and two products for W_qk and W_val instead of the concatenation (+0.4 ms; the
+        # concatenation costs 0.06 ms).
         # 1. W_qry, W_key and W_val in one matrix product (stacked as the checkpoint stores them).
         qkv = F.linear(x, torch.cat([self.qk.weight, self.v.weight]))  # (B, N, 3C)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
@@ -372,13 +375,14 @@ class GPSA(nn.Module):
         #    grid with P_cols, then along each column with P_rows. The factors are fp32; under
         #    autocast they are cast once to V's dtype, so that no product sees two dtypes.
         p_rows, p_cols = (p.to(v.dtype) for p in self.position_attention_factors())
-        # Each einsum copies V once into a head-major layout and runs one batched product per
-        # head over all B x rows x D columns at once: large products, which run faster than the
-        # small ones a copy-free layout would need.
-        v_grid = rearrange(v, "b h (r c) d -> b h r c d", r=self.grid[0])
-        mixed_in_rows = einsum(p_cols, v_grid, "h c c2, b h r c2 d -> b h r c d")
-        position_out = einsum(p_rows, mixed_in_rows, "h r r2, b h r2 c d -> b h r c d")
-        position_out = rearrange(position_out, "b h r c d -> b h (r c) d")  # (B, H, N, D)
+        #    V is copied once, into a contiguous head-major grid; then both mixes are plain
+        #    matrix products that broadcast each head's factor over the batch (and the rows),
+        #    read V where it lies and write their result in place of the next one's input.
+        v_grid = rearrange(v, "b h (r c) d -> b h r c d", r=self.grid[0]).contiguous()
+        mixed_in_rows = p_cols[:, None] @ v_grid  # (H, 1, c, c2) @ (B, H, r, c2, D) -> (B, H, r, c, D)
+        mixed_in_rows = rearrange(mixed_in_rows, "b h r c d -> b h r (c d)")  # a view: c and D stay together
+        position_out = p_rows @ mixed_in_rows  # (H, r, r2) @ (B, H, r2, c D) -> (B, H, r, c D)
+        position_out = rearrange(position_out, "b h r (c d) -> b h (r c) d", d=v.shape[-1])  # (B, H, N, D)
         # 4. The gate: lerp(a, b, g) = (1 - g) a + g b, Eq. 7 applied to the outputs, not to A.
         #    sigma(lambda) is computed in fp32 and cast like the factors: lerp wants one dtype.
         gate = rearrange(self.gate(), "h -> h 1 1").to(content_out.dtype)
