@@ -7,7 +7,9 @@ embed every figure its script writes, and every figure a text embeds must be com
 lessons/figures.
 """
 
+import collections
 import hashlib
+import json
 import math
 import re
 import subprocess
@@ -78,3 +80,53 @@ def test_reading_order_lists_every_lesson():
     readme = (LESSONS / "README.md").read_text()
     for script in FIGURES:
         assert f"({Path(script).stem}.md)" in readme, f"lessons/README.md does not link {Path(script).stem}.md"
+
+
+def test_lesson_texts_and_readme_quote_the_committed_results():
+    """Lessons 5 and 6 and the README's findings table quote the numbers of the committed runs:
+    each figure is recomputed here from the runs in the JSON summaries (which hold every run's
+    metrics.jsonl records or top-1) and looked up in the texts, formatted as they print it."""
+    readme = (ROOT / "README.md").read_text()
+
+    def mean(values):  # as the lessons compute it (statistics.mean can round a .x5 the other way)
+        values = list(values)
+        return sum(values) / len(values)
+
+    lesson5 = json.loads((LESSONS / "figures" / "05_escaping_locality.json").read_text())
+    text5 = (LESSONS / "05_escaping_locality.md").read_text()
+    runs = lesson5["runs"]
+    for row in lesson5["per_block"]:
+        block = row["block"] - 1
+        line = next((line for line in text5.splitlines() if line.startswith(f"| {row['block']} ({row['kind']}) |")), None)
+        assert line is not None, f"lesson 5's table has no row for block {row['block']}"
+        first, last = (mean(mean(run["records"][i]["nonlocality"][block]) for run in runs)
+                       for i in (0, -1))
+        assert f"{first:.2f} -> {last:.2f}" in line, f"block {row['block']}: nonlocality {first:.2f} -> {last:.2f}, text: {line}"
+        if row["kind"] == "GPSA":
+            gate = mean(mean(run["records"][-1]["gates"][block]) for run in runs)
+            assert f"-> {gate:.3f}" in line, f"block {row['block']}: final sigma(lambda) {gate:.3f}, text: {line}"
+
+    lesson6 = json.loads((LESSONS / "figures" / "06_sample_efficiency.json").read_text())
+    text6 = (LESSONS / "06_sample_efficiency.md").read_text()
+    top1 = collections.defaultdict(list)
+    for run in lesson6["runs"]:
+        top1[run["table"], run["name"], run["fraction"]].append(run["top1"])
+
+    def cell(values):
+        return f"{mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+    for fraction in sorted({f for table, _, f in top1 if table == "table2"}):
+        line = next(line for line in text6.splitlines() if line.startswith(f"| {fraction:.0%} |")).replace("**", "")
+        cells = [cell(top1["table2", name, fraction]) for name in ("ConViT without GPSA", "DeiT", "ConViT")]
+        assert re.search(r"\s.*".join(map(re.escape, cells)), line), f"lesson 6, f = {fraction:.0%}: want {cells}, text: {line}"
+    table3 = {name: values for (table, name, _), values in top1.items() if table == "table3"}
+    for row, average in lesson6["table3_mean_top1"].items():
+        line = next(line for line in text6.splitlines() if line.startswith(f"| {row}: ")).replace("**", "")
+        assert f"{average:.1f}" in line, f"lesson 6, Table 3 row {row}: mean {average:.1f}, text: {line}"
+        if row in table3:  # rows a and e are Table 2's runs at 10%
+            assert cell(table3[row]).split(" ")[1] in line, f"lesson 6, Table 3 row {row}: range, text: {line}"
+    findings = next(line for line in readme.splitlines() if line.startswith("| ablations at 10% (Table 3)"))
+    for row, average in lesson6["table3_mean_top1"].items():
+        assert f"{row} {average:.1f}" in findings, f"README's Table 3 finding: row {row} is {average:.1f}"
+    at_tenth = lesson6["table2_mean_top1"]["0.1"]
+    assert f"DeiT {at_tenth['DeiT']:.1f} / ConViT {at_tenth['ConViT']:.1f}" in readme

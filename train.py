@@ -66,9 +66,9 @@ recipe, --preset paper (DeiT's, the default for cifar and imagefolder) or --pres
 default for digits and fake); `python train.py --help` lists both values of each flag.
 
 Contents, in file order: presets (recipes) -> command line -> model, optimiser, schedule ->
-processes -> checkpoints -> evaluation -> setting up a run -> the training loop (`train`) -> `evaluate_only`, `main` and the command-line entry `cli`.
-The data side of the recipe (datasets, augmentation, repeated augmentation, MixUp/CutMix)
-is data.py.
+processes -> checkpoints -> evaluation -> setting up a run -> the training loop (`train`) ->
+`evaluate_only`, `main` and the command-line entry `cli`. The data side of the recipe
+(datasets, augmentation, repeated augmentation, MixUp/CutMix) is data.py.
 """
 
 from __future__ import annotations
