@@ -242,11 +242,15 @@ def test_bad_checkpoint_file_is_one_clear_refusal(kind, bad_files, folder, capsy
 # wrapped so that at the chosen moment of epoch 2 it writes a file for the test and stalls
 # until the test kills it. train.py has no hooks for this.
 WRAPPER = '''
-import io, os, sys, time
+import io, os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
 import train
+
+# Ctrl-C as a terminal delivers it: a job that a shell started in the background (a CI runner's,
+# say) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 moment, here = sys.argv[2], Path(sys.argv[3])
 saves = []
