@@ -512,6 +512,7 @@ class ConViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         positions = int(cfg.class_token_in_pos_embed) + rows * cols  # DeiT: the class token's slot comes first
         self.pos_embed = nn.Parameter(torch.zeros(1, positions, dim)) if cfg.use_pos_embed else None
+        self.pos_embed_masked = False  # mask_pos_embed: evaluate without it (Table 5)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         drop_paths = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # rises linearly
         self.blocks = nn.ModuleList(
@@ -553,6 +554,13 @@ class ConViT(nn.Module):
         self.cfg = replace(self.cfg, fused=fused)
         return self
 
+    def mask_pos_embed(self, masked: bool = True) -> ConViT:
+        """Leave the absolute position embedding out of the forward pass (Table 5: "positional
+        embeddings masked off at test time"): the weights stay, only `embed` stops adding them.
+        GPSA still knows where each patch sits relative to the others, through r_ij."""
+        self.pos_embed_masked = masked
+        return self
+
     def check_input(self, images: torch.Tensor):
         cfg = self.cfg
         if images.ndim != 4:
@@ -573,7 +581,7 @@ class ConViT(nn.Module):
         x = self.patch_embed(images)  # (B, N, C)
         if self.cfg.class_token_in_pos_embed:
             x = self.join_class_token(x)  # (B, 1 + N, C)
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and not self.pos_embed_masked:
             x = x + self.pos_embed
         return self.pos_drop(x)
 

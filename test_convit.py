@@ -457,3 +457,21 @@ def test_table1_command_measures_a_pair(capsys):
     assert [c[1:4] for c in cells] == [["3", "192", "5.7M"], ["4", "192", "5.7M"], ["4", "192", "5.7M"]]
     assert cells[0][6] == "1.00x" and cells[1][8] == "0.51x"  # the paper's ConViT-Ti / DeiT-Ti: 734 / 1442
     assert 1.0 < float(cells[1][4]) < 1.5  # GMACs: the paper's "1G"
+
+
+@pytest.mark.parametrize("name", ["convit_tiny", "deit_tiny"])
+def test_masked_position_embedding_is_not_read(name):
+    """Table 5 masks the absolute position embedding at test time: the masked model's output does
+    not depend on pos_embed at all (NaN there changes nothing), and differs from the unmasked one."""
+    torch.manual_seed(0)
+    model = create_model(name, img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, num_classes=5,
+                         **({"local_up_to_layer": 1} if name.startswith("convit") else {})).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_()  # a trained embedding is far from its init (std 0.02)
+        images = torch.randn(4, 3, 16, 16)
+        normal = model(images)
+        masked = model.mask_pos_embed()(images)
+        model.pos_embed.fill_(float("nan"))
+        assert torch.equal(model(images), masked)
+        assert not torch.allclose(normal, masked, atol=1e-3)
+        assert torch.isnan(model.mask_pos_embed(False)(images)).all()  # unmasked, it reads pos_embed again

@@ -271,6 +271,9 @@ def build_parser() -> ArgumentParser:
                      help="evaluate, log to metrics.jsonl and save the checkpoint every this many epochs and after "
                           "the last (default 1; with --scale-epochs 1/F: the same steps apart at every fraction)")
     run.add_argument("--eval-only", action="store_true", help="only report top-1 / top-5 of --checkpoint")
+    run.add_argument("--mask-pos-embed", action="store_true",
+                     help="with --eval-only: evaluate without the absolute position embedding (Table 5: ConViT's "
+                          "GPSA keeps its sense of position through r_ij, DeiT has no other)")
     run.add_argument("--checkpoint", default=None, metavar="PATH",
                      help="weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT "
                           "or DeiT .pth, with the matching --model (read with weights_only=True: a file that needs "
@@ -351,6 +354,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             check_range(name, getattr(args, name), interval)
     if args.eval_every is None:  # evaluating a 5% run 20 times as often as a full one would cost more than training it
         args.eval_every = max(1, round(1 / args.data_fraction)) if args.scale_epochs else 1
+    if args.mask_pos_embed and not args.eval_only:
+        raise TrainError("--mask-pos-embed masks the position embedding at test time: use it with --eval-only")
     if args.eval_only and not args.checkpoint:
         raise TrainError("--eval-only needs --checkpoint PATH (one of our checkpoints or a released ConViT .pth)")
     checkpoint_flag(args, "resume")
@@ -514,7 +519,7 @@ def global_sum(values: torch.Tensor, procs: Processes) -> torch.Tensor:
 # differ when a run is resumed. (--checkpoint only gave the starting weights, which the resumed
 # ones replace; --data-dir may move.) --epochs may grow; every other flag must be the same.
 RUN_ONLY_FLAGS = {"resume", "stop_after", "output_dir", "workers", "threads", "quiet", "no_progress", "compile",
-                  "device", "amp", "amp_dtype", "eval_only", "checkpoint", "data_dir", "eval_every"}
+                  "device", "amp", "amp_dtype", "eval_only", "mask_pos_embed", "checkpoint", "data_dir", "eval_every"}
 
 
 def read_checkpoint(path) -> dict:
@@ -862,12 +867,18 @@ def evaluate_only(args, procs: Processes) -> dict:
     if ours:
         check_same_model(checkpoint, model, args.checkpoint)
     convit.load_checkpoint(model, args.checkpoint, verbose=procs.rank == 0 and not args.quiet)
+    if args.mask_pos_embed:
+        if model.pos_embed is None:
+            raise TrainError(f"--mask-pos-embed: {args.checkpoint} was trained with --no-pos-embed; there is "
+                             f"no position embedding to mask")
+        model.mask_pos_embed()
     val_shard = Subset(val_set, range(procs.rank, len(val_set), procs.world))
     loader = DataLoader(val_shard, args.batch_size, num_workers=args.workers or 0, pin_memory=procs.device.type == "cuda")
     show = procs.rank == 0 and not (args.quiet or args.no_progress) and sys.stderr.isatty()
     result = evaluate(model, loader, procs, mixed_precision(procs.device, args.amp, args.amp_dtype), show)
     if procs.rank == 0:
-        print(f"{args.checkpoint} on {args.dataset} ({len(val_set)} images): top-1 {result['val_top1']:.2f}%  "
+        masked = ", position embedding masked" if args.mask_pos_embed else ""
+        print(f"{args.checkpoint} on {args.dataset} ({len(val_set)} images{masked}): top-1 {result['val_top1']:.2f}%  "
               f"top-5 {result['val_top5']:.2f}%  loss {result['val_loss']:.4f}", flush=True)
     return {**result, "epoch": checkpoint.get("epoch", 0), "epochs_run": 0, "output_dir": args.output_dir, "model": model}
 
