@@ -7,7 +7,7 @@ Contents, in file order:
     DatasetDefaults, DATASETS      what each --dataset looks like (image and patch size, channels ...)
     ArrayImageDataset, FirstClassesImageFolder
     train_transform, eval_transform  (the rest of the training augmentation runs on batches: augment.py)
-    load_digits, load_mnist10k, load_cifar, load_imagefolder, build_datasets
+    load_digits, load_mnist10k, load_mnist10k_sum, load_cifar, load_imagefolder, build_datasets
     stratified_fraction            Table 2's subsets of each class
     RepeatedAugmentationSampler    DeiT's repeated augmentation
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from einops import rearrange
 from torch.utils.data import Dataset, DistributedSampler, Subset
@@ -58,6 +59,9 @@ DATASETS: dict[str, DatasetDefaults] = {
     # 10,000 real 28x28 MNIST digits shipped in data/ (data/README.md): in 4x4 patches a 7x7 grid
     # of 49 tokens, far enough for a locality prior to matter (patch 2 gives 14x14, ImageNet's grid).
     "mnist10k": DatasetDefaults(28, 4, 1, "small", 0.0, 1.0, MNIST_MEAN, MNIST_STD),
+    # Two MNIST-10k digits at half size in opposite corners of a 28x28 image, labelled by their sum
+    # (0-18): a label that needs content from patches far apart (load_mnist10k_sum).
+    "mnist10k-sum": DatasetDefaults(28, 4, 1, "small", 0.0, 1.0, MNIST_MEAN, MNIST_STD),
     # 32x32 colour images in 4x4 patches: an 8x8 grid (patch 2 gives 16x16 = 256 tokens).
     "cifar10": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
     "cifar100": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
@@ -184,6 +188,29 @@ def load_mnist10k(data_dir: Path, train_tf, eval_tf):
             ArrayImageDataset(images[val_idx], [labels[i] for i in val_idx], eval_tf))
 
 
+def load_mnist10k_sum(data_dir: Path, train_tf, eval_tf):
+    """A task whose label depends on content far apart: each image holds two MNIST-10k digits,
+    shrunk to 14x14, one in the top-left and one in the bottom-right corner of a 28x28 image (on
+    the 7x7 grid of 4x4 patches, 3.5 to 7 patches apart), and its label is their sum, 0 to 18.
+
+    The training images pair up MNIST-10k's 8,000 training digits, the validation images its
+    2,000 validation digits, so no digit is seen in both. Each split is paired by two fixed
+    permutations (seed 0 whatever --seed is): every digit appears once in each corner, so the
+    sums follow the product of the digit frequencies (sum 9 most often, about 10%)."""
+    train_digits, val_digits = load_mnist10k(data_dir, None, None)
+    return digit_pairs(train_digits, train_tf), digit_pairs(val_digits, eval_tf)
+
+
+def digit_pairs(digits: ArrayImageDataset, transform) -> ArrayImageDataset:
+    generator = torch.Generator().manual_seed(MNIST10K_SPLIT_SEED)
+    first, second = (torch.randperm(len(digits), generator=generator) for _ in range(2))
+    small = F.interpolate(digits.images.float(), size=(14, 14), mode="area").round().to(torch.uint8)  # (n, 1, 14, 14)
+    images = torch.zeros(len(digits), 1, 28, 28, dtype=torch.uint8)
+    images[:, :, :14, :14], images[:, :, 14:, 14:] = small[first], small[second]
+    labels = [digits.targets[a] + digits.targets[b] for a, b in zip(first.tolist(), second.tolist())]
+    return ArrayImageDataset(images, labels, transform)
+
+
 def load_cifar(name: str, root: Path, train: bool, transform) -> ArrayImageDataset:
     """CIFAR-10/100 from the python pickles, downloaded through torchvision when missing.
 
@@ -244,6 +271,9 @@ def build_datasets(args) -> tuple[Dataset, Dataset, int]:
     elif args.dataset == "mnist10k":
         train_set, val_set = load_mnist10k(root, train_tf, eval_tf)
         num_classes = 10
+    elif args.dataset == "mnist10k-sum":
+        train_set, val_set = load_mnist10k_sum(root, train_tf, eval_tf)
+        num_classes = 19
     elif args.dataset in ("cifar10", "cifar100"):
         train_set = load_cifar(args.dataset, root, True, train_tf)
         val_set = load_cifar(args.dataset, root, False, eval_tf)
@@ -267,7 +297,8 @@ def transformed_once(dataset: Dataset) -> Dataset:
     evaluations of a run; other datasets are returned as they are."""
     if not isinstance(dataset, ArrayImageDataset):
         return dataset
-    return ArrayImageDataset(torch.stack([dataset[i][0] for i in range(len(dataset))]), dataset.targets, None)
+    images = dataset.transform(tv_tensors.Image(dataset.images))  # deterministic: one call for all of them
+    return ArrayImageDataset(images, dataset.targets, None)
 
 
 def labels_of(dataset: Dataset) -> list[int]:

@@ -181,6 +181,38 @@ def test_mnist10k_split_is_fixed_stratified_and_disjoint(tmp_path):
     assert train.resolve_args(train.build_parser().parse_args(["--dataset", "mnist10k"])).patch_size == 4
 
 
+def test_mnist10k_sum_pairs_far_apart_digits_labelled_by_their_sum(tmp_path):
+    """The far-content task: two half-size digits in opposite corners, the label their sum."""
+    train_set, val_set, num_classes = mnist10k_sets("--dataset", "mnist10k-sum")
+    assert num_classes == 19 and (len(train_set), len(val_set)) == (8000, 2000)
+    assert train_set.images.shape == (8000, 1, 28, 28) and train_set.images.dtype == torch.uint8
+    assert not train_set.images[:, :, :14, 14:].any() and not train_set.images[:, :, 14:, :14].any()  # 2 corners
+    digits_train, digits_val, _ = mnist10k_sets()
+    for pairs, digits in ((train_set, digits_train), (val_set, digits_val)):
+        small = torch.nn.functional.interpolate(digits.images.float(), size=(14, 14), mode="area").round().byte()
+        label_of = {image.numpy().tobytes(): label for image, label in zip(small, digits.targets)}
+        assert len(label_of) > 0.99 * len(digits)  # shrunk digits stay (nearly all) distinct
+        corners = [pairs.images[:, :, :14, :14], pairs.images[:, :, 14:, 14:]]
+        # Balance: each corner holds every digit of its split exactly once, so each corner's classes are MNIST's.
+        for corner in corners:
+            assert sorted(c.numpy().tobytes() for c in corner) == sorted(c.numpy().tobytes() for c in small)
+        # The label is the sum of the two digits' labels.
+        sums = [label_of.get(a.numpy().tobytes(), -99) + label_of.get(b.numpy().tobytes(), -99)
+                for a, b in zip(*corners)]
+        agree = np.mean([s == label for s, label in zip(sums, pairs.targets)])
+        assert agree > 0.98, agree  # the few shrunk digits that collide are the only misses
+        assert min(pairs.targets) == 0 and max(pairs.targets) == 18
+    # No digit of the validation pairs appears in a training pair.
+    train_corners = {c.numpy().tobytes() for c in train_set.images[:, :, :14, :14]}
+    assert not train_corners & {c.numpy().tobytes() for c in val_set.images[:, :, :14, :14]}
+    # The sums follow the digits' frequencies: sum 9 is the most frequent class, about 10%.
+    counts = np.bincount(train_set.targets, minlength=19) / 8000
+    assert counts.argmax() == 9 and 0.09 < counts[9] < 0.11 and counts[0] < 0.015 and counts[18] < 0.015
+    # Fixed whatever --seed is.
+    again, _, _ = mnist10k_sets("--dataset", "mnist10k-sum", "--seed", "5")
+    assert torch.equal(again.images, train_set.images) and again.targets == train_set.targets
+
+
 def test_short_mnist10k_run_learns(tmp_path):
     result = train.main(["--dataset", "mnist10k", "--embed-dim", "32", "--depth", "3", "--num-heads", "4",
                          "--epochs", "1", "--batch-size", "64", "--lr", "2e-3", "--warmup-epochs", "0",
@@ -366,6 +398,24 @@ def test_eval_only_reports_our_checkpoint_and_a_released_format(cifar_folder, tm
     torch.save({"model": trained["model"].state_dict()}, tmp_path / "released.pth")  # the released layout
     released = train.main([*data, "--eval-only", "--checkpoint", str(tmp_path / "released.pth")])
     assert released["val_loss"] == pytest.approx(trained["val_loss"])
+
+
+def test_eval_only_can_mask_the_position_embedding(cifar_folder, tmp_path, capsys):
+    """Table 5's test-time masking through train.py: the same weights, evaluated without pos_embed."""
+    data = ["--dataset", "cifar10", "--data-dir", str(cifar_folder), *TINY, "--batch-size", "20"]
+    trained = train.main([*data, "--epochs", "1", "--output-dir", str(tmp_path)])
+    with torch.no_grad():
+        trained["model"].pos_embed.normal_()  # a trained embedding is far from its init
+    torch.save({"cfg": dataclasses.asdict(trained["model"].cfg), "model": trained["model"].state_dict()},
+               tmp_path / "moved.pth")
+    argv = [*data, "--eval-only", "--checkpoint", str(tmp_path / "moved.pth")]
+    normal, masked = train.main(argv), train.main([*argv, "--mask-pos-embed"])
+    assert masked["model"].pos_embed_masked and not normal["model"].pos_embed_masked
+    assert masked["val_loss"] != pytest.approx(normal["val_loss"])
+    fails_with([*data, "--mask-pos-embed"], "use it with --eval-only", capsys)
+    train.main([*data, "--epochs", "1", "--no-pos-embed", "--output-dir", str(tmp_path / "none")])
+    fails_with([*data, "--no-pos-embed", "--eval-only", "--mask-pos-embed", "--checkpoint", str(tmp_path / "none")],
+               "there is no position embedding to mask", capsys)
 
 
 # ---------------------------------------------------------------------------------------
