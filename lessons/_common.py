@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -209,24 +210,41 @@ def in_chans(dataset: str) -> int:
 # ---------------------------------------------------------------------------------------
 # Training (lessons 5 and 6): train.main with the lesson's recipe, several runs at once
 # ---------------------------------------------------------------------------------------
+def repo_path(path) -> str:
+    """`path` as a recorded command should name it: relative to the repository when inside it, so
+    that the command runs on any machine from the repository root."""
+    absolute = Path(path).resolve()
+    return str(absolute.relative_to(REPO_ROOT)) if absolute.is_relative_to(REPO_ROOT) else str(absolute)
+
+
 def train_argv(args, out_dir: Path, *flags: str, seed: int = 0) -> list[str]:
-    """train.py's command line for one run of the lesson's recipe; `flags` come last and win
-    (--data-fraction, the ablations, --model deit_tiny ...).
+    """train.py's command line for one run of the lesson's recipe, each flag once: a flag in
+    `flags` (--data-fraction, the ablations, --model deit_tiny ...) replaces the recipe's value.
+    Paths are relative to the repository root, where train_one runs it.
 
     A convit_tiny shrunk to the recipe's C, H and depth, on train.py's image and patch size
     (mnist10k: 28x28 in 4x4 patches, a 7x7 grid). On the 8x8 sklearn digits the image is cut
     into 2x2 patches instead (a 4x4 grid), which keeps each run to seconds."""
-    argv = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--device", args.device,
-            "--model", "convit_tiny", "--embed-dim", str(args.embed_dim), "--num-heads", str(args.num_heads),
-            "--depth", str(args.depth), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs),
-            "--warmup-lr", str(args.warmup_lr), "--randaug-ops", "0",
-            "--seed", str(seed), "--output-dir", str(out_dir), "--no-progress", "--quiet"]
+    options = {"--dataset": args.dataset, "--data-dir": repo_path(args.data_dir), "--device": args.device,
+               "--model": "convit_tiny", "--embed-dim": args.embed_dim, "--num-heads": args.num_heads,
+               "--depth": args.depth, "--batch-size": args.batch_size, "--lr": args.lr, "--epochs": args.epochs,
+               "--warmup-epochs": args.warmup_epochs, "--warmup-lr": args.warmup_lr, "--randaug-ops": 0,
+               "--seed": seed, "--output-dir": repo_path(out_dir), "--no-progress": None, "--quiet": None}
     if args.threads:
-        argv += ["--threads", str(args.threads)]
+        options["--threads"] = args.threads
     if args.dataset == "digits":
-        argv += ["--img-size", "8", "--patch-size", "2"]
-    return argv + list(flags)
+        options.update({"--img-size": 8, "--patch-size": 2})
+    tokens = list(flags)
+    for i, token in enumerate(tokens):
+        if token.startswith("--"):  # a switch, or a flag whose value follows it
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            options[token] = tokens[i + 1] if has_value else None
+    return [str(item) for flag, value in options.items() for item in ((flag,) if value is None else (flag, value))]
+
+
+def command_line(argv: list[str]) -> str:
+    """The shell command that repeats a run of train_argv, from the repository root."""
+    return " ".join(["python", "train.py", *(shlex.quote(a) for a in argv)])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -234,16 +252,56 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+# The protocol's test that a run was trained to the end: its best top-1 over the last quarter
+# of its evaluations is less than this many points above its best top-1 before them.
+CONVERGED_WITHIN = 0.5
+
+
+def convergence(records: list[dict]) -> dict:
+    """How much the last quarter of a run's evaluations added to its best top-1, and whether
+    that is under CONVERGED_WITHIN points (None: fewer than 4 evaluations, too few to judge)."""
+    top1 = [r["val_top1"] for r in records if "val_top1" in r]
+    if len(top1) < 4:
+        return {"last_quarter_gain": None, "converged": None}
+    last = max(1, len(top1) // 4)
+    gain = max(top1[-last:]) - max(top1[:-last])
+    return {"last_quarter_gain": round(gain, 2), "converged": gain < CONVERGED_WITHIN}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def cell(values: list[float]) -> str:
+    """'86.9', or with several seeds '87.5 (85.8-89.7)': the mean and the range."""
+    return f"{mean(values):.1f}" + (f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else "")
+
+
+@contextmanager
+def at_repository_root():
+    """Run train.py's commands where their recorded paths start: the repository root."""
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
 def train_one(argv: list[str]) -> dict:
-    """One train.main run; returns its final scores, its parameter count, its wall-clock and CPU
-    seconds, and every epoch's metrics (not the model: results must travel between processes)."""
+    """One train.main run, from the repository root (the argv's paths are relative to it);
+    returns its final scores, its parameter count, its wall-clock and CPU seconds, every
+    evaluation's metrics and its convergence (not the model: results travel between processes)."""
     import train
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    result = train.main(argv)
+    with at_repository_root():
+        result = train.main(argv)
+        records = read_metrics(result["output_dir"])
     return {"val_top1": result["val_top1"], "val_top5": result["val_top5"], "val_loss": result["val_loss"],
             "parameters": convit.count_parameters(result["model"]), "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu_start, "records": read_metrics(result["output_dir"])}
+            "cpu_seconds": time.process_time() - cpu_start, "records": records, **convergence(records)}
 
 
 def run_parallel(function, items: list, workers: int, threads: int, done=None) -> list:

@@ -1,0 +1,134 @@
+"""Lesson 8: position without a position embedding (the paper's Table 5).
+
+GPSA knows where every patch sits relative to the others: r_ij is built into its positional
+attention. DeiT's only sense of position is the learned absolute embedding added to the patch
+tokens. The paper masks that embedding off at test time: DeiT-Ti falls from 72.2 to 38.3 top-1
+on ImageNet, ConViT-Ti only from 73.1 to 67.1. Here, on MNIST-10k with lesson 6's recipe and
+models (same width, heads and depth; 3 seeds; trained until they stop improving), we
+
+  1. train ConViT and DeiT's own network, and evaluate each with and without its position
+     embedding (train.py --eval-only --mask-pos-embed);
+  2. train both again with no position embedding at all (train.py --no-pos-embed).
+
+Outputs (in --out-dir):
+  08_position_embedding.png   top-1 of the four cases per model, ours beside the paper's Table 5
+  08_position_embedding.json  every run's and every evaluation's train.py command and top-1
+
+Run from the repository root:  python lessons/08_position_embedding.py [--quick]
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lessons._common import (Stopwatch, at_repository_root, cell, cli, command_line, hardware, mean, parse,  # noqa: E402
+                             run_folder, save_figure, training_parser)
+from lessons._protocol import MODELS, QUICK, RECIPE, convergence_line, recipe_line, run_all, run_record, write_json  # noqa: E402
+
+SEEDS = (0, 1, 2)
+PAPER_TABLE5 = {"DeiT": ("DeiT-Ti", 72.2, 38.3), "ConViT": ("ConViT-Ti", 73.1, 67.1)}  # no mask, masked
+CASES = {  # what each bar shows
+    "trained with, tested with": "the usual model",
+    "trained with, tested masked": "the same weights, pos_embed left out at test time (Table 5)",
+    "trained without": "--no-pos-embed: no absolute position at all, in training or test",
+}
+
+
+def masked_evaluation(argv: list[str]) -> tuple[list[str], dict]:
+    """The run's own flags plus --eval-only --mask-pos-embed on its checkpoint: its top-1 without
+    the position embedding, and the command that gives it."""
+    import train
+
+    run_dir = argv[argv.index("--output-dir") + 1]
+    evaluation = [*argv, "--eval-only", "--mask-pos-embed", "--checkpoint", run_dir]
+    with at_repository_root():
+        result = train.main(evaluation)
+    return evaluation, {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
+
+
+def plot(top1: dict, seeds: list[int], args, settings: str):
+    """top1[model][case]: the top-1 of every seed."""
+    fig, (ours, paper) = plt.subplots(1, 2, figsize=(14, 4.6), layout="constrained", width_ratios=(3, 2))
+    colours = ["tab:green", "tab:orange", "tab:purple"]
+    width = 0.8 / len(CASES)
+    for i, case in enumerate(CASES):
+        values = [top1[name][case] for name in MODELS]
+        means = [mean(v) for v in values]
+        bars = ours.bar([m + (i - 1) * width for m in range(len(MODELS))], means, width, color=colours[i], label=case,
+                        yerr=[[a - min(v) for a, v in zip(means, values)], [max(v) - a for a, v in zip(means, values)]],
+                        capsize=3)
+        ours.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    what = f"mean of {len(seeds)} seeds, bars: min to max" if len(seeds) > 1 else f"seed {seeds[0]}"
+    ours.set_xticks(range(len(MODELS)), list(MODELS))
+    ours.set(ylabel="top-1 (%)", ylim=(0, 105), title=f"ours: {args.dataset}, C = {args.embed_dim}, H = "
+                                                       f"{args.num_heads}, {args.depth} blocks ({what})")
+    ours.legend(fontsize=8, loc="lower center")
+    for i, case in enumerate(list(CASES)[:2]):
+        bars = paper.bar([m + (i - 0.5) * width for m in range(len(MODELS))],
+                         [PAPER_TABLE5[name][1 + i] for name in MODELS], width, color=colours[i], label=case)
+        paper.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    paper.set_xticks(range(len(MODELS)), [PAPER_TABLE5[name][0] for name in MODELS])
+    paper.set(ylabel="top-1 (%)", ylim=(0, 105), title="paper, Table 5: ImageNet (not trained without)")
+    paper.legend(fontsize=8, loc="lower center")
+    save_figure(fig, args.out_dir, "08_position_embedding.png", settings, args.device)
+
+
+def main(argv=None):
+    parser = training_parser(__doc__, "08", RECIPE, QUICK)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
+    args = parse(parser, argv)
+    clock = Stopwatch("lesson 8")
+    seeds = args.seeds or ([0] if args.quick else list(SEEDS))
+    fraction = 0.1 if args.quick else 1.0
+    runs = [("table5", name, fraction, seed, [*flags, *extra]) for extra in ([], ["--no-pos-embed"])
+            for name, flags in MODELS.items() for seed in seeds]
+    print(f"{len(runs)} training runs, {args.workers} at a time, then {len(runs) // 2} masked evaluations: "
+          f"{recipe_line(args)}")
+    with run_folder(args) as run_root:
+        results = run_all(args, runs, run_root)
+        masked = [masked_evaluation(result["argv"]) if "--no-pos-embed" not in result["argv"] else None
+                  for result in results]
+
+    top1 = {name: {case: [] for case in CASES} for name in MODELS}
+    records = []
+    for (_table, name, f, seed, flags), result, evaluation in zip(runs, results, masked):
+        case = "trained without" if "--no-pos-embed" in flags else "trained with, tested with"
+        top1[name][case].append(result["val_top1"])
+        record = {**run_record(case, name, f, seed, result), "pos_embed": case != "trained without"}
+        if evaluation is not None:
+            command, scores = evaluation
+            top1[name]["trained with, tested masked"].append(scores["val_top1"])
+            record["masked"] = {"top1": scores["val_top1"], "top5": scores["val_top5"],
+                                "command": command_line(command)}
+        records.append(record)
+
+    what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
+    settings = f"{recipe_line(args)}, f = {fraction:.0%}, {what}"
+    plot(top1, seeds, args, settings)
+    print("\nTable 5, ours (top-1 %, mean of the seeds and their range) beside the paper's (ImageNet, -Ti models):")
+    print("| model | tested with pos_embed | masked at test | drop | trained without | paper: with | paper: masked |")
+    print("|---|---|---|---|---|---|---|")
+    for name in MODELS:
+        cases = top1[name]
+        drop = mean(cases["trained with, tested with"]) - mean(cases["trained with, tested masked"])
+        paper_name, paper_with, paper_masked = PAPER_TABLE5[name]
+        print(f"| {name} | {cell(cases['trained with, tested with'])} | {cell(cases['trained with, tested masked'])} | "
+              f"{drop:.1f} | {cell(cases['trained without'])} | {paper_name} {paper_with} | {paper_masked} |")
+    print(convergence_line(results))
+    summary = {
+        "command": " ".join(["python", "lessons/08_position_embedding.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": settings, "hardware": hardware(args.device), "seeds": seeds,
+        "seconds": round(time.perf_counter() - clock.start, 1), "rule": convergence_line(results), "runs": records,
+        "mean_top1": {name: {case: mean(v) for case, v in cases.items()} for name, cases in top1.items()},
+        "paper": {name: {"model": p[0], "no mask": p[1], "masked": p[2]} for name, p in PAPER_TABLE5.items()},
+    }
+    write_json(args, "08_position_embedding.json", summary)
+    clock.done()
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))

@@ -1,0 +1,98 @@
+"""The training protocol of the lessons that compare models (6, 8 and 9): one recipe, chosen by
+lesson 6's sweep for ConViT and DeiT alike, and every run trained until it stops improving.
+
+A run at fraction f of the training set trains 1/f times the epochs (Table 2's protocol, so
+every run takes the same steps), is evaluated EVALUATIONS times the same steps apart, and is
+judged converged when the last quarter of those evaluations adds less than CONVERGED_WITHIN
+points to its best top-1 (`convergence`, lessons/_common.py). Each run keeps its train.py
+command, relative to the repository root: run from there, it gives the same top-1 again
+(one-thread CPU runs are deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lessons._common import (CONVERGED_WITHIN, LessonRecipe, command_line, run_parallel, train_argv,  # noqa: F401
+                             train_one)
+
+# The recipe (the warmup is in epochs at f = 100% and, like the epochs, multiplied by 1/f; it
+# starts from lr / 100). The rest is train.py's small preset: AdamW, weight decay 0.05, label
+# smoothing 0.1, cosine to 1e-5, crops of 50-100% of the image; and no RandAugment.
+RECIPE = LessonRecipe(epochs=24, embed_dim=48, num_heads=4, depth=4, batch_size=64, lr=2e-3, warmup_epochs=1,
+                      warmup_lr=2e-5)
+# --quick: a tiny model, each run stopped after QUICK_STOP epochs of its schedule (seconds in all).
+QUICK = LessonRecipe(epochs=1, embed_dim=16, num_heads=4, depth=3, batch_size=64, lr=2e-3, warmup_epochs=0,
+                     warmup_lr=2e-5)
+QUICK_STOP = 2
+EVALUATIONS = 12  # per run, the same steps apart at every fraction
+
+# The two models every comparison trains: the flags each adds to the recipe's ConViT.
+MODELS = {
+    "ConViT": [],
+    "DeiT": ["--model", "deit_tiny"],  # DeiT's own network at the recipe's C, H and depth: the paper's baseline
+}
+
+
+def schedule_flags(args, fraction: float, warmup_epochs: int) -> list[str]:
+    """The flags that make a run at fraction f: the data, 1/f the epochs and the warmup (scaled
+    too, so that it is the same share of every run), and EVALUATIONS evaluations the same steps
+    apart (--quick: QUICK_STOP epochs, each evaluated)."""
+    every = 1 if args.quick else max(1, round(args.epochs / fraction / EVALUATIONS))
+    flags = ["--data-fraction", f"{fraction:g}", "--scale-epochs", "--warmup-epochs",
+             str(round(warmup_epochs / fraction)), "--eval-every", str(every)]
+    return flags + (["--stop-after", str(QUICK_STOP)] if args.quick else [])
+
+
+def run_all(args, runs: list[tuple], run_root: Path) -> list[dict]:
+    """Train every (table, name, fraction, seed, flags[, warmup epochs]), args.workers at a
+    time; each result gains its train.py command line."""
+    jobs = [train_argv(args, Path(run_root) / f"{table}-{name.replace(' ', '_')}-{f:g}-seed{seed}-{index}",
+                       *flags, *schedule_flags(args, f, (*rest, args.warmup_epochs)[0]), seed=seed)
+            for index, (table, name, f, seed, flags, *rest) in enumerate(runs)]
+    started = time.perf_counter()
+
+    def report(job, result):
+        _table, name, f, seed, *_ = runs[jobs.index(job)]
+        gain = result["last_quarter_gain"]
+        print(f"  [{time.perf_counter() - started:5.0f} s] {name:<26} f = {f:<5g} seed {seed}: top-1 "
+              f"{result['val_top1']:5.1f}%, the last quarter added {gain if gain is None else f'{gain:+.2f}'} "
+              f"({result['seconds']:.0f} s)", flush=True)
+
+    results = run_parallel(train_one, jobs, args.workers, args.threads, done=report)
+    return [{**result, "argv": job, "command": command_line(job)} for job, result in zip(jobs, results)]
+
+
+def run_record(table: str, name: str, fraction: float, seed: int, result: dict) -> dict:
+    """What a lesson's JSON keeps of a run: enough to check it and to run it again."""
+    return {"table": table, "name": name, "fraction": fraction, "seed": seed, "top1": result["val_top1"],
+            "top5": result["val_top5"], "converged": result["converged"],
+            "last_quarter_gain": result["last_quarter_gain"],
+            "curve": [[r["epoch"], r["val_top1"]] for r in result["records"]],
+            "parameters": result["parameters"], "seconds": round(result["seconds"], 1),
+            "command": result["command"]}
+
+
+def convergence_rule() -> str:
+    return (f"converged: the best validation top-1 of the last quarter of a run's {EVALUATIONS} evaluations is less "
+            f"than {CONVERGED_WITHIN} points above the best before them")
+
+
+def convergence_line(results: list[dict]) -> str:
+    verdicts = [r["converged"] for r in results]
+    return (f"converged: {verdicts.count(True)} runs, not converged: {verdicts.count(False)}, too few evaluations to "
+            f"judge: {verdicts.count(None)} ({convergence_rule()})")
+
+
+def recipe_line(args) -> str:
+    return (f"train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, {args.depth} blocks "
+            f"(ConViT: {max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW, peak lr {args.lr:g}, warmup "
+            f"{args.warmup_epochs} x 1/f epochs from lr / 100, cosine, {args.epochs} x 1/f epochs, no RandAugment")
+
+
+def write_json(args, name: str, summary: dict):
+    path = Path(args.out_dir) / name
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {path}")
