@@ -33,6 +33,7 @@ Contents, in file order (nothing is used before it is defined):
     ConViT                        the network, plus inspection (gates, Eq. 8 nonlocality)
     create_model                  building a model of Table 1 by name
     read_checkpoint_file, load_checkpoint   reading a .pth safely (no code runs), loading released weights
+    model_from_checkpoint         rebuilding a model from one of train.py's checkpoints
     count_parameters, explicit_twin, torch_device   small utilities
 Timing and Table 1 live apart, in bench.py (`python bench.py`).
 """
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import numbers
 import pickle
 import re
 from dataclasses import dataclass, fields, replace
@@ -56,6 +58,11 @@ from torch import nn
 # ---------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------
+def is_whole(value) -> bool:
+    """An int (Python's or numpy's), and not a bool, which Python counts as an int."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass
 class ConViTConfig:
     img_size: int | tuple[int, int] = 224  # input height and width (an int means square)
@@ -83,19 +90,20 @@ class ConViTConfig:
         # deep inside nn.Linear, and depth=0 as a complaint about local_up_to_layer.
         for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not is_whole(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes!r} must be a whole number (0 = no head)")
         if not self.mlp_ratio > 0 or not math.isfinite(self.mlp_ratio):
             raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a positive number")
         if not math.isfinite(self.locality_strength):
             raise ValueError(f"locality_strength={self.locality_strength!r} must be a finite number")
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
-        if len(self.img_size) != 2:
-            raise ValueError(f"img_size must be an int or (height, width), got {self.img_size}")
+        # "224" or 224.0 would otherwise reach int() or iteration and fail far from the cause.
+        size = (self.img_size, self.img_size) if is_whole(self.img_size) else self.img_size
+        if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(map(is_whole, size)):
+            raise ValueError(f"img_size={self.img_size!r} must be a whole number (a square image) or a pair "
+                             f"(height, width) of whole numbers, e.g. img_size=224 or img_size=(224, 320)")
+        self.img_size = (int(size[0]), int(size[1]))
         h, w, p = *self.img_size, self.patch_size
         if h < 1 or w < 1:
             raise ValueError(f"img_size={self.img_size} must be at least 1 in each direction")
@@ -555,6 +563,14 @@ class ConViT(nn.Module):
                 f"image {h}x{w} does not match the model's img_size {mh}x{mw}; "
                 f"build the model with img_size=({h}, {w}) (load_checkpoint interpolates pos_embed)"
             )
+        if not images.is_floating_point():
+            raise ValueError(f"images are {images.dtype}, but the model takes floating-point images, normalised "
+                             f"as in training: e.g. images.float() / 255, then minus the mean, over the std")
+        weights = self.patch_embed.proj.weight.dtype
+        # Under autocast torch casts both to one dtype itself; otherwise they must already agree.
+        if images.dtype != weights and not torch.is_autocast_enabled(images.device.type):
+            raise ValueError(f"images are {images.dtype}, but the model's weights are {weights}: "
+                             f"pass images.to({weights})")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens plus the absolute position embedding: (B, N, C), or for DeiT, whose
@@ -622,6 +638,9 @@ class ConViT(nn.Module):
         only patch-to-patch attention counts: the class token has no position on the grid, and
         its share is left out, not renormalised away, so uniform attention over 1 + N tokens
         reads N / (N + 1) of the mean grid distance."""
+        self.check_input(images)
+        if images.shape[0] == 0:
+            raise ValueError("nonlocality() needs at least one image: Eq. 8 averages attention over the batch")
         rows = []
         with torch.autocast(images.device.type, enabled=False):  # the contraction too stays fp32
             for attn in self.attention_maps(images):
@@ -720,12 +739,12 @@ def non_finite_tensors(tree, prefix: str = "") -> list[str]:
     return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """The model weights in the checkpoint at `path`: a bare state dict, or one wrapped as
-    {"model": ...} / {"state_dict": ...} / {"model_ema": ...}, with any DistributedDataParallel
-    "module." prefix removed. Refuses (ValueError) entries that are not tensors and weights
-    that hold NaN or inf, which no training should continue from."""
-    checkpoint = read_checkpoint_file(path)
+def state_dict_in(checkpoint: dict, path) -> dict[str, torch.Tensor]:
+    """The model weights in a checkpoint read from `path`: a bare state dict, or one wrapped as
+    {"model": ...} / {"state_dict": ...} / {"model_ema": ...}, with the prefixes that
+    DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") add to every name removed.
+    Refuses (ValueError) entries that are not tensors and weights that hold NaN or inf, which no
+    training should continue from."""
     state = checkpoint
     for wrapper in ("model", "state_dict", "model_ema"):
         if wrapper in state and isinstance(state[wrapper], dict):
@@ -739,11 +758,13 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if broken:
         raise ValueError(f"checkpoint {path} holds NaN or inf in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: "
                          f"these weights come from a run that diverged")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-def fit_pos_embed(pos_embed: torch.Tensor, model: ConViT, path, verbose: bool) -> torch.Tensor:
-    """A checkpoint's pos_embed resized to the model's grid. DeiT's (1, 1 + rows*cols, C) keeps its
-    class-token slot unchanged and only the grid part is interpolated; the checkpoint's grid is
-    assumed square, as in every released one (14 x 14 at 224^2)."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()}
+
+
+def fit_pos_embed(pos_embed: torch.Tensor, model: ConViT, path) -> tuple[torch.Tensor, str]:
+    """A checkpoint's pos_embed resized to the model's grid, and a line saying so. DeiT's
+    (1, 1 + rows*cols, C) keeps its class-token slot unchanged and only the grid part is
+    interpolated; the checkpoint's grid is assumed square, as in every released one (14 x 14 at 224^2)."""
     class_slots = int(model.cfg.class_token_in_pos_embed)
     grid_positions = pos_embed.shape[1] - class_slots
     side = math.isqrt(max(grid_positions, 0))
@@ -754,34 +775,22 @@ def fit_pos_embed(pos_embed: torch.Tensor, model: ConViT, path, verbose: bool) -
                          f"{'1 + ' if class_slots else ''}a square grid; perhaps it {other_kind}")
     class_part, grid_part = pos_embed[:, :class_slots], pos_embed[:, class_slots:]
     resized = torch.cat([class_part, resize_pos_embed(grid_part, (side, side), model.cfg.grid)], dim=1)
-    if verbose:
-        print(f"load_checkpoint: pos_embed interpolated from {side}x{side} to {model.cfg.grid[0]}x{model.cfg.grid[1]}"
-              + (" (the class token's slot kept as it is)" if class_slots else ""))
-    return resized
+    note = (f"load_checkpoint: pos_embed interpolated from {side}x{side} to {model.cfg.grid[0]}x{model.cfg.grid[1]}"
+            + (" (the class token's slot kept as it is)" if class_slots else ""))
+    return resized, note
 
 
-def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
-    """Load a released ConViT or DeiT .pth (or one of ours) from `path` into `model`, strictly.
-
-    Accepts a bare state dict or one wrapped as {"model": ...} / {"state_dict": ...}, with or
-    without a DistributedDataParallel "module." prefix. If the model was built for another
-    image size, pos_embed is interpolated to its grid (fit_pos_embed; DeiT's class-token slot
-    is kept). If the number of classes differs, the head is left freshly
-    initialised, for fine-tuning. Any other difference raises a ValueError that names it.
-    Nothing is downloaded: fetch the file first, and nothing in it runs (read_checkpoint_file).
-    """
-    state = read_state_dict(path)  # reading and checking the file; fitting it to the model follows
+def load_state(model: ConViT, state: dict[str, torch.Tensor], path, verbose: bool) -> ConViT:
+    """load_checkpoint's work once the file is read: fit `state` to `model`, check, then load."""
     own = model.state_dict()
-
+    notes = []  # printed only once the whole state dict is known to fit
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = fit_pos_embed(state["pos_embed"], model, path, verbose)
+        state["pos_embed"], note = fit_pos_embed(state["pos_embed"], model, path)
+        notes.append(note)
     head_keys = [key for key in ("head.weight", "head.bias") if key in state and key in own]
     if any(state[key].shape != own[key].shape for key in head_keys):
-        for key in head_keys:
-            del state[key]
         state.update({key: own[key] for key in head_keys})
-        if verbose:
-            print(f"load_checkpoint: head left newly initialised for {model.cfg.num_classes} classes")
+        notes.append(f"load_checkpoint: head left newly initialised for {model.cfg.num_classes} classes")
 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -798,7 +807,39 @@ def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
         raise ValueError(f"{path} does not fit this model ({model.cfg.embed_dim} wide, "
                          f"{model.cfg.num_heads} heads, {model.cfg.local_up_to_layer} GPSA): " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
+    if verbose:
+        for note in notes:
+            print(note)
     return model
+
+
+def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
+    """Load a released ConViT or DeiT .pth (or one of ours) from `path` into `model`, strictly.
+
+    Accepts a bare state dict or one wrapped as {"model": ...} / {"state_dict": ...}, with or
+    without the "module." of DistributedDataParallel and the "_orig_mod." of torch.compile. If the
+    model was built for another image size, pos_embed is interpolated to its grid (fit_pos_embed;
+    DeiT's class-token slot is kept). If the number of classes differs, the head is left freshly
+    initialised, for fine-tuning. Any other difference raises a ValueError that names it, and
+    then nothing is loaded or printed. Nothing is downloaded: fetch the file first, and nothing
+    in it runs (read_checkpoint_file).
+    """
+    return load_state(model, state_dict_in(read_checkpoint_file(path), path), path, verbose)
+
+
+def model_from_checkpoint(path) -> ConViT:
+    """The model a train.py checkpoint holds, rebuilt in one call: its ConViTConfig, which the
+    checkpoint stores as a plain dict ("cfg"), then its weights. A released .pth has no config:
+    build that model by name instead, load_checkpoint(create_model("convit_tiny"), path)."""
+    checkpoint = read_checkpoint_file(path)
+    cfg = checkpoint.get("cfg")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"checkpoint {path} holds no model config ('cfg'), as train.py's checkpoints do; for a "
+                         f"released file build the model by name: load_checkpoint(create_model(name), path)")
+    unknown = sorted(set(cfg) - {f.name for f in fields(ConViTConfig)})
+    if unknown:
+        raise ValueError(f"checkpoint {path} has config fields this convit.py does not know: {unknown}")
+    return load_state(ConViT(ConViTConfig(**cfg)), state_dict_in(checkpoint, path), path, verbose=False)
 
 
 # ---------------------------------------------------------------------------------------

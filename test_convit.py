@@ -5,8 +5,10 @@ Facts quoted below (released layout, Table 1, Eq. 5-8) come from the paper (arXi
 and the released checkpoints' state-dict specification.
 """
 
+import dataclasses
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -333,11 +335,15 @@ def test_deit_pos_embed_resizing_keeps_the_class_token_slot(tmp_path):
                         path)
 
 
-def test_checkpoint_from_another_model_is_rejected(tmp_path):
+def test_checkpoint_from_another_model_is_rejected(tmp_path, capsys):
     path = tmp_path / "small.pth"
-    torch.save(create_model("convit_small").state_dict(), path)
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qk\.weight: checkpoint \(864, 432\) vs model \(384, 192\)"):
-        load_checkpoint(create_model("convit_tiny"), path)
+    torch.save(small("convit_small", embed_dim=36).state_dict(), path)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qk\.weight: checkpoint \(72, 36\) vs model \(96, 48\)"):
+        load_checkpoint(small(), path)
+    # Checked before anything is said: no line about the grid or the head precedes the refusal.
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_checkpoint(small(img_size=64, num_classes=5), path)
+    assert capsys.readouterr().out == ""
 
 
 def test_class_token_joins_after_the_last_gpsa_block():
@@ -431,9 +437,12 @@ def test_rectangular_image():
     (lambda: create_model("convit_tiny", local_up_to_layer=12), "local_up_to_layer=12 must lie in"),
     (lambda: create_model("deit_tiny", local_up_to_layer=2), "class_token_in_pos_embed=True needs local_up_to_layer=0"),
     (lambda: create_model("convit_tiny", patch=16), "unknown option"),
+    (lambda: create_model("convit_tiny", img_size="224"), "img_size='224' must be a whole number (a square image)"),
+    (lambda: create_model("convit_tiny", img_size=224.0), "img_size=224.0 must be a whole number"),
+    (lambda: create_model("convit_tiny", img_size=(224, 224, 3)), "img_size=(224, 224, 3) must be a whole number"),
 ])
 def test_bad_configuration_raises(build, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         build()
 
 
@@ -446,3 +455,50 @@ def test_bad_images_raise(shape, message):
     with pytest.raises(ValueError, match=message):
         small()(torch.randn(*shape))
 
+
+@pytest.mark.parametrize("dtype, message", [
+    (torch.uint8, "images are torch.uint8, but the model takes floating-point images"),
+    (torch.float64, r"images are torch.float64, but the model's weights are torch.float32: pass images.to\(torch.float32\)"),
+])
+def test_images_of_another_dtype_say_what_to_pass(dtype, message):
+    model = small()
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(1, 3, 32, 32, dtype=dtype))
+    assert model.double()(torch.zeros(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64  # agreeing: fine
+
+
+def test_nonlocality_of_an_empty_batch_is_an_error_not_nan():
+    with pytest.raises(ValueError, match="needs at least one image"):
+        small().nonlocality(torch.zeros(0, 3, 32, 32))
+
+
+def test_load_checkpoint_strips_the_prefixes_of_compile_and_ddp(tmp_path):
+    source = small()
+    compiled = torch.compile(source)  # compiles at its first call, so none happens here
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    for name, state in (("compiled", compiled.state_dict()),
+                        ("ddp of compiled", {"module." + key: value for key, value in compiled.state_dict().items()})):
+        torch.save({"model": state}, tmp_path / f"{name}.pth")
+        loaded = load_checkpoint(small(), tmp_path / f"{name}.pth", verbose=False)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items()), name
+
+
+def test_model_from_checkpoint_rebuilds_what_train_py_saved(tmp_path):
+    """train.py stores the config as a plain dict beside the weights (test_train checks a real run's)."""
+    source = perturbed(small(img_size=(32, 48), num_classes=7))
+    cfg = dataclasses.asdict(source.cfg)
+    torch.save({"cfg": cfg, "model": source.state_dict(), "epoch": 3}, tmp_path / "ours.pth")
+    rebuilt = convit.model_from_checkpoint(tmp_path / "ours.pth")
+    assert rebuilt.cfg == source.cfg
+    images = torch.randn(2, 3, 32, 48)
+    assert torch.equal(rebuilt.eval()(images), source.eval()(images))
+    # A config saved before DeiT's two fields existed takes their defaults, as it did then.
+    old = {key: value for key, value in cfg.items() if key not in ("qkv_bias", "class_token_in_pos_embed")}
+    torch.save({"cfg": old, "model": source.state_dict()}, tmp_path / "old.pth")
+    assert convit.model_from_checkpoint(tmp_path / "old.pth").cfg == source.cfg
+    torch.save({"cfg": {**cfg, "wings": 2}, "model": source.state_dict()}, tmp_path / "future.pth")
+    with pytest.raises(ValueError, match=r"config fields this convit.py does not know: \['wings'\]"):
+        convit.model_from_checkpoint(tmp_path / "future.pth")
+    torch.save({"model": source.state_dict()}, tmp_path / "released.pth")
+    with pytest.raises(ValueError, match=r"holds no model config .* load_checkpoint\(create_model\(name\), path\)"):
+        convit.model_from_checkpoint(tmp_path / "released.pth")
