@@ -7,7 +7,6 @@ the order of the jobs) is exact.
 
 import argparse
 
-import pytest
 import torch
 
 import bench
@@ -56,6 +55,14 @@ def test_activation_memory_counts_exactly_what_autograd_keeps():
     assert bench.activation_memory(fused, images) < 0.8 * explicit
 
 
+def agrees(printed_ratio: float, speed: float, baseline_speed: float, ratio_digits: int) -> bool:
+    """Whether a printed ratio is speed / baseline_speed, both printed to 0.1 img/s: with one
+    round, the per-round ratio is exactly that ratio, so only the printed digits may differ."""
+    ratio = speed / baseline_speed
+    slack = 0.5 * 10**-ratio_digits + ratio * (0.05 / speed + 0.05 / baseline_speed)
+    return abs(printed_ratio - ratio) <= slack * 1.01
+
+
 def table_rows(out: str, prefixes: tuple[str, ...]) -> list[list[str]]:
     rows = [line for line in out.splitlines() if line.startswith(prefixes)]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
@@ -70,8 +77,7 @@ def test_table1_command_measures_a_pair(capsys):
     assert 1.0 < macs[0] < 1.5 and macs[1] == macs[2]  # the paper's "1G"; both paths do the same products
     speeds = [float(c[5]) for c in cells]
     for speed, ratio in zip(speeds[1:], (c[6] for c in cells[1:])):
-        # One round: the ratio to the DeiT is the ratio of the two speeds, up to the printed digits.
-        assert float(ratio.rstrip("x")) == pytest.approx(speed / speeds[0], abs=0.006 + 0.1 / speeds[0])
+        assert agrees(float(ratio.rstrip("x")), speed, speeds[0], ratio_digits=2), (ratio, speeds)
 
 
 def test_compare_names_its_baseline_once_and_says_what_the_ratio_is(capsys):
@@ -90,8 +96,7 @@ def test_compare_names_its_baseline_once_and_says_what_the_ratio_is(capsys):
         for row, name in zip(rows[1:], ("convit fused", "convit explicit")):
             assert row.split()[:2] == name.split()
             speed, ratio = float(row.split()[2]), float(row.split()[3].rstrip("x"))
-            # One round: the ratio is the ratio of the two speeds, up to the printed digits.
-            assert ratio == pytest.approx(speed / baseline_speed, abs=0.0006 + 0.1 / baseline_speed)
+            assert agrees(ratio, speed, baseline_speed, ratio_digits=3), (row, baseline_speed)
     memory = lines[10:]
     assert memory[0].startswith("training memory at batch 2") and len(memory) == 4
     assert [line.split()[:-2] for line in memory[1:]] == [["same-size", "baseline"], ["convit", "fused"],
