@@ -1,4 +1,4 @@
-"""The data side of DeiT's recipe, for train.py: datasets, augmentation, sampling, mixing.
+"""The data side of DeiT's recipe, for train.py: datasets, the loader's part of augmentation, sampling.
 
 Split out of train.py so that the training loop stays one readable page. Nothing here knows
 about the model; everything returns plain torch datasets of (image tensor, label).
@@ -6,19 +6,17 @@ about the model; everything returns plain torch datasets of (image tensor, label
 Contents, in file order:
     DatasetDefaults, DATASETS      what each --dataset looks like (image and patch size, channels ...)
     ArrayImageDataset, FirstClassesImageFolder
-    rand_augment                   timm's rand-m9-mstd0.5-inc1 from torchvision pieces, and what still differs
-    train_transform, eval_transform
-    PlainDataUnpickler             reads CIFAR's pickled batches without running any code
-    load_digits, load_mnist10k, load_cifar, load_imagefolder, build_datasets
+    train_transform, eval_transform  (the rest of the training augmentation runs on batches: augment.py)
+    load_digits, load_mnist10k
+    PlainDataUnpickler, load_cifar CIFAR's pickled batches, read without running any code
+    load_imagefolder, build_datasets
     stratified_fraction            Table 2's subsets of each class
     RepeatedAugmentationSampler    DeiT's repeated augmentation
-    batch_mixer                    MixUp / CutMix
 """
 
 from __future__ import annotations
 
 import codecs
-import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +51,7 @@ class DatasetDefaults:
     crop_pct: float  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
     mean: tuple[float, ...]  # per-channel normalisation
     std: tuple[float, ...]
+    crop_in_loader: bool = False  # images of many sizes: cropped per image before they can form a batch
 
 
 DATASETS: dict[str, DatasetDefaults] = {
@@ -66,7 +65,7 @@ DATASETS: dict[str, DatasetDefaults] = {
     "cifar10": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
     "cifar100": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
     # ImageNet and its subsets as in the paper: 224x224 in 16x16 patches, a 14x14 grid.
-    "imagefolder": DatasetDefaults(224, 16, 3, "paper", 0.5, 0.875, IMAGENET_MEAN, IMAGENET_STD),
+    "imagefolder": DatasetDefaults(224, 16, 3, "paper", 0.5, 0.875, IMAGENET_MEAN, IMAGENET_STD, crop_in_loader=True),
     # Random images and labels (torchvision FakeData): for smoke runs; nothing can be learnt.
     "fake": DatasetDefaults(32, 4, 3, "small", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
 }
@@ -90,7 +89,8 @@ class ArrayImageDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        return self.transform(tv_tensors.Image(self.images[index])), self.targets[index]
+        image = tv_tensors.Image(self.images[index])
+        return (self.transform(image) if self.transform else image), self.targets[index]
 
 
 def read_image(path: str):
@@ -119,88 +119,19 @@ class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
         return classes, {name: index for index, name in enumerate(classes)}
 
 
-# RandAugment as DeiT ran it, timm's `rand-m9-mstd0.5-inc1`, rebuilt from torchvision's public
-# pieces. torchvision's v2.RandAugment(num_ops=2, magnitude=9) would be a third as strong: its
-# magnitude counts 31 bins (0-30), not timm's 0-10, and it always applies both ops. So each op
-# here is its own RandAugment(num_ops=1) at 3 x m bins, inside RandomApply(p=0.5). What matches
-# and what still differs, at m = 9:
-#
-# |                          | timm rand-m9-mstd0.5-inc1 (DeiT)            | here                                         |
-# |--------------------------|---------------------------------------------|----------------------------------------------|
-# | ops per image            | 2, drawn with replacement, each applied     | the same: 2 x RandomApply(RandAugment(       |
-# |                          | with probability 0.5                        | num_ops=1), p=0.5)                           |
-# | magnitude                | 9 on 0-10, plus N(0, 0.5) noise drawn per   | 27 of 30 bins, plus the same noise rounded   |
-# |                          | op, clipped to [0, 10]                      | to whole bins (1/3 of timm's unit), via      |
-# |                          |                                             | RandomChoice over magnitudes; tails < 1e-4   |
-# |                          |                                             | dropped                                      |
-# | op list                  | 15: AutoContrast, Equalize, Invert, Rotate, | 14: no Invert, no SolarizeAdd (adds 99 to    |
-# |                          | Posterize, Solarize, SolarizeAdd, Color,    | pixels < 128), but an Identity op: 1 draw in |
-# |                          | Contrast, Brightness, Sharpness, ShearX/Y,  | 14 does nothing                              |
-# |                          | TranslateX/Y                                |                                              |
-# | rotate                   | +-3 m degrees: +-27                         | the same: +-27                               |
-# | shear x/y                | factor +-0.03 m (0.27), about the corner    | the same factor (angle atan 0.27), about the |
-# |                          |                                             | centre                                       |
-# | translate x/y            | +-0.045 m of the side: 0.405                | +-(150/331) m/10 of the side: 0.408, whole   |
-# |                          |                                             | pixels                                       |
-# | colour, contrast,        | "increasing" variants: factor 1 +- 0.09 m   | the same: 1 +- 0.81                          |
-# | brightness, sharpness    | (1 +- 0.81)                                 |                                              |
-# | solarize ("increasing")  | invert pixels >= 256 - int(25.6 m): 26      | invert pixels >= 255 (1 - m/10): 25.5, the   |
-# |                          |                                             | same pixels                                  |
-# | posterize ("increasing") | keep 4 - int(0.4 m) bits: 1 (0 at m = 10)   | keep 8 - round(0.4 m) bits: 4; torchvision   |
-# |                          |                                             | never goes below 4 (the one op far weaker)   |
-# | fill, interpolation      | the mean colour, bicubic                    | the same                                     |
-# | input                    | a PIL image                                 | the same (converted there and back: tensor   |
-# |                          |                                             | rotate and shear have no bicubic)            |
-BINS_PER_UNIT = 3  # torchvision's 31 magnitude bins (0-30) span timm's scale of 0-10
+def train_transform(args, spec: DatasetDefaults):
+    """What the loader does to each training image: only what cannot wait for the batch.
 
-
-def rand_augment(num_ops: int, magnitude: float, magnitude_std: float, fill: tuple[int, ...]) -> list:
-    """`num_ops` RandAugment ops, each applied with probability 0.5, at `magnitude` on timm's
-    0-10 scale with Gaussian noise of std `magnitude_std` drawn afresh for every op (see the
-    table above)."""
-    centre, spread = BINS_PER_UNIT * magnitude, BINS_PER_UNIT * magnitude_std  # in bins
-    top = 10 * BINS_PER_UNIT
-
-    def one_op(bin_: int) -> v2.RandAugment:
-        return v2.RandAugment(num_ops=1, magnitude=bin_, num_magnitude_bins=top + 1,
-                              interpolation=v2.InterpolationMode.BICUBIC, fill=list(fill))
-
-    if spread == 0:
-        op = one_op(round(centre))
-    else:  # P(bin b) = P(N(centre, spread) clipped to [0, 30] rounds to b): timm's noise, on bins
-        def below(x):
-            return 0.5 * (1 + math.erf((x - centre) / (spread * math.sqrt(2)))) if x < top else 1.0
-
-        probabilities = {b: below(b + 0.5) - (below(b - 0.5) if b > 0 else 0.0) for b in range(top + 1)}
-        kept = [b for b, p in probabilities.items() if p >= 1e-4]
-        op = v2.RandomChoice([one_op(b) for b in kept], p=[probabilities[b] for b in kept])
-    return [v2.RandomApply([op], p=0.5) for _ in range(num_ops)]
-
-
-def train_transform(args, spec: DatasetDefaults) -> v2.Compose:
-    """DeiT's training augmentation, from torchvision.transforms.v2.
-
-    RandAugment at timm's strength is rand_augment (its table lists what still differs).
-    Colour jitter runs only where --color-jitter > 0: in DeiT it was inert, because timm adds
-    ColorJitter only when no auto-augment is set, so the paper preset has 0.
-    MixUp and CutMix act on whole batches, so they live in the training loop (batch_mixer)."""
-    steps = [
-        v2.ToImage(),  # PIL image or tensor -> uint8 tensor image (C, H, W)
-        v2.RandomResizedCrop(args.img_size, scale=(args.crop_scale, 1.0),
-                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(args.hflip),
-    ]
-    if args.randaug_ops > 0:  # on a PIL image, as in timm: torchvision's tensor rotate and shear have no bicubic
-        mean_colour = tuple(round(255 * m) for m in spec.mean)
-        steps += [v2.ToPILImage(),
-                  *rand_augment(args.randaug_ops, args.randaug_magnitude, args.randaug_magnitude_std, mean_colour),
-                  v2.ToImage()]
-    if args.color_jitter > 0:
-        steps.append(v2.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
-    if args.reprob > 0:
-        steps.append(v2.RandomErasing(args.reprob, value="random"))  # DeiT erases with noise
-    return v2.Compose(steps)
+    Images held in memory (digits, MNIST-10k, CIFAR, fake) all have one size, so the loader
+    only hands them over as uint8 tensors, and augment.BatchAugment crops, flips and augments
+    whole batches. Image folders hold images of every size, which cannot be stacked into a
+    batch before they are cropped: the random resized crop and the flip happen here, per image,
+    and the rest of the augmentation on the batch."""
+    if not spec.crop_in_loader:
+        return v2.ToImage()  # PIL image or tensor -> uint8 tensor image (C, H, W)
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(args.img_size, scale=(args.crop_scale, 1.0),
+                                                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.RandomHorizontalFlip(args.hflip)])
 
 
 def eval_transform(args, spec: DatasetDefaults) -> v2.Compose:
@@ -361,6 +292,14 @@ def build_datasets(args) -> tuple[Dataset, Dataset, int]:
     return train_set, val_set, num_classes
 
 
+def transformed_once(dataset: Dataset) -> Dataset:
+    """A validation set held in memory, its (deterministic) transform applied once for all the
+    evaluations of a run; other datasets are returned as they are."""
+    if not isinstance(dataset, ArrayImageDataset):
+        return dataset
+    return ArrayImageDataset(torch.stack([dataset[i][0] for i in range(len(dataset))]), dataset.targets, None)
+
+
 def labels_of(dataset: Dataset) -> list[int]:
     if hasattr(dataset, "targets"):
         return [int(t) for t in dataset.targets]
@@ -398,29 +337,3 @@ class RepeatedAugmentationSampler(DistributedSampler):
         order = torch.randperm(len(self.dataset), generator=generator).repeat_interleave(self.repeats)
         order = order[: self.total_size]  # repeats >= 2 makes it long enough for every process
         return iter(order[self.rank :: self.num_replicas].tolist())
-
-
-def batch_mixer(args, num_classes: int):
-    """MixUp or CutMix on each batch (one of the two, chosen with probability 0.5 when both
-    are on). Returns a function (images, labels) -> (images, soft targets (B, num_classes)),
-    or None when both are off.
-
-    The batch is shuffled first. torchvision's MixUp and CutMix mix image i with image i - 1,
-    and repeated augmentation puts the copies of an image next to each other, so without the
-    shuffle about 2/3 of the images of a one-process run would be mixed with a copy of
-    themselves (with 3 copies). Shuffled, a partner is a copy only by chance,
-    (copies - 1) / (B - 1); timm pairs image i with image B - 1 - i, to the same effect."""
-    mixers = []
-    if args.mixup > 0:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
-    if args.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
-    if not mixers:
-        return None
-    mix_one_of = v2.RandomChoice(mixers)
-
-    def shuffle_then_mix(images: torch.Tensor, labels: torch.Tensor):
-        order = torch.randperm(len(labels), device=labels.device)
-        return mix_one_of(images[order], labels[order])
-
-    return shuffle_then_mix

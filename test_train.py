@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 import convit
 import data
@@ -307,79 +306,8 @@ def test_row_e_is_deits_own_network_at_the_convits_size(image_folder, tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------
-# DeiT's augmentation and schedule: RandAugment's strength, MixUp's partners, the warmup
+# DeiT's schedule (its augmentation: test_augment.py)
 # ---------------------------------------------------------------------------------------
-def draw_augmentations(monkeypatch, argv: list[str], draws: int) -> tuple[list[float], list[int]]:
-    """Run train.py's training transform `draws` times on one 32x32 image and record the angle
-    of every rotation RandAugment draws, and how many RandAugment ops each image went through."""
-    args = resolved("--dataset", "cifar10", *argv)
-    transform = data.train_transform(args, data.DATASETS["cifar10"])
-    angles, ops = [], []
-    real_rotate, real_forward = v2.functional.rotate, v2.RandAugment.forward
-
-    def rotate(image, angle, *rest, **options):
-        angles.append(angle)
-        return real_rotate(image, angle, *rest, **options)
-
-    def forward(self, *inputs):
-        ops[-1] += 1
-        return real_forward(self, *inputs)
-
-    monkeypatch.setattr(v2.functional, "rotate", rotate)
-    monkeypatch.setattr(v2.RandAugment, "forward", forward)
-    torch.manual_seed(0)
-    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    for _ in range(draws):
-        ops.append(0)
-        transform(image)
-    return angles, ops
-
-
-def test_randaugment_rotates_by_27_degrees_at_magnitude_9(monkeypatch):
-    # timm's rand-m9-mstd0.5: rotate by +-3 x N(9, 0.5) degrees; torchvision's RandAugment(2, 9) gave +-9.
-    angles, _ = draw_augmentations(monkeypatch, [], draws=3000)
-    size = torch.tensor(angles).abs()
-    assert len(angles) > 120  # about 3000 x 2 ops x 0.5 x 1/14 ops = 214
-    assert abs(size.mean() - 27) < 0.4 and 1.1 < size.std() < 1.9 and size.max() <= 30  # std 3 x 0.5 = 1.5
-    assert 0.35 < (torch.tensor(angles) < 0).float().mean() < 0.65  # either way
-    exact, _ = draw_augmentations(monkeypatch, ["--randaug-magnitude-std", "0"], draws=600)
-    assert exact and {abs(a) for a in exact} == {27.0}
-
-
-def test_each_randaugment_op_applies_with_probability_half(monkeypatch):
-    _, ops = draw_augmentations(monkeypatch, [], draws=2000)
-    counts = torch.tensor(ops).float()  # 0, 1 or 2 ops per image: Binomial(2, 0.5)
-    assert abs(counts.mean() - 1.0) < 0.06
-    assert abs((counts == 0).float().mean() - 0.25) < 0.04 and abs((counts == 2).float().mean() - 0.25) < 0.04
-    no_angles, no_ops = draw_augmentations(monkeypatch, ["--randaug-ops", "0"], draws=50)
-    assert no_angles == [] and no_ops == [0] * 50  # --randaug-ops 0: no RandAugment op ever runs
-
-
-def test_mixup_partners_are_copies_only_by_chance():
-    """Repeated augmentation x3 on one process puts an image's copies next to each other, and
-    torchvision mixes image i with image i - 1: 65.6% of the images were mixed with a copy of
-    themselves. Shuffled first, a partner is a copy about as often as chance: (copies - 1) / (B - 1)."""
-    n, batch = 600, 60
-    args = resolved("--dataset", "fake", "--preset", "paper", "--repeated-aug", "3", "--batch-size", str(batch),
-                    "--cutmix", "0", "--workers", "0")
-    identity = data.ArrayImageDataset(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), list(range(n)), lambda x: x.float())
-    procs = train.Processes(0, 1, torch.device("cpu"), started_group=False)
-    sampler, _, loader, _ = train.make_loaders(args, procs, identity, identity)
-    mixer = data.batch_mixer(args, num_classes=n)  # label = the image's index: a soft target names both images
-    torch.manual_seed(0)
-    self_pairs = chance = rows = 0
-    for epoch in range(5):
-        sampler.set_epoch(epoch)
-        for images, labels in loader:
-            _, targets = mixer(images, labels)  # (B, n)
-            self_pairs += ((targets > 0).sum(dim=1) == 1).sum().item()  # mixed with its own copy
-            copies = (labels[:, None] == labels[None, :]).sum(dim=1) - 1  # other copies in the batch
-            chance += (copies / (batch - 1)).sum().item()
-            rows += len(labels)
-    assert rows == 5 * n and 0.02 < chance / rows < 0.05  # about 2 / 59
-    assert abs(self_pairs / rows - chance / rows) < 0.02, (self_pairs / rows, chance / rows)
-
-
 def test_warmup_is_capped_so_that_the_lr_leaves_warmup_lr(capsys):
     def learning_rates(*flags):
         args = resolved(*flags)

@@ -80,6 +80,7 @@ def lambda_measurements(checkpoint_path: Path, argv: list[str]) -> dict:
     training batches (the mean over the batches and the root mean square); Adam's step for
     lambda relative to the lr, |m_hat| / (sqrt(v_hat) + eps), from the optimiser state; and the
     weight decay train.py applies to lambda."""
+    import augment
     import data
     import train
 
@@ -105,13 +106,16 @@ def lambda_measurements(checkpoint_path: Path, argv: list[str]) -> dict:
 
     # lambda's gradient of the training loss, batch by batch (augmented, as in training).
     train_set, _, _ = data.build_datasets(args)
+    spec = data.DATASETS[args.dataset]
+    augmentation = augment.BatchAugment(args, spec.mean, spec.std, crop=not spec.crop_in_loader)
     torch.manual_seed(0)
     picked = torch.randperm(len(train_set))[: GRADIENT_BATCHES * args.batch_size].tolist()
     model.train()
     per_batch = []
     for start in range(0, len(picked), args.batch_size):
         images, labels = zip(*(train_set[i] for i in picked[start:start + args.batch_size]))
-        loss = F.cross_entropy(model(torch.stack(images)), torch.tensor(labels), label_smoothing=args.smoothing)
+        images = augmentation(torch.stack(images))  # as train.py augments a batch
+        loss = F.cross_entropy(model(images), torch.tensor(labels), label_smoothing=args.smoothing)
         model.zero_grad()
         loss.backward()
         per_batch.append(torch.stack([gate.grad for gate in gates]))  # (n_gpsa, H)
