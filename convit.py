@@ -33,7 +33,9 @@ Contents, in file order (nothing is used before it is defined):
     ConViT                        the network, plus inspection (gates, Eq. 8 nonlocality)
     create_model                  building a model of Table 1 by name
     read_checkpoint_file, load_checkpoint   reading a .pth safely (no code runs), loading released weights
-    torch_device, measuring helpers + __main__  `python convit.py` measures Table 1 on this machine
+    model_from_checkpoint         rebuilding a model from one of train.py's checkpoints
+    count_parameters, explicit_twin, torch_device   small utilities
+Timing and Table 1 live apart, in bench.py (`python bench.py`).
 """
 
 from __future__ import annotations
@@ -41,14 +43,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
+import numbers
 import pickle
 import re
-import statistics
-import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +58,11 @@ from torch import nn
 # ---------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------
+def is_whole(value) -> bool:
+    """An int (Python's or numpy's), and not a bool, which Python counts as an int."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass
 class ConViTConfig:
     img_size: int | tuple[int, int] = 224  # input height and width (an int means square)
@@ -86,19 +90,20 @@ class ConViTConfig:
         # deep inside nn.Linear, and depth=0 as a complaint about local_up_to_layer.
         for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not is_whole(self.num_classes) or self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes!r} must be a whole number (0 = no head)")
         if not self.mlp_ratio > 0 or not math.isfinite(self.mlp_ratio):
             raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a positive number")
         if not math.isfinite(self.locality_strength):
             raise ValueError(f"locality_strength={self.locality_strength!r} must be a finite number")
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
-        if len(self.img_size) != 2:
-            raise ValueError(f"img_size must be an int or (height, width), got {self.img_size}")
+        # "224" or 224.0 would otherwise reach int() or iteration and fail far from the cause.
+        size = (self.img_size, self.img_size) if is_whole(self.img_size) else self.img_size
+        if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(map(is_whole, size)):
+            raise ValueError(f"img_size={self.img_size!r} must be a whole number (a square image) or a pair "
+                             f"(height, width) of whole numbers, e.g. img_size=224 or img_size=(224, 320)")
+        self.img_size = (int(size[0]), int(size[1]))
         h, w, p = *self.img_size, self.patch_size
         if h < 1 or w < 1:
             raise ValueError(f"img_size={self.img_size} must be at least 1 in each direction")
@@ -355,17 +360,10 @@ class GPSA(nn.Module):
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        # The same maths as forward_explicit, rearranged for speed. What it costs beyond plain
-        # attention, measured for ConViT-Ti at batch 32, 224x224, on one CPU thread: about 1.5 ms
-        # per layer against some 32 ms for the three matrix products and the fused kernel:
-        # steps 3 and 4, which read and write B x N x C numbers a few times each (memory-bound;
-        # their multiply-adds are 1% of the layer's). Step 3 used to be two einsums, each a
-        # product per head over all B x rows x D columns, between two permuting copies: as fast
-        # on one thread, but those products ran no faster on two threads than on one, and the
-        # whole model ran 2.4% slower on two (batch 32). The alternatives we timed were slower:
-        # per-head products on the strided V (no copy), the whole Kronecker P in one product,
-        # and two products for W_qk and W_val instead of the concatenation (+0.4 ms; the
-        # concatenation costs 0.06 ms).
+        # The same maths as forward_explicit, rearranged for speed (identities a and b of the
+        # class docstring). Beyond plain attention it adds steps 3 and 4: memory-bound work, 1% of
+        # the layer's multiply-adds, that reads and writes B x N x C numbers a few times
+        # (docs/speed.md: what it costs, and the layouts that ran slower).
         # 1. W_qry, W_key and W_val in one matrix product (stacked as the checkpoint stores them).
         qkv = F.linear(x, torch.cat([self.qk.weight, self.v.weight]))  # (B, N, 3C)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
@@ -573,6 +571,14 @@ class ConViT(nn.Module):
                 f"image {h}x{w} does not match the model's img_size {mh}x{mw}; "
                 f"build the model with img_size=({h}, {w}) (load_checkpoint interpolates pos_embed)"
             )
+        if not images.is_floating_point():
+            raise ValueError(f"images are {images.dtype}, but the model takes floating-point images, normalised "
+                             f"as in training: e.g. images.float() / 255, then minus the mean, over the std")
+        weights = self.patch_embed.proj.weight.dtype
+        # Under autocast torch casts both to one dtype itself; otherwise they must already agree.
+        if images.dtype != weights and not torch.is_autocast_enabled(images.device.type):
+            raise ValueError(f"images are {images.dtype}, but the model's weights are {weights}: "
+                             f"pass images.to({weights})")
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens plus the absolute position embedding: (B, N, C), or for DeiT, whose
@@ -640,6 +646,9 @@ class ConViT(nn.Module):
         only patch-to-patch attention counts: the class token has no position on the grid, and
         its share is left out, not renormalised away, so uniform attention over 1 + N tokens
         reads N / (N + 1) of the mean grid distance."""
+        self.check_input(images)
+        if images.shape[0] == 0:
+            raise ValueError("nonlocality() needs at least one image: Eq. 8 averages attention over the batch")
         rows = []
         with torch.autocast(images.device.type, enabled=False):  # the contraction too stays fp32
             for attn in self.attention_maps(images):
@@ -738,12 +747,12 @@ def non_finite_tensors(tree, prefix: str = "") -> list[str]:
     return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """The model weights in the checkpoint at `path`: a bare state dict, or one wrapped as
-    {"model": ...} / {"state_dict": ...} / {"model_ema": ...}, with any DistributedDataParallel
-    "module." prefix removed. Refuses (ValueError) entries that are not tensors and weights
-    that hold NaN or inf, which no training should continue from."""
-    checkpoint = read_checkpoint_file(path)
+def state_dict_in(checkpoint: dict, path) -> dict[str, torch.Tensor]:
+    """The model weights in a checkpoint read from `path`: a bare state dict, or one wrapped as
+    {"model": ...} / {"state_dict": ...} / {"model_ema": ...}, with the prefixes that
+    DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") add to every name removed.
+    Refuses (ValueError) entries that are not tensors and weights that hold NaN or inf, which no
+    training should continue from."""
     state = checkpoint
     for wrapper in ("model", "state_dict", "model_ema"):
         if wrapper in state and isinstance(state[wrapper], dict):
@@ -757,11 +766,13 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if broken:
         raise ValueError(f"checkpoint {path} holds NaN or inf in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: "
                          f"these weights come from a run that diverged")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-def fit_pos_embed(pos_embed: torch.Tensor, model: ConViT, path, verbose: bool) -> torch.Tensor:
-    """A checkpoint's pos_embed resized to the model's grid. DeiT's (1, 1 + rows*cols, C) keeps its
-    class-token slot unchanged and only the grid part is interpolated; the checkpoint's grid is
-    assumed square, as in every released one (14 x 14 at 224^2)."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()}
+
+
+def fit_pos_embed(pos_embed: torch.Tensor, model: ConViT, path) -> tuple[torch.Tensor, str]:
+    """A checkpoint's pos_embed resized to the model's grid, and a line saying so. DeiT's
+    (1, 1 + rows*cols, C) keeps its class-token slot unchanged and only the grid part is
+    interpolated; the checkpoint's grid is assumed square, as in every released one (14 x 14 at 224^2)."""
     class_slots = int(model.cfg.class_token_in_pos_embed)
     grid_positions = pos_embed.shape[1] - class_slots
     side = math.isqrt(max(grid_positions, 0))
@@ -772,34 +783,22 @@ def fit_pos_embed(pos_embed: torch.Tensor, model: ConViT, path, verbose: bool) -
                          f"{'1 + ' if class_slots else ''}a square grid; perhaps it {other_kind}")
     class_part, grid_part = pos_embed[:, :class_slots], pos_embed[:, class_slots:]
     resized = torch.cat([class_part, resize_pos_embed(grid_part, (side, side), model.cfg.grid)], dim=1)
-    if verbose:
-        print(f"load_checkpoint: pos_embed interpolated from {side}x{side} to {model.cfg.grid[0]}x{model.cfg.grid[1]}"
-              + (" (the class token's slot kept as it is)" if class_slots else ""))
-    return resized
+    note = (f"load_checkpoint: pos_embed interpolated from {side}x{side} to {model.cfg.grid[0]}x{model.cfg.grid[1]}"
+            + (" (the class token's slot kept as it is)" if class_slots else ""))
+    return resized, note
 
 
-def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
-    """Load a released ConViT or DeiT .pth (or one of ours) from `path` into `model`, strictly.
-
-    Accepts a bare state dict or one wrapped as {"model": ...} / {"state_dict": ...}, with or
-    without a DistributedDataParallel "module." prefix. If the model was built for another
-    image size, pos_embed is interpolated to its grid (fit_pos_embed; DeiT's class-token slot
-    is kept). If the number of classes differs, the head is left freshly
-    initialised, for fine-tuning. Any other difference raises a ValueError that names it.
-    Nothing is downloaded: fetch the file first, and nothing in it runs (read_checkpoint_file).
-    """
-    state = read_state_dict(path)  # reading and checking the file; fitting it to the model follows
+def load_state(model: ConViT, state: dict[str, torch.Tensor], path, verbose: bool) -> ConViT:
+    """load_checkpoint's work once the file is read: fit `state` to `model`, check, then load."""
     own = model.state_dict()
-
+    notes = []  # printed only once the whole state dict is known to fit
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = fit_pos_embed(state["pos_embed"], model, path, verbose)
+        state["pos_embed"], note = fit_pos_embed(state["pos_embed"], model, path)
+        notes.append(note)
     head_keys = [key for key in ("head.weight", "head.bias") if key in state and key in own]
     if any(state[key].shape != own[key].shape for key in head_keys):
-        for key in head_keys:
-            del state[key]
         state.update({key: own[key] for key in head_keys})
-        if verbose:
-            print(f"load_checkpoint: head left newly initialised for {model.cfg.num_classes} classes")
+        notes.append(f"load_checkpoint: head left newly initialised for {model.cfg.num_classes} classes")
 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -816,30 +815,51 @@ def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
         raise ValueError(f"{path} does not fit this model ({model.cfg.embed_dim} wide, "
                          f"{model.cfg.num_heads} heads, {model.cfg.local_up_to_layer} GPSA): " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
+    if verbose:
+        for note in notes:
+            print(note)
     return model
 
 
+def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
+    """Load a released ConViT or DeiT .pth (or one of ours) from `path` into `model`, strictly.
+
+    Accepts a bare state dict or one wrapped as {"model": ...} / {"state_dict": ...}, with or
+    without the "module." of DistributedDataParallel and the "_orig_mod." of torch.compile. If the
+    model was built for another image size, pos_embed is interpolated to its grid (fit_pos_embed;
+    DeiT's class-token slot is kept). If the number of classes differs, the head is left freshly
+    initialised, for fine-tuning. Any other difference raises a ValueError that names it, and
+    then nothing is loaded or printed. Nothing is downloaded: fetch the file first, and nothing
+    in it runs (read_checkpoint_file).
+    """
+    return load_state(model, state_dict_in(read_checkpoint_file(path), path), path, verbose)
+
+
+def model_from_checkpoint(path) -> ConViT:
+    """The model a train.py checkpoint holds, rebuilt in one call: its ConViTConfig, which the
+    checkpoint stores as a plain dict ("cfg"), then its weights. A released .pth has no config:
+    build that model by name instead, load_checkpoint(create_model("convit_tiny"), path)."""
+    checkpoint = read_checkpoint_file(path)
+    cfg = checkpoint.get("cfg")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"checkpoint {path} holds no model config ('cfg'), as train.py's checkpoints do; for a "
+                         f"released file build the model by name: load_checkpoint(create_model(name), path)")
+    unknown = sorted(set(cfg) - {f.name for f in fields(ConViTConfig)})
+    if unknown:
+        raise ValueError(f"checkpoint {path} has config fields this convit.py does not know: {unknown}")
+    return load_state(ConViT(ConViTConfig(**cfg)), state_dict_in(checkpoint, path), path, verbose=False)
+
+
 # ---------------------------------------------------------------------------------------
-# Measuring: `python convit.py` prints Table 1 as measured on this machine
+# Utilities: parameter count, the explicit twin, the device flag (bench.py does the timing)
 # ---------------------------------------------------------------------------------------
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: ConViT) -> int:
-    """Multiply-accumulates per image, counted by torch's own FLOP counter (1 MAC = 2 FLOPs).
-
-    Counted on the explicit path, whose matrix products the counter sees one by one; the fused
-    path performs the same products inside its kernels."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    explicit = model.cfg.fused
-    model.set_fused(False)
-    images = torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(images)
-    model.set_fused(explicit)
-    return counter.get_total_flops() // 2
+def explicit_twin(model: ConViT) -> ConViT:
+    """A copy of `model` with the same weights that runs the readable explicit path."""
+    return copy.deepcopy(model).set_fused(False)
 
 
 def torch_device(name: str, flag: str = "device") -> torch.device:
@@ -861,219 +881,3 @@ def torch_device(name: str, flag: str = "device") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"{flag} {name!r}: only cpu, cuda, cuda:N and mps are supported")
     return device
-
-
-class Timing(NamedTuple):
-    seconds: float  # median seconds per call
-    speed_ratio: float  # median over rounds of (baseline's seconds / this job's seconds); 1.0 for the baseline
-
-
-def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu",
-                     clock: callable | None = None) -> dict[str, Timing]:
-    """Time each job once per round, the order of the jobs rotated every round, and compare
-    each with the first job (the baseline) within the same round.
-
-    Why per-round ratios: on a shared machine a slow spell stretches every job timed during it.
-    The ratio of two jobs timed one after the other in the same round cancels that spell; the
-    ratio of two separate medians does not. Why rotate: a job that always runs right after
-    another one (or always first, with cold caches) would carry that position's cost in every
-    round; rotating spreads it over all jobs. The median of the per-round ratios ignores the
-    odd round that a spell hit half-way through.
-
-    `clock` defaults to the wall clock; time.thread_time (CPU time of this thread) leaves out the
-    time other programs take from the core, and is right only when torch runs on one thread."""
-    clock = clock or time.perf_counter
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)  # GPU work is async
-    names = list(jobs)
-    for job in jobs.values():
-        for _ in range(warmup):
-            job()
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # round r starts with job r
-            sync()
-            start = clock()
-            jobs[name]()
-            sync()
-            times[name].append(clock() - start)
-    baseline = times[names[0]]
-    return {name: Timing(statistics.median(ts), statistics.median(b / t for b, t in zip(baseline, ts)))
-            for name, ts in times.items()}
-
-
-def inference_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None):
-    """A forward pass without grad, in fp32 or (amp_dtype) under autocast."""
-    model.eval()
-
-    def run():
-        with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            model(images)
-
-    return run
-
-
-def training_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None):
-    """Forward, backward and one AdamW step, in fp32 or (amp_dtype) under autocast."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-
-    def run():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        F.cross_entropy(logits.float(), labels).backward()
-        optimizer.step()
-
-    return run
-
-
-def activation_memory(model: nn.Module, images: torch.Tensor) -> float:
-    """MiB of activations a training step holds for backward: every distinct tensor storage
-    that autograd saves during the forward pass, counted exactly.
-
-    This is what grows with the batch and what differs between the fused and explicit paths
-    (weights, gradients and optimiser state are the same for both). It is the part of the peak
-    that torch.cuda.max_memory_allocated would see move on a GPU; on the CPU there is no such
-    allocator counter, and peak RSS proved too noisy on this machine to compare paths."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(images)
-    return sum(storages.values()) / 2**20
-
-
-def explicit_twin(model: ConViT) -> ConViT:
-    """A copy of `model` with the same weights that runs the readable explicit path."""
-    return copy.deepcopy(model).set_fused(False)
-
-
-BASELINE = "same-size baseline"  # convit_tiny with local_up_to_layer=0: ConViT-Ti with no GPSA block
-
-
-def comparison_models(img_size: int | tuple[int, int] = 224) -> dict[str, ConViT]:
-    """ConViT-Ti on both paths (sharing weights) and the same-size baseline: convit_tiny with
-    local_up_to_layer=0, the same width, heads and blocks with plain MHSA in place of GPSA. It
-    differs from ConViT-Ti only where GPSA does, so it is the fair yardstick for GPSA's speed
-    (DeiT-Ti itself has 3 heads, a qkv bias and one more position: see MODEL_PRESETS)."""
-    fused = create_model("convit_tiny", img_size=img_size)
-    return {BASELINE: create_model("convit_tiny", img_size=img_size, local_up_to_layer=0),
-            "convit fused": fused, "convit explicit": explicit_twin(fused)}
-
-
-def markdown_row(cells: list, widths: list[int]) -> str:
-    """One row of a markdown table, the first cell left-aligned and the others right-aligned."""
-    return "| " + " | ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-
-# Table 1's pairs and the paper's throughput (img/s, fp32, batch 128, Quadro GP100).
-TABLE1_SIZES = ["tiny", "tiny_plus", "small", "small_plus", "base", "base_plus"]
-PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "convit_tiny_plus": 625,
-               "deit_small": 587, "convit_small": 305, "deit_small_plus": 480, "convit_small_plus": 382,
-               "deit_base": 187, "convit_base": 141, "deit_base_plus": 114, "convit_base_plus": 96}
-
-
-def clock(args):
-    """--cpu-time: the main thread's CPU time, which one thread makes the whole job's."""
-    return time.thread_time if getattr(args, "cpu_time", False) else time.perf_counter
-
-
-def settings(args, batch: int) -> str:
-    """What every measured ratio depends on, printed beside it."""
-    precision = "bf16 autocast" if getattr(args, "amp", False) else "fp32"
-    precision += ", torch.compile" if getattr(args, "compile", False) else ""
-    timed = "CPU time of the thread" if getattr(args, "cpu_time", False) else "wall clock"
-    # Above the number of cores, other programs were waiting for them: the figures are noisier.
-    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
-    return (f"{args.device}, {precision}, batch {batch}, 224x224, {torch.get_num_threads()} thread(s), {timed}, "
-            f"median of {args.rounds} per-round ratios, order rotated every round{load}")
-
-
-def prepared(model: nn.Module, args) -> nn.Module:
-    """The model on args.device, compiled with --compile (compiling happens at the warm-up call)."""
-    model = model.to(args.device)
-    return torch.compile(model) if getattr(args, "compile", False) else model
-
-
-def print_table1(args):
-    """Each DeiT row of Table 1 is timed interleaved with its ConViT row (fused and explicit),
-    so the ConViT/DeiT ratios are fair even on a noisy machine."""
-    images = torch.randn(args.batch_size, 3, 224, 224, device=args.device)
-    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
-    print(f"Table 1 measured here: {settings(args, args.batch_size)}")
-    header = ["model", "heads", "C", "params", "GMACs", "img/s", "vs DeiT", "paper img/s", "paper vs DeiT"]
-    widths = [28, 5, 5, 7, 6, 8, 7, 11, 13]
-    print(markdown_row(header, widths))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for size in args.sizes:
-        deit_name, convit_name = f"deit_{size}", f"convit_{size}"
-        fused = create_model(convit_name)
-        models = {deit_name: create_model(deit_name), convit_name + " (fused)": fused,
-                  convit_name + " (explicit)": explicit_twin(fused)}
-        macs = {name: count_macs(model) for name, model in models.items()}
-        jobs = {name: inference_job(prepared(model, args), images, amp_dtype) for name, model in models.items()}
-        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))  # the DeiT first: the baseline
-        for name, model in models.items():
-            base = name.split(" ")[0]
-            speed = args.batch_size / timings[name].seconds
-            paper_ratio = PAPER_SPEED[base] / PAPER_SPEED[deit_name]
-            cells = [name, model.cfg.num_heads, model.cfg.embed_dim, f"{count_parameters(model) / 1e6:.1f}M",
-                     f"{macs[name] / 1e9:.2f}", f"{speed:.1f}", f"{timings[name].speed_ratio:.2f}x", PAPER_SPEED[base],
-                     f"{paper_ratio:.2f}x"]
-            print(markdown_row(cells, widths), flush=True)
-
-
-def print_comparison(args):
-    """ConViT-Ti against the same-size baseline (ConViT-Ti with no GPSA layer: convit_tiny,
-    local_up_to_layer=0), which comparison_models puts first."""
-    models = comparison_models()
-    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
-    baseline = next(iter(models))
-    for what, make_job, batch in (("inference", inference_job, args.batch_size),
-                                  ("training step", training_job, args.train_batch_size)):
-        if what == "training step" and args.inference_only:
-            continue
-        images = torch.randn(batch, 3, 224, 224, device=args.device)
-        jobs = {name: make_job(prepared(model, args), images, amp_dtype) for name, model in models.items()}
-        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))
-        print(f"ConViT-Ti {what} against the same-size baseline ({baseline}): {settings(args, batch)}")
-        for name, timing in timings.items():
-            print(f"  {name:<18} {batch / timing.seconds:8.1f} img/s   {timing.speed_ratio:5.3f}x baseline "
-                  f"(batch {batch}, {torch.get_num_threads()} thread(s))", flush=True)
-    if args.inference_only:
-        return
-    memory_images = torch.randn(args.memory_batch_size, 3, 224, 224, device=args.device)
-    print(f"training memory at batch {args.memory_batch_size}: activations saved for backward (exact count):")
-    for name, model in models.items():
-        print(f"  {name:<18} {activation_memory(model, memory_images):8.0f} MiB")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
-    parser.add_argument("--sizes", nargs="*", default=TABLE1_SIZES, choices=TABLE1_SIZES,
-                        help="which DeiT/ConViT pairs of Table 1 (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
-    parser.add_argument("--train-batch-size", type=int, default=32, help="training-step batch (with --compare)")
-    parser.add_argument("--memory-batch-size", type=int, default=64, help="batch of the activation-memory count (with --compare)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")
-    parser.add_argument("--compare", action="store_true",
-                        help="instead: ConViT-Ti fused/explicit vs the same-size baseline: inference, training, memory")
-    parser.add_argument("--inference-only", action="store_true", help="with --compare: skip training and memory")
-    parser.add_argument("--amp", action="store_true", help="time under bf16 autocast instead of fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model first (at the warm-up call)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="with --threads 1: time the thread's CPU time, not the wall clock, so that time other "
-                             "programs take from the core does not count (their use of caches and memory still does)")
-    cli = parser.parse_args()
-    if cli.cpu_time and cli.threads != 1:
-        parser.error("--cpu-time measures one thread: add --threads 1")
-    torch.set_num_threads(cli.threads)
-    print_comparison(cli) if cli.compare else print_table1(cli)

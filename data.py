@@ -7,13 +7,17 @@ Contents, in file order:
     DatasetDefaults, DATASETS      what each --dataset looks like (image and patch size, channels ...)
     ArrayImageDataset, FirstClassesImageFolder
     train_transform, eval_transform  (the rest of the training augmentation runs on batches: augment.py)
-    load_digits, load_mnist10k, load_mnist10k_sum, load_cifar, load_imagefolder, build_datasets
+    load_digits, load_mnist10k
+    load_mnist10k_sum              two far-apart digits labelled by their sum
+    PlainDataUnpickler, load_cifar CIFAR's pickled batches, read without running any code
+    load_imagefolder, build_datasets
     stratified_fraction            Table 2's subsets of each class
     RepeatedAugmentationSampler    DeiT's repeated augmentation
 """
 
 from __future__ import annotations
 
+import codecs
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,11 +215,38 @@ def digit_pairs(digits: ArrayImageDataset, transform) -> ArrayImageDataset:
     return ArrayImageDataset(images, labels, transform)
 
 
+# CIFAR's batches are pickles, and pickle.load calls whatever function a file names: a
+# cifar-10-batches-py folder someone hands you could run any code. A batch is plain data (a dict
+# of a uint8 array, lists, numbers and strings), which the pickle format builds without calling
+# anything except numpy's array rebuilders. So those are the only globals a batch may name.
+_ARRAY = np.zeros(1, dtype=np.uint8)
+PICKLE_ALLOW_LIST = {
+    ("numpy.core.multiarray", "_reconstruct"): _ARRAY.__reduce__()[0],  # numpy 1, as in the official files
+    ("numpy._core.multiarray", "_reconstruct"): _ARRAY.__reduce__()[0],  # numpy 2
+    ("numpy.core.numeric", "_frombuffer"): _ARRAY.__reduce_ex__(5)[0],  # pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"): _ARRAY.__reduce_ex__(5)[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # bytes, in protocol 2 as Python 3 writes it
+}
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data and numpy arrays, and refuses every other global a
+    file names before importing it, let alone calling it."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_ALLOW_LIST:
+            raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which is code, not data: "
+                                         f"refused without running it")
+        return PICKLE_ALLOW_LIST[module, name]
+
+
 def load_cifar(name: str, root: Path, train: bool, transform) -> ArrayImageDataset:
     """CIFAR-10/100 from the python pickles, downloaded through torchvision when missing.
 
-    We read the pickles ourselves: torchvision's loader refuses any folder whose files do
-    not match the official md5 sums, which a test's small CIFAR-format folder cannot."""
+    We read the batches ourselves, with PlainDataUnpickler, so that any CIFAR-format folder
+    loads (torchvision's loader accepts only files with the official md5 sums) and none runs code."""
     source = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     folder = root / source.base_folder
     if not folder.is_dir():
@@ -229,7 +260,7 @@ def load_cifar(name: str, root: Path, train: bool, transform) -> ArrayImageDatas
     for file_name, _md5 in source.train_list if train else source.test_list:
         try:
             with open(folder / file_name, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+                batch = PlainDataUnpickler(f, encoding="latin1").load()  # latin1: the official files are Python 2's
             images.append(torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8)).reshape(-1, 3, 32, 32))
             targets += batch["labels"] if "labels" in batch else batch["fine_labels"]
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, RuntimeError) as err:

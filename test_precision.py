@@ -216,34 +216,3 @@ def test_compiled_run_keeps_eager_checkpoint_keys_resumes_and_evaluates(image_fo
     assert evaluated["val_loss"] == pytest.approx(metrics_of(tmp_path / "compiled")[-1]["val_loss"], rel=1e-6)
     assert eager["epochs_run"] == compiled["epochs_run"] == 1
 
-
-# ---------------------------------------------------------------------------------------
-# CUDA-only lines, their logic run on the CPU
-# ---------------------------------------------------------------------------------------
-def test_time_interleaved_rotates_compares_per_round_and_synchronises_a_gpu(monkeypatch):
-    """The benchmark's rules, on a fake clock: the order rotates every round; each ratio is the
-    median of per-round ratios to the first job; on a GPU it waits for the device before
-    reading the clock (torch.cuda.synchronize, replaced here by a counter)."""
-    order, syncs, now = [], [], [0.0]
-    # Round r of 3 is slow for everyone (a busy machine): 1 s, 2 s, 10 s per unit of work.
-    spell = [1.0, 2.0, 10.0]
-    work = {"base": 1.0, "half as fast": 2.0, "same": 1.0}
-
-    def timed(name):
-        def run():
-            round_index = len(order) // len(work) % len(spell)
-            order.append(name)
-            now[0] += work[name] * spell[round_index]
-        return run
-
-    monkeypatch.setattr(convit.time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
-    jobs = {name: timed(name) for name in work}
-    timings = convit.time_interleaved(jobs, rounds=3, warmup=0, device="cuda")
-    assert order == ["base", "half as fast", "same", "half as fast", "same", "base", "same", "base", "half as fast"]
-    assert len(syncs) == 2 * 9  # before and after every timed call
-    assert timings["base"].speed_ratio == 1.0 and timings["same"].speed_ratio == 1.0
-    assert timings["half as fast"].speed_ratio == 0.5  # every round says 0.5, whatever its spell
-    assert timings["half as fast"].seconds == 4.0  # median of 2, 4, 20
-    convit.time_interleaved(jobs, rounds=1, warmup=0, device="cpu")
-    assert len(syncs) == 18  # a CPU needs no synchronising

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -28,9 +29,12 @@ import torch
 from PIL import Image
 
 import convit
+import data
+import test_train
 import train
 
 HERE = Path(__file__).resolve().parent
+cifar_folder = test_train.cifar_folder  # the fixture: a CIFAR-10-format folder of plain pickles
 # The model of test_train.TINY: 16x16 images in 4x4 patches, C = 32, H = 4, 3 blocks (1 GPSA).
 TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "3", "--num-heads", "4",
         "--preset", "small", "--workers", "0", "--quiet"]
@@ -179,6 +183,27 @@ def test_no_load_anywhere_can_run_code():
              not path.name.startswith("test_")]
     assert loads == ["convit.py"]
     assert "torch.load(path, map_location=\"cpu\", weights_only=True)" in sources[HERE / "convit.py"]
+    unpickling = ["pickle." + "load(", "pickle." + "loads(", "allow_pickle=" + "True"]  # data files: no code either
+    assert [path.name for path, text in sources.items() for call in unpickling
+            if call in text and not path.name.startswith("test_")] == []
+
+
+def test_evil_cifar_batch_runs_no_code_and_a_plain_one_still_loads(cifar_folder, tmp_path, capsys):
+    """CIFAR's batches are pickles too: a cifar-10-batches-py folder someone hands over must not run code."""
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil" / "cifar-10-batches-py"
+    evil.mkdir(parents=True)
+    for plain in (cifar_folder / "cifar-10-batches-py").iterdir():
+        (evil / plain.name).write_bytes(plain.read_bytes())
+    with open(evil / "data_batch_3", "wb") as f:  # one batch among plain ones
+        pickle.dump({"data": Evil(marker), "labels": [0]}, f)
+    with pytest.raises(ValueError, match="data_batch_3 .*asks to load posix.system, which is code, not data"):
+        data.load_cifar("cifar10", tmp_path / "evil", True, transform=None)
+    one_error_line(train.cli(["--dataset", "cifar10", "--data-dir", str(tmp_path / "evil"), *TINY]),
+                   capsys.readouterr().err, "refused without running it")
+    assert not marker.exists()
+    plain = data.load_cifar("cifar10", cifar_folder, True, transform=None)  # the test's own CIFAR-format files
+    assert plain.images.shape == (100, 3, 32, 32) and plain.targets[:11] == [*range(10), 0]
 
 
 # ---------------------------------------------------------------------------------------

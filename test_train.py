@@ -395,6 +395,9 @@ def test_eval_only_reports_our_checkpoint_and_a_released_format(cifar_folder, tm
     trained = train.main([*data, "--epochs", "1", "--output-dir", str(tmp_path)])
     ours = train.main([*data, "--eval-only", "--checkpoint", str(tmp_path / "checkpoint.pth")])
     assert ours["val_top1"] == trained["val_top1"] and ours["val_top5"] == trained["val_top5"]
+    rebuilt = convit.model_from_checkpoint(tmp_path / "checkpoint.pth")  # the README's one call, no flags
+    assert rebuilt.cfg == trained["model"].cfg
+    assert all(torch.equal(value, trained["model"].state_dict()[key]) for key, value in rebuilt.state_dict().items())
     torch.save({"model": trained["model"].state_dict()}, tmp_path / "released.pth")  # the released layout
     released = train.main([*data, "--eval-only", "--checkpoint", str(tmp_path / "released.pth")])
     assert released["val_loss"] == pytest.approx(trained["val_loss"])

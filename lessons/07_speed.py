@@ -20,16 +20,15 @@ Run from the repository root:  python lessons/07_speed.py [--quick] [--device cu
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py and bench.py live in the repository root
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from einops import einsum, rearrange  # noqa: E402
 
+import bench  # noqa: E402
 import convit  # noqa: E402
 from lessons._common import Stopwatch, cli, lesson_parser, parse, save_figure  # noqa: E402
-
-PAPER_TABLE1 = {"DeiT-Ti": 1442, "ConViT-Ti": 734}  # img/s, fp32, batch 128, Quadro GP100 (paper.md)
 
 
 @torch.no_grad()
@@ -60,29 +59,29 @@ def check_exactness(img_size: int, device: str) -> dict[str, float]:
     return results
 
 
+BASELINE = bench.BASELINE  # "same-size baseline": convit_tiny with local_up_to_layer=0
+COLOURS = {BASELINE: "tab:blue", "ConViT fused": "tab:red", "ConViT explicit": "tab:orange"}
+
+
 def three_models(img_size: int, device: str) -> dict:
     """The same-size baseline (convit_tiny with local_up_to_layer=0: no GPSA), and ConViT-Ti on each
-    path, the two sharing weights (convit.comparison_models, the set `python convit.py --compare` times)."""
-    names = {convit.BASELINE: BASELINE, "convit fused": "ConViT fused", "convit explicit": "ConViT explicit"}
-    return {names[name]: model.to(device) for name, model in convit.comparison_models(img_size).items()}
+    path, the two sharing weights (bench.comparison_models, the set `python bench.py --compare` times)."""
+    names = {BASELINE: BASELINE, "convit fused": "ConViT fused", "convit explicit": "ConViT explicit"}
+    return {names[name]: model.to(device) for name, model in bench.comparison_models(img_size).items()}
 
 
 def measure(models: dict, make_job, batch: int, img_size: int, rounds: int, device: str, what: str) -> dict:
     """img/s of each model and its speed relative to the first (the baseline): the models run in
     turn, their order rotated every round, and each ratio is the median of the per-round ratios
-    (convit.time_interleaved), so that a slow spell of a shared machine hits all of them alike."""
+    (bench.time_interleaved), so that a slow spell of a shared machine hits all of them alike."""
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     jobs = {name: make_job(model, images) for name, model in models.items()}
-    timings = convit.time_interleaved(jobs, rounds=rounds, device=device)  # on a GPU it synchronises
+    timings = bench.time_interleaved(jobs, rounds=rounds, device=device)  # on a GPU it synchronises
     threads = f"{torch.get_num_threads()} thread(s)" if device == "cpu" else device
     for name, timing in timings.items():
         print(f"{what:<14} {img_size}x{img_size}: {name:<17} {batch / timing.seconds:8.1f} img/s  "
               f"{timing.speed_ratio:5.2f}x baseline (batch {batch}, {threads})")
     return {name: (batch / timing.seconds, timing.speed_ratio) for name, timing in timings.items()}
-
-
-BASELINE = convit.BASELINE  # "same-size baseline": convit_tiny with local_up_to_layer=0
-COLOURS = {BASELINE: "tab:blue", "ConViT fused": "tab:red", "ConViT explicit": "tab:orange"}
 
 
 def plot(bars: dict, sweep: dict, settings: str, args):
@@ -104,7 +103,7 @@ def plot(bars: dict, sweep: dict, settings: str, args):
     axes[2].set(xlabel="patches N (image side)", ylabel="speed / the baseline's speed", ylim=(0, 1.2),
                 title="inference, relative to the same-size baseline, as N grows")
     axes[2].legend(fontsize=8)
-    paper = PAPER_TABLE1["ConViT-Ti"] / PAPER_TABLE1["DeiT-Ti"]
+    paper = bench.PAPER_SPEED["convit_tiny"] / bench.PAPER_SPEED["deit_tiny"]
     fig.suptitle(f"ConViT-Ti against the same-size baseline, no GPSA (paper, Table 1: ConViT-Ti runs at "
                  f"{paper:.2f}x DeiT-Ti, explicit attention, GP100)", fontsize=10)
     save_figure(fig, args.out_dir, "07_throughput.png", settings, args.device)
@@ -117,10 +116,10 @@ def main(argv=None):
     sizes = (32, 64) if args.quick else (112, 224, 320)
     check_exactness(img_size, args.device)
     models = three_models(img_size, args.device)
-    bars = {"inference": measure(models, convit.inference_job, batch, img_size, rounds, args.device, "inference"),
-            "training step": measure(models, convit.training_job, batch, img_size, rounds, args.device, "training step")}
+    bars = {"inference": measure(models, bench.inference_job, batch, img_size, rounds, args.device, "inference"),
+            "training step": measure(models, bench.training_job, batch, img_size, rounds, args.device, "training step")}
     sweep = {size: bars["inference"] if size == img_size else
-             measure(three_models(size, args.device), convit.inference_job, batch, size, rounds, args.device, "inference")
+             measure(three_models(size, args.device), bench.inference_job, batch, size, rounds, args.device, "inference")
              for size in sizes}
     settings = (f"convit_tiny (C = 192, 4 heads, 10 GPSA + 2 MHSA), patch 16, fp32, batch {batch} "
                 f"(training: one AdamW step), bars at {img_size}x{img_size}, {torch.get_num_threads()} thread(s); "

@@ -59,9 +59,9 @@ def cli(main, argv=None) -> int:
 def lesson_parser(doc: str, uses_data: bool = False) -> argparse.ArgumentParser:
     """The options every lesson shares. `doc` is the lesson's module docstring.
 
-    One CPU thread by default: the lessons' models are small, and torch's default of one thread
-    per core collapses when another process wants the same cores (on our shared 2-core machine
-    a training run fell from 1,660 to 20-50 images/s with 2 threads; with 1 it kept its speed)."""
+    One CPU thread by default: the lessons' models are too small to gain from a second thread, and
+    with one thread per core (torch's default) a run stalls whenever another program wants a core
+    (docs/speed.md)."""
     parser = LessonArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a much smaller run (seconds) that still writes every figure, into runs/lessons-quick/ "

@@ -1,0 +1,281 @@
+"""Measuring ConViT: Table 1 on this machine, and ConViT-Ti against the same-size baseline.
+
+    python bench.py                    # Table 1: params, MACs, img/s and the ConViT/DeiT ratio, every pair
+    python bench.py --sizes tiny --rounds 1 --batch-size 2     # one pair, in seconds
+    python bench.py --compare          # ConViT-Ti (fused, explicit) against the same-size baseline:
+                                       # inference, a training step, and the activations kept for backward
+
+The model lives in convit.py; this file only times it. docs/speed.md holds what it measured here
+and how to read it.
+
+How a ratio is measured (time_interleaved): the models of one comparison run one after the other
+in every round, the order rotated from round to round, and a model's ratio is the median over
+rounds of the baseline's time divided by its own time in the same round. A slow spell of a shared
+machine then stretches both times of a ratio alike. img/s comes from each model's median time,
+so img/s ratios and the printed ratio can differ a little.
+
+Contents, in file order:
+    count_macs                     multiply-accumulates per image (torch's FLOP counter)
+    Timing, time_interleaved       the timing rule above
+    inference_job, training_job    what is timed: a forward pass, or forward + backward + AdamW
+    activation_memory              the bytes autograd keeps for backward, counted exactly
+    BASELINE, comparison_models    ConViT-Ti on both paths and the same-size baseline
+    PAPER_SPEED                    Table 1's img/s of the paper (the one copy in the project)
+    print_table1, print_comparison, __main__
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convit import ConViT, count_parameters, create_model, explicit_twin, torch_device
+
+
+def count_macs(model: ConViT) -> int:
+    """Multiply-accumulates per image, counted by torch's own FLOP counter (1 MAC = 2 FLOPs).
+
+    Counted on the explicit path, whose matrix products the counter sees one by one; the fused
+    path performs the same products inside its kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    explicit = model.cfg.fused
+    model.set_fused(False)
+    images = torch.zeros(1, model.cfg.in_chans, *model.cfg.img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    model.set_fused(explicit)
+    return counter.get_total_flops() // 2
+
+
+class Timing(NamedTuple):
+    seconds: float  # median seconds per call
+    speed_ratio: float  # median over rounds of (baseline's seconds / this job's seconds); 1.0 for the baseline
+
+
+def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu",
+                     clock: callable | None = None) -> dict[str, Timing]:
+    """Time each job once per round, the order of the jobs rotated every round, and compare
+    each with the first job (the baseline) within the same round.
+
+    Why per-round ratios: on a shared machine a slow spell stretches every job timed during it.
+    The ratio of two jobs timed one after the other in the same round cancels that spell; the
+    ratio of two separate medians does not. Why rotate: a job that always runs right after
+    another one (or always first, with cold caches) would carry that position's cost in every
+    round; rotating spreads it over all jobs. The median of the per-round ratios ignores the
+    odd round that a spell hit half-way through.
+
+    `clock` defaults to the wall clock; time.thread_time (CPU time of this thread) leaves out the
+    time other programs take from the core, and is right only when torch runs on one thread."""
+    clock = clock or time.perf_counter
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)  # GPU work is async
+    names = list(jobs)
+    for job in jobs.values():
+        for _ in range(warmup):
+            job()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # round r starts with job r
+            sync()
+            start = clock()
+            jobs[name]()
+            sync()
+            times[name].append(clock() - start)
+    baseline = times[names[0]]
+    return {name: Timing(statistics.median(ts), statistics.median(b / t for b, t in zip(baseline, ts)))
+            for name, ts in times.items()}
+
+
+def inference_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None):
+    """A forward pass without grad, in fp32 or (amp_dtype) under autocast."""
+    model.eval()
+
+    def run():
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            model(images)
+
+    return run
+
+
+def training_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None):
+    """Forward, backward and one AdamW step, in fp32 or (amp_dtype) under autocast."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        F.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+
+    return run
+
+
+def activation_memory(model: nn.Module, images: torch.Tensor) -> float:
+    """MiB of activations a training step holds for backward: every distinct tensor storage
+    that autograd saves during the forward pass, counted exactly (the weights that autograd keeps
+    for the inputs' gradients included: 22 MiB of ConViT-Ti's).
+
+    This is what grows with the batch and what differs between the fused and explicit paths
+    (weights, gradients and optimiser state are the same for both): the part of the peak that
+    torch.cuda.max_memory_allocated would see move on a GPU. The CPU has no such counter."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images)
+    return sum(storages.values()) / 2**20
+
+
+BASELINE = "same-size baseline"  # convit_tiny with local_up_to_layer=0: ConViT-Ti with no GPSA block
+
+
+def comparison_models(img_size: int | tuple[int, int] = 224) -> dict[str, ConViT]:
+    """ConViT-Ti on both paths (sharing weights) and, first, the same-size baseline: convit_tiny with
+    local_up_to_layer=0, the same width, heads and blocks with plain MHSA in place of GPSA. It
+    differs from ConViT-Ti only where GPSA does, so it is the fair yardstick for GPSA's speed
+    (DeiT-Ti itself has 3 heads, a qkv bias and one more position: see convit.MODEL_PRESETS)."""
+    fused = create_model("convit_tiny", img_size=img_size)
+    return {BASELINE: create_model("convit_tiny", img_size=img_size, local_up_to_layer=0),
+            "convit fused": fused, "convit explicit": explicit_twin(fused)}
+
+
+# Table 1's pairs, and the paper's throughput: img/s, fp32, batch 128, on a Quadro GP100.
+TABLE1_SIZES = ["tiny", "tiny_plus", "small", "small_plus", "base", "base_plus"]
+PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "convit_tiny_plus": 625,
+               "deit_small": 587, "convit_small": 305, "deit_small_plus": 480, "convit_small_plus": 382,
+               "deit_base": 187, "convit_base": 141, "deit_base_plus": 114, "convit_base_plus": 96}
+
+
+def markdown_row(cells: list, widths: list[int]) -> str:
+    """One row of a markdown table, the first cell left-aligned and the others right-aligned."""
+    return "| " + " | ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+
+def clock(args):
+    """--cpu-time: the main thread's CPU time, which one thread makes the whole job's."""
+    return time.thread_time if getattr(args, "cpu_time", False) else time.perf_counter
+
+
+def settings(args, batch: int) -> str:
+    """What every measured ratio depends on, printed beside it."""
+    precision = "bf16 autocast" if getattr(args, "amp", False) else "fp32"
+    precision += ", torch.compile" if getattr(args, "compile", False) else ""
+    timed = "CPU time of the thread" if getattr(args, "cpu_time", False) else "wall clock"
+    # Above the number of cores, other programs were waiting for them: the figures are noisier.
+    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    side = getattr(args, "img_size", 224)
+    return (f"{args.device}, {precision}, batch {batch}, {side}x{side}, {torch.get_num_threads()} thread(s), {timed}, "
+            f"{args.rounds} rounds, order rotated every round{load}")
+
+
+def prepared(model: nn.Module, args) -> nn.Module:
+    """The model on args.device, compiled with --compile (compiling happens at the warm-up call)."""
+    model = model.to(args.device)
+    return torch.compile(model) if getattr(args, "compile", False) else model
+
+
+def print_table1(args):
+    """Each DeiT row of Table 1 is timed interleaved with its ConViT row (fused and explicit),
+    so the ConViT/DeiT ratios are fair even on a noisy machine."""
+    side = getattr(args, "img_size", 224)
+    images = torch.randn(args.batch_size, 3, side, side, device=args.device)
+    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
+    print(f"Table 1 measured here: {settings(args, args.batch_size)}")
+    print(f"vs DeiT: speed / the DeiT's speed, median of {args.rounds} per-round ratios")
+    header = ["model", "heads", "C", "params", "GMACs", "img/s", "vs DeiT", "paper img/s", "paper vs DeiT"]
+    widths = [28, 5, 5, 7, 6, 8, 7, 11, 13]
+    print(markdown_row(header, widths))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for size in args.sizes:
+        deit_name, convit_name = f"deit_{size}", f"convit_{size}"
+        fused = create_model(convit_name, img_size=side)
+        models = {deit_name: create_model(deit_name, img_size=side), convit_name + " (fused)": fused,
+                  convit_name + " (explicit)": explicit_twin(fused)}
+        macs = {name: count_macs(model) for name, model in models.items()}
+        jobs = {name: inference_job(prepared(model, args), images, amp_dtype) for name, model in models.items()}
+        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))  # the DeiT first: the baseline
+        for name, model in models.items():
+            base = name.split(" ")[0]
+            speed = args.batch_size / timings[name].seconds
+            paper_ratio = PAPER_SPEED[base] / PAPER_SPEED[deit_name]
+            cells = [name, model.cfg.num_heads, model.cfg.embed_dim, f"{count_parameters(model) / 1e6:.1f}M",
+                     f"{macs[name] / 1e9:.2f}", f"{speed:.1f}", f"{timings[name].speed_ratio:.2f}x", PAPER_SPEED[base],
+                     f"{paper_ratio:.2f}x"]
+            print(markdown_row(cells, widths), flush=True)
+
+
+def print_comparison(args):
+    """ConViT-Ti (fused and explicit) against the same-size baseline, which comparison_models puts first."""
+    side = getattr(args, "img_size", 224)
+    models = comparison_models(side)
+    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
+    for what, make_job, batch in (("inference", inference_job, args.batch_size),
+                                  ("training step", training_job, args.train_batch_size)):
+        if what == "training step" and args.inference_only:
+            continue
+        images = torch.randn(batch, 3, side, side, device=args.device)
+        jobs = {name: make_job(prepared(model, args), images, amp_dtype) for name, model in models.items()}
+        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))
+        print(f"ConViT-Ti {what} against the {BASELINE} (convit_tiny, local_up_to_layer=0): {settings(args, batch)}")
+        print(f"  {'model':<18} {'img/s':>8}   speed / the baseline's: median of {args.rounds} per-round ratios")
+        for name, timing in timings.items():
+            ratio = "(the baseline)" if name == BASELINE else f"{timing.speed_ratio:.3f}x"
+            print(f"  {name:<18} {batch / timing.seconds:8.1f}   {ratio}", flush=True)
+    if args.inference_only:
+        return
+    memory_images = torch.randn(args.memory_batch_size, 3, side, side, device=args.device)
+    print(f"training memory at batch {args.memory_batch_size}: activations saved for backward (exact count):")
+    for name, model in models.items():
+        print(f"  {name:<18} {activation_memory(model, memory_images):8.0f} MiB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
+    parser.add_argument("--sizes", nargs="*", default=TABLE1_SIZES, choices=TABLE1_SIZES,
+                        help="which DeiT/ConViT pairs of Table 1 (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
+    parser.add_argument("--train-batch-size", type=int, default=32, help="training-step batch (with --compare)")
+    parser.add_argument("--memory-batch-size", type=int, default=64,
+                        help="batch of the activation-memory count (with --compare)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
+    parser.add_argument("--img-size", type=int, default=224,
+                        help="image side in pixels (the paper's Table 1: 224, 14 x 14 patches of 16)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")
+    parser.add_argument("--compare", action="store_true",
+                        help="instead: ConViT-Ti fused/explicit vs the same-size baseline: inference, training, memory")
+    parser.add_argument("--inference-only", action="store_true", help="with --compare: skip training and memory")
+    parser.add_argument("--amp", action="store_true", help="time under bf16 autocast instead of fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model first (at the warm-up call)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --threads 1: time the thread's CPU time, not the wall clock, so that time other "
+                             "programs take from the core does not count (their use of caches and memory still does)")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = build_parser()
+    cli = parser.parse_args()
+    if cli.cpu_time and cli.threads != 1:
+        parser.error("--cpu-time measures one thread: add --threads 1")
+    try:
+        torch_device(cli.device, "--device")  # a typo or a missing GPU: one line, before any model is built
+    except ValueError as err:
+        parser.error(str(err))
+    torch.set_num_threads(cli.threads)
+    print_comparison(cli) if cli.compare else print_table1(cli)

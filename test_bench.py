@@ -1,0 +1,103 @@
+"""bench.py measures what it says: the timing rule, the counts, and the two commands' tables.
+
+Timings cannot be asserted, but their consistency can: with one round, the printed ratio to the
+baseline is the ratio of the printed speeds. Everything else (MACs, parameters, activation bytes,
+the order of the jobs) is exact.
+"""
+
+import argparse
+
+import torch
+
+import bench
+from convit import create_model
+
+
+def test_time_interleaved_rotates_compares_per_round_and_synchronises_a_gpu(monkeypatch):
+    """The rules, on a fake clock: the order rotates every round; each ratio is the median of
+    per-round ratios to the first job; on a GPU it waits for the device before reading the clock
+    (torch.cuda.synchronize, replaced here by a counter, so the CUDA branch runs on a CPU)."""
+    order, syncs, now = [], [], [0.0]
+    # Round r of 3 is slow for everyone (a busy machine): 1 s, 2 s, 10 s per unit of work.
+    spell = [1.0, 2.0, 10.0]
+    work = {"base": 1.0, "half as fast": 2.0, "same": 1.0}
+
+    def timed(name):
+        def run():
+            round_index = len(order) // len(work) % len(spell)
+            order.append(name)
+            now[0] += work[name] * spell[round_index]
+        return run
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    jobs = {name: timed(name) for name in work}
+    timings = bench.time_interleaved(jobs, rounds=3, warmup=0, device="cuda")
+    assert order == ["base", "half as fast", "same", "half as fast", "same", "base", "same", "base", "half as fast"]
+    assert len(syncs) == 2 * 9  # before and after every timed call
+    assert timings["base"].speed_ratio == 1.0 and timings["same"].speed_ratio == 1.0
+    assert timings["half as fast"].speed_ratio == 0.5  # every round says 0.5, whatever its spell
+    assert timings["half as fast"].seconds == 4.0  # median of 2, 4, 20
+    bench.time_interleaved(jobs, rounds=1, warmup=0, device="cpu")
+    assert len(syncs) == 18  # a CPU needs no synchronising
+
+
+def test_activation_memory_counts_exactly_what_autograd_keeps():
+    # A linear layer keeps its input (for the weight's gradient), and its weight only when the
+    # input's gradient is wanted too, as inside a network.
+    layer, images = torch.nn.Linear(4, 3), torch.randn(5, 4)
+    assert bench.activation_memory(layer, images) == 5 * 4 * 4 / 2**20
+    assert bench.activation_memory(layer, images.requires_grad_()) == (5 * 4 + 3 * 4) * 4 / 2**20
+    # The fused path keeps no B x H x N x N matrix, so it keeps less than the explicit one.
+    fused = create_model("convit_tiny", img_size=32, patch_size=4, embed_dim=48, depth=3, local_up_to_layer=2)
+    images = torch.randn(8, 3, 32, 32)
+    explicit = bench.activation_memory(bench.explicit_twin(fused), images)
+    assert bench.activation_memory(fused, images) < 0.8 * explicit
+
+
+def agrees(printed_ratio: float, speed: float, baseline_speed: float, ratio_digits: int) -> bool:
+    """Whether a printed ratio is speed / baseline_speed, both printed to 0.1 img/s: with one
+    round, the per-round ratio is exactly that ratio, so only the printed digits may differ."""
+    ratio = speed / baseline_speed
+    slack = 0.5 * 10**-ratio_digits + ratio * (0.05 / speed + 0.05 / baseline_speed)
+    return abs(printed_ratio - ratio) <= slack * 1.01
+
+
+def table_rows(out: str, prefixes: tuple[str, ...]) -> list[list[str]]:
+    rows = [line for line in out.splitlines() if line.startswith(prefixes)]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_table1_command_measures_a_pair(capsys):
+    bench.print_table1(argparse.Namespace(sizes=["tiny"], batch_size=1, rounds=1, device="cpu"))
+    cells = table_rows(capsys.readouterr().out, ("| deit", "| convit"))
+    assert [c[0] for c in cells] == ["deit_tiny", "convit_tiny (fused)", "convit_tiny (explicit)"]
+    assert [c[1:4] for c in cells] == [["3", "192", "5.7M"], ["4", "192", "5.7M"], ["4", "192", "5.7M"]]
+    macs = [float(c[4]) for c in cells]
+    assert 1.0 < macs[0] < 1.5 and macs[1] == macs[2]  # the paper's "1G"; both paths do the same products
+    speeds = [float(c[5]) for c in cells]
+    for speed, ratio in zip(speeds[1:], (c[6] for c in cells[1:])):
+        assert agrees(float(ratio.rstrip("x")), speed, speeds[0], ratio_digits=2), (ratio, speeds)
+
+
+def test_compare_names_its_baseline_once_and_says_what_the_ratio_is(capsys):
+    args = argparse.Namespace(batch_size=2, train_batch_size=2, memory_batch_size=2, rounds=1, device="cpu",
+                              inference_only=False, img_size=32)
+    bench.print_comparison(args)
+    lines = capsys.readouterr().out.splitlines()
+    for what, at in (("inference", 0), ("training step", 5)):
+        header, columns, *rows = lines[at : at + 5]
+        assert header.startswith(f"ConViT-Ti {what} against the same-size baseline (convit_tiny, local_up_to_layer=0)")
+        assert header.count("same-size baseline") == 1 and "batch 2, 32x32" in header
+        assert columns.split() == ["model", "img/s", "speed", "/", "the", "baseline's:", "median", "of", "1",
+                                   "per-round", "ratios"]
+        assert rows[0].split() == ["same-size", "baseline", rows[0].split()[2], "(the", "baseline)"]
+        baseline_speed = float(rows[0].split()[2])
+        for row, name in zip(rows[1:], ("convit fused", "convit explicit")):
+            assert row.split()[:2] == name.split()
+            speed, ratio = float(row.split()[2]), float(row.split()[3].rstrip("x"))
+            assert agrees(ratio, speed, baseline_speed, ratio_digits=3), (row, baseline_speed)
+    memory = lines[10:]
+    assert memory[0].startswith("training memory at batch 2") and len(memory) == 4
+    assert [line.split()[:-2] for line in memory[1:]] == [["same-size", "baseline"], ["convit", "fused"],
+                                                          ["convit", "explicit"]]
