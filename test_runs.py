@@ -33,7 +33,7 @@ import data
 import plots
 import runs
 import train
-from test_safety import TINY, WRAPPER, metrics_of, one_error_line, small_image_folder
+from test_safety import TINY, WRAPPER, lesson, metrics_of, one_error_line, small_image_folder
 
 HERE = Path(__file__).resolve().parent
 
@@ -356,6 +356,47 @@ def test_a_metrics_line_that_cannot_be_written_comes_back_on_resume(folder, unin
     timing = ("images_per_second", "epoch_seconds")  # the only fields that differ between two runs
     assert [{k: v for k, v in m.items() if k not in timing} for m in metrics_of(run)] == \
         [{k: v for k, v in m.items() if k not in timing} for m in uninterrupted["metrics"]]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--out-dir", "{file}"], "--out-dir {file} is a file, not a folder"),
+    (["--out-dir", "{file}/figures"], "--out-dir {file}/figures cannot be created: {file} is a file"),
+    (["--run-dir", "{file}"], "--run-dir {file} is a file, not a folder"),
+    (["--quick", "--run-dir", "{file}"], "--run-dir {file} is a file, not a folder"),
+])
+def test_lesson_output_folders_that_cannot_be_written(argv, says, tmp_path, capsys, no_data):
+    from lessons._common import cli
+
+    a_file = tmp_path / "a file"
+    a_file.write_text("not a folder")
+    argv = [a.replace("{file}", str(a_file)) for a in argv]
+    out = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "figures")]
+    one_error_line(cli(lesson("05").main, [*argv, *out]), capsys.readouterr().err, says.replace("{file}", str(a_file)))
+
+
+def test_a_full_disk_under_a_lessons_figures_is_one_line(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from lessons._common import cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    one_error_line(cli(lesson("03").main, ["--quick", "--out-dir", str(tmp_path)]), capsys.readouterr().err,
+                   f"could not write {tmp_path}/03_", "(No space left on device)")
+
+
+def test_a_lesson_run_again_replaces_its_own_runs(tmp_path, capsys):
+    """Lesson 5 --quick into a --run-dir of our choosing, twice: the second run replaces the first
+    (the lessons pass --overwrite for their own run folders)."""
+    from lessons._common import cli
+
+    argv = ["--quick", "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "figures")]
+    for _ in range(2):
+        assert cli(lesson("05").main, argv) == 0, capsys.readouterr().err
+    assert [m["epoch"] for m in metrics_of(tmp_path / "runs" / "seed0")] == [1, 2]
+    assert (tmp_path / "runs" / "seed0" / runs.FIGURE).is_file()
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import platform
@@ -31,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # convit.py and train.py live in the repository root
 import convit  # noqa: E402  (train.py and data.py are imported where needed: they pull in torchvision)
+import runs  # noqa: E402
 
 FIGURES = REPO_ROOT / "lessons" / "figures"  # the committed figures: only default runs write here
 QUICK_FIGURES = REPO_ROOT / "runs" / "lessons-quick"  # where --quick writes unless told (runs/ is ignored by git)
@@ -112,9 +112,10 @@ def training_parser(doc: str, lesson: str, recipe: LessonRecipe, quick: LessonRe
     parser.add_argument("--workers", type=int, default=None,
                         help="training runs at once, each a process with --threads threads "
                              "(default 2, one per core of our machine; --quick: 1, in this process)")
-    parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "lessons" / lesson,
-                        help="where train.py writes metrics.jsonl and checkpoints (with --quick: a temporary folder)")
-    parser.set_defaults(recipes=(recipe, quick))
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help=f"where train.py writes each run's folder (default: runs/lessons/{lesson}; with --quick: "
+                             "a temporary folder, removed afterwards). Re-running the lesson replaces its runs there")
+    parser.set_defaults(recipes=(recipe, quick), lesson_run_dir=REPO_ROOT / "runs" / "lessons" / lesson)
     return parser
 
 
@@ -126,6 +127,7 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
         raise ValueError(f"--threads must be at least 0, got {args.threads}")
     if args.out_dir is None:
         args.out_dir = QUICK_FIGURES if args.quick else FIGURES
+    runs.writable_folder(args.out_dir, "--out-dir")  # a file, or a read-only disk: one line now, not after training
     if args.threads:
         torch.set_num_threads(args.threads)
     if hasattr(args, "recipes"):  # a training lesson: unset recipe flags take the recipe's values
@@ -134,14 +136,19 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
             if getattr(args, field.name) is None:
                 setattr(args, field.name, getattr(recipe, field.name))
         args.workers = args.workers or (1 if args.quick else 2)
+        if args.run_dir is None and not args.quick:
+            args.run_dir = args.lesson_run_dir
+        if args.run_dir is not None:
+            runs.writable_folder(args.run_dir, "--run-dir")
     torch.manual_seed(0)
     return args
 
 
 @contextmanager
 def run_folder(args):
-    """Where train.py should write: --run-dir, or with --quick a temporary folder removed afterwards."""
-    if not args.quick:
+    """Where train.py should write: --run-dir, or with --quick (and no --run-dir) a temporary
+    folder removed afterwards."""
+    if args.run_dir is not None:
         yield args.run_dir
         return
     with tempfile.TemporaryDirectory() as scratch:
@@ -213,6 +220,10 @@ def train_argv(args, out_dir: Path, *flags: str, seed: int = 0) -> list[str]:
     """train.py's command line for one run of the lesson's recipe; `flags` come last and win
     (--data-fraction, the ablations, --model deit_tiny ...).
 
+    With --overwrite: a lesson's run folders are its own, and running the lesson again replaces
+    them (train.py refuses a folder that holds another run unless told so; its lock still stops
+    two lessons writing one folder at once).
+
     A convit_tiny shrunk to the recipe's C, H and depth, on train.py's image and patch size
     (mnist10k: 28x28 in 4x4 patches, a 7x7 grid). On the 8x8 sklearn digits the image is cut
     into 2x2 patches instead (a 4x4 grid), which keeps each run to seconds."""
@@ -221,17 +232,12 @@ def train_argv(args, out_dir: Path, *flags: str, seed: int = 0) -> list[str]:
             "--depth", str(args.depth), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs),
             "--warmup-lr", str(args.warmup_lr), "--randaug-ops", "0",
-            "--seed", str(seed), "--output-dir", str(out_dir), "--no-progress", "--quiet"]
+            "--seed", str(seed), "--output-dir", str(out_dir), "--overwrite", "--no-progress", "--quiet"]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if args.dataset == "digits":
         argv += ["--img-size", "8", "--patch-size", "2"]
     return argv + list(flags)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The lines of a run's metrics.jsonl, one dict per epoch."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_one(argv: list[str]) -> dict:
@@ -243,7 +249,7 @@ def train_one(argv: list[str]) -> dict:
     result = train.main(argv)
     return {"val_top1": result["val_top1"], "val_top5": result["val_top5"], "val_loss": result["val_loss"],
             "parameters": convit.count_parameters(result["model"]), "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu_start, "records": read_metrics(result["output_dir"])}
+            "cpu_seconds": time.process_time() - cpu_start, "records": runs.read_metrics(result["output_dir"])}
 
 
 def run_parallel(function, items: list, workers: int, threads: int, done=None) -> list:
@@ -312,7 +318,11 @@ def save_figure(fig, out_dir: Path, name: str, settings: str, device: str) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.text(0.5, -0.01, f"{settings}\n{hardware(device)}", ha="center", va="top", fontsize=7, color="0.35")
     path = out_dir / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    except OSError as err:  # a full disk: one `error:` line, as train.py's
+        raise ValueError(f"could not write {path} ({runs.os_reason(err)})") from None
+    finally:
+        plt.close(fig)
     print(f"wrote {path}")
     return path
