@@ -311,10 +311,13 @@ class RunFolder:
         """The run's own Fig. 5/6 (plots.py), from metrics.jsonl, or None when nothing is logged yet."""
         if not (self.started and self.metrics.exists() and read_metrics(self.path)):
             return None
-        import plots  # matplotlib, only now: `import train` stays light
+        import plots  # matplotlib only now: `import train` stays light
 
         try:
             return plots.draw_run(self.path)
+        except ImportError as err:  # the run itself is whole: say so rather than fail at its end
+            print(f"note: no {FIGURE} ({err}); pip install matplotlib, then python plots.py {self.path}")
+            return None
         except OSError as err:
             raise RunError(f"could not write {self.figure} ({os_reason(err)}); the checkpoint and metrics are "
                            f"whole: draw it later with python plots.py {self.path}") from None
