@@ -24,6 +24,7 @@ from PIL import Image
 
 import convit
 import data
+import runs
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -499,10 +500,10 @@ def test_checkpoint_saved_before_the_deit_fields_still_fits():
     model = tiny_model()
     cfg = dataclasses.asdict(model.cfg)
     del cfg["qkv_bias"], cfg["class_token_in_pos_embed"]  # as saved before DeiT's own network existed
-    train.check_same_model({"cfg": cfg}, model, "old.pth")  # no error: they were False then
-    with pytest.raises(train.TrainError, match="class_token_in_pos_embed=False .checkpoint. vs True"):
-        train.check_same_model({"cfg": cfg}, convit.create_model("deit_tiny", img_size=16, patch_size=4,
-                                                                 embed_dim=32, depth=3, num_heads=4), "old.pth")
+    runs.check_same_model({"cfg": cfg}, model, "old.pth")  # no error: they were False then
+    with pytest.raises(runs.RunError, match="class_token_in_pos_embed=False .checkpoint. vs True"):
+        runs.check_same_model({"cfg": cfg}, convit.create_model("deit_tiny", img_size=16, patch_size=4,
+                                                                embed_dim=32, depth=3, num_heads=4), "old.pth")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys):

@@ -1,81 +1,33 @@
 """Train and evaluate ConViT (and DeiT) with DeiT's recipe: on a CPU, one GPU or many.
 
-The commands, from the smallest to the largest:
+    python train.py                                       # CPU, offline, ~3 min: a small ConViT on the digits
+    python train.py --dataset mnist10k                    # 10,000 real MNIST digits, shipped in data/
+    python train.py --dataset cifar10 --data-dir data     # CIFAR-10 from scratch (downloaded when missing)
+    torchrun --nproc_per_node=8 train.py --dataset imagefolder --data-dir /path/to/imagenet --model convit_small
+    python train.py --resume runs/digits-convit_tiny      # continue that run exactly as it was started
+    python train.py --overwrite                           # or replace it with a new run
+    python train.py --eval-only --checkpoint runs/digits-convit_tiny
+    python plots.py runs/digits-convit_tiny               # (re)draw the run's own Fig. 5/6, figure.png
 
-    # CPU, offline, about 3 minutes on 2 cores: a small ConViT on the UCI handwritten digits
-    # that ship with scikit-learn, to about 97-98% validation top-1
-    python train.py
-    # The same under bf16 autocast (--amp-dtype fp16: fp16 with a gradient scaler), the loop a GPU runs
-    python train.py --amp
-
-    # 10,000 real MNIST digits, shipped in data/ (offline): 28x28 in 4x4 patches, a 7x7 grid
-    python train.py --dataset mnist10k
-
-    # CIFAR-10 / CIFAR-100 from scratch (downloaded into --data-dir when missing)
-    python train.py --dataset cifar10 --data-dir data
-    python train.py --dataset cifar100 --data-dir data --patch-size 2 --model convit_tiny_plus
-
-    # An ImageNet subset: the first 100 classes of an ImageFolder tree (train/ and val/)
-    python train.py --dataset imagefolder --data-dir /path/to/imagenet --num-classes-subset 100 \\
-        --model convit_small
-
-    # One node, 8 GPUs (each process takes --batch-size images; lr scales with the total)
-    torchrun --nproc_per_node=8 train.py --dataset imagefolder --data-dir /path/to/imagenet \\
-        --model convit_small
-    # Two nodes of 8 GPUs: run this on each node, with --node_rank=0 on the first, 1 on the second
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST0 --master_port=29500 \\
-        train.py --dataset imagefolder --data-dir /path/to/imagenet --model convit_small
-    # Two processes on a CPU (gloo): the same code path, testable anywhere
-    torchrun --nproc_per_node=2 train.py --epochs 2
-
-    # Continue an interrupted run exactly (same flags, plus --resume)
-    python train.py --resume runs/digits-convit_tiny/checkpoint.pth
-    # Top-1 / top-5 of one of our checkpoints, or of a released ConViT (or DeiT: --model deit_tiny) .pth
-    python train.py --eval-only --checkpoint runs/digits-convit_tiny/checkpoint.pth
-    python train.py --dataset imagefolder --data-dir /path/to/imagenet --model convit_tiny \\
-        --eval-only --checkpoint convit_tiny.pth
-
-    # Table 2 (sample efficiency) at small scale, on the digits: keep a stratified fraction f of
-    # each class and train 1/f times the epochs; ConViT, then DeiT's own network at the ConViT's
-    # width and heads (the paper compares DeiT-S, 6 heads 384 wide, with ConViT-S, 9 heads 432 wide)
-    python train.py --data-fraction 0.1 --scale-epochs --output-dir runs/t2-convit-0.1
-    python train.py --data-fraction 0.1 --scale-epochs --model deit_tiny --num-heads 4 --output-dir runs/t2-deit-0.1
-
-    # Table 3 (ablations), one command per row; add --data-fraction 0.1 --scale-epochs for its
-    # last column, and --dataset imagefolder --data-dir ... --model convit_small_plus for its scale
-    # (row e is then --model deit_small_plus: DeiT's own network at ConViT-S+'s size).
-    # --freeze-gates: every gate lambda = 0 (sigma = 0.5), never trained ("train gating: no");
-    # --freeze-gpsa: the whole attention of every GPSA block stays at its init ("train GPSA: no").
-    python train.py --output-dir runs/t3-a                                          # a: ConViT
-    python train.py --freeze-gates --output-dir runs/t3-b                           # b: gates frozen at 0
-    python train.py --no-conv-init --output-dir runs/t3-c                           # c: no conv init
-    python train.py --freeze-gates --no-conv-init --output-dir runs/t3-d            # d: both
-    python train.py --model deit_tiny --num-heads 4 --output-dir runs/t3-e          # e: DeiT, same C and H
-    python train.py --freeze-gates --freeze-gpsa --output-dir runs/t3-f             # f: GPSA frozen at conv init
-    python train.py --freeze-gates --freeze-gpsa --no-conv-init --output-dir runs/t3-g  # g: GPSA frozen at random
-    # Fig. 8: more GPSA blocks, stronger locality (--locality-strength is alpha of Eq. 5)
-    python train.py --local-up-to-layer 2 --locality-strength 3 --output-dir runs/f8-2-3
-
-Every run writes <output-dir>/metrics.jsonl (one JSON line per epoch: loss, lr, top-1, top-5,
-images/s and, per GPSA layer and head, sigma(lambda) and the nonlocality of Eq. 8) and
-<output-dir>/checkpoint.pth (replaced atomically after every epoch). With --eval-every N (and by
-default with --scale-epochs, N = 1/F), both happen every N epochs and after the last.
+The README has the commands of Tables 2 and 3 and of Fig. 8. docs/runs.md says what a run folder
+(--output-dir) holds: checkpoint.pth, metrics.jsonl (one JSON line per evaluated epoch: loss, lr,
+top-1, top-5, images/s and, per layer and head, sigma(lambda) and the nonlocality of Eq. 8) and
+figure.png; when a folder is refused, and what --resume keeps.
 
 Every flag left unset takes its value from the dataset (image and patch size) and from the
-recipe, --preset paper (DeiT's, the default for cifar and imagefolder) or --preset small (the
-default for digits and fake); `python train.py --help` lists both values of each flag.
+recipe, --preset paper (DeiT's) or --preset small (for datasets of a few thousand small images);
+`python train.py --help` lists both values of each flag, and which datasets default to which.
 
-Contents, in file order: presets (recipes) -> command line -> model, optimiser, schedule ->
-processes -> checkpoints -> evaluation -> setting up a run -> the training loop (`train`) ->
-`evaluate_only`, `main` and the command-line entry `cli`. The data side of the recipe
-(datasets, augmentation, repeated augmentation, MixUp/CutMix) is data.py.
+Contents, in file order: presets (recipes) -> command line (and --resume's flags) -> model,
+optimiser, schedule -> processes -> evaluation -> setting up a run -> the training loop (`train`)
+-> `evaluate_only`, `main` and the command-line entry `cli`. The data side of the recipe is
+data.py; the run folder, its lock and the checkpoint files are runs.py; the figure is plots.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -95,6 +47,7 @@ from tqdm import tqdm
 import augment
 import convit
 import data
+import runs
 
 
 class TrainError(ValueError):
@@ -167,8 +120,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise TrainError(f"{message} (see python train.py --help)")
 
 
+def datasets_of(preset: str) -> str:
+    return ", ".join(name for name, spec in data.DATASETS.items() if spec.preset == preset)
+
+
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Train or evaluate ConViT / DeiT (see the commands at the top of train.py).")
+    p = ArgumentParser(description="Train or evaluate ConViT / DeiT (see the commands at the top of train.py; "
+                                   "docs/runs.md: the run folder, --resume and --overwrite).")
 
     def preset(group, name: str, text: str, kind=float):
         """A recipe flag: left unset, it takes the preset's value (shown in --help)."""
@@ -219,7 +177,8 @@ def build_parser() -> ArgumentParser:
 
     recipe = p.add_argument_group("recipe (unset flags take the --preset's value)")
     recipe.add_argument("--preset", choices=list(RECIPES), default=None,
-                        help="paper = DeiT's recipe; small = for tiny datasets (default for digits and fake)")
+                        help="paper = DeiT's recipe, the default for " + datasets_of("paper") + "; small = for "
+                             "datasets of a few thousand small images, the default for " + datasets_of("small"))
     preset(recipe, "epochs", "epochs", int)
     preset(recipe, "batch-size", "images per process and step", int)
     preset(recipe, "base-lr", "lr per 512 images of the global batch")
@@ -260,10 +219,20 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
     preset(run, "threads", "CPU threads per process (0 or None: torch's choice)", int)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--output-dir", default=None, help="default: runs/<dataset>-<model>")
+    run.add_argument("--output-dir", default=None,
+                     help="the run folder: checkpoint.pth, metrics.jsonl and figure.png, the run's own Fig. 5/6, "
+                          "drawn when it ends (python plots.py DIR redraws it). Default: runs/<dataset>-<model>; "
+                          "with --resume, the folder of the checkpoint. A folder that holds another run is "
+                          "refused (continue it with --resume, or replace it with --overwrite), and so is a folder "
+                          "that another train.py is writing")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --output-dir: its checkpoint, metrics and figure are removed once this "
+                          "run has its data and model, just before its first epoch")
     run.add_argument("--resume", default=None, metavar="PATH",
-                     help="continue exactly from one of our checkpoints (or a run folder holding checkpoint.pth), "
-                          "with the same flags; only --epochs may grow, and the rest of the cosine is re-fitted")
+                     help="continue one of our checkpoints (or a run folder holding checkpoint.pth) exactly as the run "
+                          "was started: every flag comes from the checkpoint. A flag typed now may change where and "
+                          "how it runs (--output-dir, --device, --workers, --threads, --amp, --stop-after ...), and "
+                          "--epochs may grow (the rest of the cosine is re-fitted); any other flag must be its own")
     run.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                      help="stop once this many epochs (at least 1) are done, the schedule still spanning --epochs "
                           "(for jobs with a time limit: continue later with --resume)")
@@ -307,20 +276,6 @@ def check_range(name: str, value, interval: str):
         raise TrainError(f"--{name.replace('_', '-')} must {rule}, got {value}")
 
 
-def checkpoint_flag(args, flag: str):
-    """--resume and --checkpoint take a .pth file, or a run folder for the checkpoint.pth inside it."""
-    path = getattr(args, flag)
-    if path is None:
-        return
-    if not Path(path).exists():
-        raise TrainError(f"--{flag} {path} does not exist")
-    if Path(path).is_dir():
-        if not (Path(path) / "checkpoint.pth").is_file():
-            raise TrainError(f"--{flag} {path} is a folder without a checkpoint.pth: give a .pth file, "
-                             "or the --output-dir of a run")
-        setattr(args, flag, str(Path(path) / "checkpoint.pth"))
-
-
 def check_table3_switches(args):
     """Table 3's switches act on GPSA blocks: DeiT's own network (--model deit_*) has none to add
     or to switch, nor has a ConViT with --local-up-to-layer 0 (the same-size baseline)."""
@@ -336,8 +291,8 @@ def check_table3_switches(args):
                          f"(Table 3's row e, DeiT, is --model deit_* with no switch)")
 
 
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every unset flag from the dataset and the recipe, and check the values."""
+def fill_unset(args: argparse.Namespace):
+    """Every flag left unset takes the dataset's value or the recipe's."""
     spec = data.DATASETS[args.dataset]
     args.preset = args.preset or spec.preset
     if args.base_lr is None and args.preset == "paper" and args.model.endswith("_plus"):
@@ -345,23 +300,38 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in dataclasses.asdict(RECIPES[args.preset]).items():
         if getattr(args, name, None) is None:  # head_width has no flag: --embed-dim sets the width
             setattr(args, name, value)
-    args.img_size = args.img_size or spec.img_size
-    args.patch_size = args.patch_size or spec.patch_size
+    args.img_size = spec.img_size if args.img_size is None else args.img_size
+    args.patch_size = spec.patch_size if args.patch_size is None else args.patch_size
     args.hflip = spec.hflip if args.hflip is None else args.hflip
+    if args.eval_every is None:  # evaluating a 5% run 20 times as often as a full one would cost more than training it
+        args.eval_every = max(1, round(1 / args.data_fraction)) if args.scale_epochs else 1
 
+
+def check_flags(args: argparse.Namespace):
+    """Values that no run can use: one TrainError naming the flag and the problem."""
     for name, interval in FLAG_RANGES.items():
         if getattr(args, name, None) is not None:
             check_range(name, getattr(args, name), interval)
-    if args.eval_every is None:  # evaluating a 5% run 20 times as often as a full one would cost more than training it
-        args.eval_every = max(1, round(1 / args.data_fraction)) if args.scale_epochs else 1
     if args.mask_pos_embed and not args.eval_only:
         raise TrainError("--mask-pos-embed masks the position embedding at test time: use it with --eval-only")
     if args.eval_only and not args.checkpoint:
         raise TrainError("--eval-only needs --checkpoint PATH (one of our checkpoints or a released ConViT .pth)")
-    checkpoint_flag(args, "resume")
-    checkpoint_flag(args, "checkpoint")
-    args.output_dir = args.output_dir or (
-        str(Path(args.resume).parent) if args.resume else f"runs/{args.dataset}-{args.model}")
+    if args.num_classes_subset is not None and args.dataset != "imagefolder":
+        raise TrainError(f"--num-classes-subset keeps the first K classes of an image folder (--dataset imagefolder); "
+                         f"--dataset {args.dataset} always trains all its classes")
+    if args.output_dir == "":
+        raise TrainError("--output-dir is empty: name a folder (or leave the flag out for runs/<dataset>-<model>)")
+    check_table3_switches(args)
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags of a new run: fill every unset flag from the dataset and the recipe, and check the values."""
+    fill_unset(args)
+    check_flags(args)
+    args.resume = runs.find_checkpoint(args.resume, "--resume")
+    args.checkpoint = runs.find_checkpoint(args.checkpoint, "--checkpoint")
+    if args.output_dir is None:
+        args.output_dir = str(Path(args.resume).parent) if args.resume else f"runs/{args.dataset}-{args.model}"
     if args.scale_epochs:  # the warmup is not scaled: the released code leaves it at its 5 epochs
         args.epochs = round(args.epochs / args.data_fraction)
     if args.warmup_epochs > args.epochs // 2:
@@ -371,8 +341,67 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             print(f"note: --warmup-epochs {args.warmup_epochs} capped to {args.epochs // 2}, half of the "
                   f"{args.epochs} epochs, so that the lr reaches its peak", flush=True)
         args.warmup_epochs = args.epochs // 2
-    check_table3_switches(args)
     return args
+
+
+# A resumed run is the run as it was started: every flag takes the value its checkpoint stores,
+# except those typed now. These say how one command runs, not what the run is, so they are never
+# taken from the checkpoint (its --stop-after 2 would stop the run again at once).
+INVOCATION_FLAGS = {"resume", "stop_after", "eval_only", "mask_pos_embed", "checkpoint", "output_dir", "overwrite", "quiet",
+                    "no_progress", "compile"}
+# Typed with --resume, these may differ from the checkpoint's: they change where and how the run
+# executes, not what it computes (--checkpoint gave starting weights that the resumed ones replace;
+# --data-dir may move). --epochs may grow; any other typed flag must equal the run's own value.
+RUN_ONLY_FLAGS = INVOCATION_FLAGS | {"workers", "threads", "device", "amp", "amp_dtype", "data_dir", "eval_every"}
+
+
+def typed_flags(argv: list[str] | None) -> set[str]:
+    """The flags the user typed (their argparse dests), told apart from the defaults by parsing
+    once more with every default suppressed: a flag not typed then leaves no attribute at all."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resume_args(args: argparse.Namespace, typed: set[str]) -> tuple[argparse.Namespace, dict]:
+    """--resume: the flags of the run as it was started (stored in its checkpoint), with the
+    flags typed now on top where RUN_ONLY_FLAGS allows it; returns them and the checkpoint."""
+    path = runs.find_checkpoint(args.resume, "--resume")
+    checkpoint = runs.read_resumable(path)
+    started = checkpoint["args"]  # resolved when the run began: scaled epochs, capped warmup, absolute lr
+    kept = {key: value for key, value in started.items() if key not in typed and key not in INVOCATION_FLAGS}
+    resumed = argparse.Namespace(**{**vars(args), **kept, "resume": path})
+    # A typed value means what it meant when the run began: resolve it as the start did.
+    if "epochs" in typed and started.get("scale_epochs"):
+        resumed.epochs = round(args.epochs / started["data_fraction"])
+    if "warmup_epochs" in typed:
+        resumed.warmup_epochs = min(args.warmup_epochs, started["epochs"] // 2)
+    if args.output_dir is None:
+        resumed.output_dir = str(Path(path).parent)
+    fill_unset(resumed)  # a flag newer than the checkpoint
+    check_flags(resumed)
+    resumed.checkpoint = runs.find_checkpoint(resumed.checkpoint, "--checkpoint")
+
+    if resumed.epochs < started["epochs"]:
+        raise TrainError(f"--resume {path}: --epochs {resumed.epochs} is fewer than the {started['epochs']} the run "
+                         f"was planned for ({checkpoint['epoch']} done); to end it early, pass --stop-after instead")
+    changed = [f"--{key.replace('_', '-')} {getattr(resumed, key)} (checkpoint: {started[key]})" for key in vars(args)
+               if key in typed and key in started and key not in RUN_ONLY_FLAGS | {"epochs"}
+               and getattr(resumed, key) != started[key]]
+    if changed:
+        raise TrainError(f"--resume {path}: these flags differ from the run that wrote it: {', '.join(changed)}. "
+                         f"A resumed run keeps its own flags: leave these out. Only --epochs may grow, and where and "
+                         f"how it runs may change (--output-dir, --device, --workers, --threads ...)")
+    return resumed, checkpoint
+
+
+def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None]:
+    """The flags of this command, and with --resume the checkpoint it continues (else None)."""
+    args = build_parser().parse_args(argv)
+    if args.resume is None or args.eval_only:
+        return resolve_args(args), None
+    return resume_args(args, typed_flags(argv))
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,109 +538,6 @@ def global_sum(values: torch.Tensor, procs: Processes) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------
-# Our checkpoints hold only tensors and plain data (the flags as a dict, the RNG states as
-# tensors and tuples of ints), so they load under weights_only=True with no allow-list at all;
-# convit.read_checkpoint_file reads every file we are given, ours and the released ones alike.
-#
-# Flags that change where and how a run is executed or reported, not what it computes: they may
-# differ when a run is resumed. (--checkpoint only gave the starting weights, which the resumed
-# ones replace; --data-dir may move.) --epochs may grow; every other flag must be the same.
-RUN_ONLY_FLAGS = {"resume", "stop_after", "output_dir", "workers", "threads", "quiet", "no_progress", "compile",
-                  "device", "amp", "amp_dtype", "eval_only", "mask_pos_embed", "checkpoint", "data_dir", "eval_every"}
-
-
-def read_checkpoint(path) -> dict:
-    return convit.read_checkpoint_file(path)  # a ValueError names the path and the problem
-
-
-def read_resumable(args) -> dict:
-    """The --resume checkpoint, checked before any data is read: one of ours, with finite
-    numbers, written by a run with the same model, data and recipe flags."""
-    checkpoint = read_checkpoint(args.resume)
-    if not {"cfg", "model", "optimizer", "scheduler", "rng", "args", "epoch"} <= set(checkpoint):
-        raise TrainError(f"{args.resume} is not a checkpoint of train.py (a released .pth? use --checkpoint)")
-    broken = convit.non_finite_tensors({key: checkpoint[key] for key in ("model", "optimizer", "ema") if key in checkpoint})
-    if broken:
-        raise TrainError(f"{args.resume} holds NaN or inf ({', '.join(broken[:3])}): the run had diverged, so it "
-                         f"cannot be resumed from there; start again, e.g. with a lower --lr or --clip-grad")
-    saved, done = checkpoint["args"], checkpoint["epoch"]
-    changed = [f"--{key.replace('_', '-')} {value} (checkpoint: {saved[key]})" for key, value in vars(args).items()
-               if key in saved and key not in RUN_ONLY_FLAGS and key != "epochs" and saved[key] != value]
-    if changed:
-        raise TrainError(f"--resume {args.resume}: these flags differ from the run that wrote it: {', '.join(changed)}. "
-                         f"Pass that run's flags; only --epochs may grow, and where and how it runs may change "
-                         f"(--output-dir, --device, --workers, --threads ...)")
-    if args.epochs < saved["epochs"]:
-        raise TrainError(f"--resume {args.resume}: --epochs {args.epochs} is fewer than the {saved['epochs']} the run "
-                         f"was planned for ({done} done); to end it early, pass --stop-after instead")
-    return checkpoint
-
-
-def check_same_model(checkpoint: dict, model: convit.ConViT, path):
-    """Refuse to continue or evaluate a checkpoint of another architecture, naming each difference."""
-    if not isinstance(checkpoint["cfg"], dict) or "img_size" not in checkpoint["cfg"]:
-        raise TrainError(f"{path} has a damaged model config (cfg); it is not a checkpoint of this train.py")
-    # A field that an older checkpoint lacks (qkv_bias, class_token_in_pos_embed) had its default then.
-    defaults = {field.name: field.default for field in dataclasses.fields(convit.ConViTConfig)}
-    saved, wanted = {**defaults, **checkpoint["cfg"]}, dataclasses.asdict(model.cfg)
-    saved["img_size"] = tuple(saved["img_size"])
-    differences = [f"{key}={saved[key]} (checkpoint) vs {wanted[key]} (this run)"
-                   for key in wanted if key != "fused" and saved.get(key) != wanted[key]]
-    if differences:
-        raise TrainError(f"{path} was saved from another model: {'; '.join(differences)}. "
-                         f"Pass the flags of the run that wrote it.")
-
-
-def rng_states(loader_generator: torch.Generator, procs: Processes) -> list[dict]:
-    """Every random number generator that training draws from, for each process (rank order):
-    torch's (augmentation, drop path, MixUp/CutMix), CUDA's, Python's, and the generator that
-    seeds the data-loading workers. The sampler's order needs none: it follows from (seed, epoch)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": loader_generator.get_state()}
-    if procs.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(procs.device)
-    if not procs.distributed:
-        return [state]
-    states = [None] * procs.world
-    dist.all_gather_object(states, state)
-    return states
-
-
-def restore_rng_states(states: list[dict], loader_generator: torch.Generator, procs: Processes):
-    if len(states) != procs.world:
-        print(f"note: the checkpoint has RNG states of {len(states)} processes, this run has {procs.world}; "
-              "the run goes on with fresh seeds (not bit-identical)")
-        torch.manual_seed(torch.seed() + procs.rank)
-        return
-    state = states[procs.rank]
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]  # random.getstate(): plain ints, stored as they are
-    random.setstate((version, tuple(internal), gauss))
-    loader_generator.set_state(state["loader"])
-    if "cuda" in state and procs.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], procs.device)
-
-
-def save_atomically(obj, path: Path):
-    """Write to a temporary file in the same folder, force it to the disk, then rename it over
-    the old checkpoint: a run killed at any moment (even by a power cut) leaves either the old
-    checkpoint or the new one, whole. A stale .tmp from a killed run is overwritten next time."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on the disk before the rename can be
-    os.replace(tmp, path)  # atomic on POSIX and Windows
-    if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut (POSIX)
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
-# ---------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -632,9 +558,18 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, procs: Processes, amp_d
     return {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
 
 
+NONLOCALITY_IMAGES = 64  # validation images on which every evaluation measures Eq. 8
+
+
+def nonlocality_images(val_set: Dataset) -> torch.Tensor:
+    """The first NONLOCALITY_IMAGES validation images, (B, C, H, W): every evaluation measures the
+    nonlocality on the same ones, so that its curve moves with the model only."""
+    return torch.stack([val_set[i][0] for i in range(min(NONLOCALITY_IMAGES, len(val_set)))])
+
+
 def what_the_paper_plots(model: convit.ConViT, fixed_batch: torch.Tensor) -> dict:
     """sigma(lambda) of each GPSA layer and head (Fig. 5) and the nonlocality of Eq. 8 of
-    every block and head (Fig. 6), measured on the same validation images every epoch."""
+    every block and head (Fig. 6), measured on the nonlocality_images."""
     model.eval()
     plots = {"nonlocality": [[round(x, 4) for x in row] for row in model.nonlocality(fixed_batch).tolist()]}
     if model.gpsa_layers():
@@ -642,8 +577,9 @@ def what_the_paper_plots(model: convit.ConViT, fixed_batch: torch.Tensor) -> dic
     return plots
 
 
-def per_layer(rows: list[list[float]]) -> str:
-    return " ".join(f"{sum(row) / len(row):.2f}" for row in rows)
+def gates_per_layer(gates: list[list[float]]) -> str:
+    """The log's summary of Fig. 5: sigma(lambda) of each GPSA layer, the mean of its heads."""
+    return "sigma(lambda) per GPSA layer " + " ".join(f"{sum(row) / len(row):.2f}" for row in gates)
 
 
 # ---------------------------------------------------------------------------------------
@@ -667,44 +603,59 @@ def make_loaders(args, procs: Processes, train_set: Dataset, val_set: Dataset):
     return sampler, generator, train_loader, val_loader
 
 
-def resume(checkpoint: dict, args, model, optimizer, scheduler, scaler, ema, loader_generator, procs: Processes,
-           log) -> int:
-    """Restore everything a run depends on from the --resume checkpoint (read_resumable);
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the flags, the epoch and the random states, and what
+    --resume restores."""
+
+    model: convit.ConViT  # unwrapped: its state_dict keys are those of convit.py, under DDP and compile alike
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    loader_generator: torch.Generator  # seeds the data-loading workers' augmentations
+
+    def checkpoint(self, epoch: int, args, rng: list[dict], record: dict) -> dict:
+        return {"cfg": dataclasses.asdict(self.model.cfg), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "epoch": epoch, "rng": rng, "args": vars(args), "metrics": record}
+
+
+def resume(checkpoint: dict, args, state: TrainingState, procs: Processes, log) -> int:
+    """Restore everything the run depends on from its --resume checkpoint (resume_args read it);
     return the number of epochs done."""
-    check_same_model(checkpoint, model, args.resume)
+    runs.check_same_model(checkpoint, state.model, args.resume)
     try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema") is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        restore_rng_states(checkpoint["rng"], loader_generator, procs)
+        state.model.load_state_dict(checkpoint["model"])
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        state.scheduler.load_state_dict(checkpoint["scheduler"])
+        state.scaler.load_state_dict(checkpoint["scaler"])
+        if state.ema is not None and checkpoint.get("ema") is not None:
+            state.ema.load_state_dict(checkpoint["ema"])
+        runs.restore_rng_states(checkpoint["rng"], state.loader_generator, procs)
     except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as err:  # a damaged or hand-edited file
         raise TrainError(f"{args.resume} does not restore this run ({type(err).__name__}: {err})".splitlines()[0]) from None
     planned = checkpoint["args"]["epochs"]
-    if args.epochs != planned:  # read_resumable allows growth only
-        refit_cosine(scheduler, args)
+    if args.epochs != planned:  # resume_args allows growth only
+        refit_cosine(state.scheduler, args)
         log(f"note: --epochs grew from {planned} to {args.epochs}: the rest of the cosine is re-fitted, from the lr "
             f"where epoch {checkpoint['epoch']} ended down to --min-lr {args.min_lr:g} at epoch {args.epochs}")
     return checkpoint["epoch"]
 
 
-def start_metrics_file(path: Path, epochs_done: int):
-    """A fresh run starts an empty metrics.jsonl; a resumed one keeps the lines of the epochs
-    its checkpoint holds (and drops any written after it, or torn by a crash)."""
-
-    def epoch_of(line: str) -> float:
-        try:
-            return json.loads(line)["epoch"]
-        except (ValueError, KeyError, TypeError):
-            return math.inf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = path.read_text().splitlines() if epochs_done and path.exists() else []
-    tmp = path.with_name(path.name + ".tmp")  # rewritten by a rename, so a kill now loses no line
-    tmp.write_text("".join(line + "\n" for line in lines if epoch_of(line) <= epochs_done))
-    os.replace(tmp, path)
+def check_training_set(args, train_set: Dataset, num_classes: int, global_batch: int):
+    """A training set too small to train on, blamed on the flag that made it so."""
+    full = len(train_set.dataset) if isinstance(train_set, Subset) else len(train_set)
+    if args.data_fraction < 1 and args.data_fraction * full < num_classes:
+        raise TrainError(f"--data-fraction {args.data_fraction:g} keeps {args.data_fraction * full:.2g} of the {full} "
+                         f"training images, less than one per class (each class would keep its one image, "
+                         f"{len(train_set)} in all, not the fraction asked for); the least is {num_classes / full:.2g}")
+    if len(train_set) < global_batch:
+        cause = (f"--data-fraction {args.data_fraction:g} keeps {len(train_set)} of the {full} training images"
+                 if args.data_fraction < 1 else f"the training set has {len(train_set)} images")
+        raise TrainError(f"{cause}, fewer than one batch of {global_batch}; lower --batch-size"
+                         + (" or raise --data-fraction" if args.data_fraction < 1 else ""))
 
 
 def describe(args, model: convit.ConViT, train_set, val_set, num_classes: int, procs: Processes, amp_dtype) -> str:
@@ -722,14 +673,15 @@ def describe(args, model: convit.ConViT, train_set, val_set, num_classes: int, p
 # ---------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------
-def train(args, procs: Processes) -> dict:
+def train(args, procs: Processes, resumed: dict | None, folder: runs.RunFolder | None) -> dict:
+    """Train as the flags say; `resumed` is the --resume checkpoint (or None), `folder` the run
+    folder that rank 0 has claimed (None on the other ranks, which write nothing)."""
     is_main = procs.rank == 0
     log = print if is_main and not args.quiet else (lambda *a, **k: None)
     show_progress = is_main and not (args.quiet or args.no_progress) and sys.stderr.isatty()
     global_batch = args.batch_size * procs.world
     if args.lr is None:
         args.lr = args.base_lr * global_batch / 512  # DeiT's linear scaling rule
-    saved = read_resumable(args) if args.resume else None  # before the data: a wrong file fails at once
     torch.manual_seed(args.seed)  # the same initial weights in every process
     random.seed(args.seed)
 
@@ -740,11 +692,9 @@ def train(args, procs: Processes) -> dict:
     val_set = data.transformed_once(val_set)
     if is_main and procs.distributed:
         dist.barrier()
-    if len(train_set) < global_batch:
-        raise TrainError(f"the training set has {len(train_set)} images, fewer than one batch of {global_batch}; "
-                         "lower --batch-size")
+    check_training_set(args, train_set, num_classes, global_batch)
     sampler, loader_generator, train_loader, val_loader = make_loaders(args, procs, train_set, val_set)
-    fixed_batch = torch.stack([val_set[i][0] for i in range(min(64, len(val_set)))]).to(procs.device)  # for Eq. 8
+    fixed_batch = nonlocality_images(val_set).to(procs.device)  # for Eq. 8
     spec = data.DATASETS[args.dataset]
     augmentation = augment.BatchAugment(args, spec.mean, spec.std, crop=not spec.crop_in_loader)  # on whole batches
     mixer = augment.batch_mixer(args, num_classes)
@@ -767,14 +717,31 @@ def train(args, procs: Processes) -> dict:
         if procs.distributed else model
     train_model = torch.compile(train_model) if args.compile else train_model
 
-    # --- where to start from, where to write --------------------------------------------
-    start_epoch = resume(saved, args, model, optimizer, scheduler, scaler, ema, loader_generator, procs, log) \
-        if saved else 0
-    out = Path(args.output_dir)
-    checkpoint_path, metrics_path = out / "checkpoint.pth", out / "metrics.jsonl"
-    if is_main:
-        start_metrics_file(metrics_path, start_epoch)
+    # --- where to start from, where to write ------------------------------------------
+    state = TrainingState(model, optimizer, scheduler, scaler, ema, loader_generator)
+    start_epoch = resume(resumed, args, state, procs, log) if resumed else 0
+    checkpoint_path = Path(args.output_dir, runs.CHECKPOINT)
+    if folder is not None:  # the folder becomes this run's only now that data and model are ready
+        folder.start(start_epoch, args.resume, resumed.get("metrics") if resumed else None)
     log(describe(args, model, train_set, val_set, num_classes, procs, amp_dtype))
+
+    def end_of_epoch(epoch: int, lr: float, train_loss: float, images_per_second: float, seconds: float) -> dict:
+        """After an evaluated epoch: top-1 and top-5 (and the EMA's), the gates and nonlocality
+        of Eq. 8, the checkpoint and then its metrics line, and the log line."""
+        record = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+                  **evaluate(model, val_loader, procs, amp_dtype, show_progress),
+                  "images_per_second": images_per_second, "epoch_seconds": seconds}
+        if ema is not None:
+            record.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, procs, amp_dtype, False).items()})
+        rng = runs.rng_states(loader_generator, procs)  # every process takes part in the gather
+        if folder is not None:
+            record.update(what_the_paper_plots(model, fixed_batch))
+            folder.save(state.checkpoint(epoch, args, rng, record), record)
+            gates = f"  {gates_per_layer(record['gates'])}" if "gates" in record else ""
+            log(f"epoch {epoch:>3}/{args.epochs}  lr {lr:.2e}  train loss {train_loss:.3f}  "
+                f"val loss {record['val_loss']:.3f}  top-1 {record['val_top1']:5.1f}%  top-5 {record['val_top5']:5.1f}%  "
+                f"{record['images_per_second']:.0f} img/s{gates}", flush=True)
+        return record
 
     # --- the loop: data, forward, loss, backward, step, log ----------------------------
     record, run_start = None, time.perf_counter()
@@ -823,40 +790,25 @@ def train(args, procs: Processes) -> dict:
         if (epoch + 1) % args.eval_every and epoch + 1 < last_epoch:
             continue  # --eval-every: evaluate, log and save every few epochs (and after the last)
 
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / steps,
-                  **evaluate(model, val_loader, procs, amp_dtype, show_progress),
-                  "images_per_second": steps * global_batch / train_seconds, "epoch_seconds": train_seconds}
-        if ema is not None:
-            record.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, procs, amp_dtype, False).items()})
-        states = rng_states(loader_generator, procs)  # every process takes part in the gather
-        if is_main:
-            record.update(what_the_paper_plots(model, fixed_batch))
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_atomically({
-                "cfg": dataclasses.asdict(model.cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch + 1, "rng": states, "args": vars(args), "metrics": record,
-            }, checkpoint_path)
-            gates = f"  sigma(lambda) per GPSA layer {per_layer(record['gates'])}" if "gates" in record else ""
-            log(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.2e}  train loss {record['train_loss']:.3f}  "
-                f"val loss {record['val_loss']:.3f}  top-1 {record['val_top1']:5.1f}%  top-5 {record['val_top5']:5.1f}%  "
-                f"{record['images_per_second']:.0f} img/s{gates}", flush=True)
+        record = end_of_epoch(epoch + 1, lr, loss_sum / steps, steps * global_batch / train_seconds, train_seconds)
 
     if record is None:  # resumed a run that had already finished
         record = {"epoch": start_epoch, **evaluate(model, val_loader, procs, amp_dtype, show_progress)}
     minutes, seconds = divmod(time.perf_counter() - run_start, 60)
     epochs_run = record["epoch"] - start_epoch
+    # Drawn once, at the end: after every evaluation it would cost a small run several percent of its time.
+    figure = folder.draw_figure() if folder is not None else None
     if is_main:  # the final result line: the one line --quiet prints
         print(f"done: val top-1 {record['val_top1']:.1f}%, top-5 {record['val_top5']:.1f}% after {record['epoch']} epochs "
-              f"({epochs_run} in this run, {minutes:.0f}m{seconds:02.0f}s); metrics in {metrics_path}", flush=True)
-    return {**record, "epochs_run": epochs_run, "output_dir": str(out), "model": model}
+              f"({epochs_run} in this run, {minutes:.0f}m{seconds:02.0f}s); metrics and figure in {args.output_dir}",
+              flush=True)
+    return {**record, "epochs_run": epochs_run, "output_dir": args.output_dir, "model": model,
+            "figure": str(figure) if figure else None}
 
 
 def evaluate_only(args, procs: Processes) -> dict:
     """Top-1 / top-5 of one of our checkpoints, or of a released ConViT .pth (e.g. on ImageNet val)."""
-    checkpoint = read_checkpoint(args.checkpoint)  # before the data: a wrong file fails at once
+    checkpoint = convit.read_checkpoint_file(args.checkpoint)  # before the data: a wrong file fails at once
     _train_set, val_set, num_classes = data.build_datasets(args)
     ours = "cfg" in checkpoint
     if not ours:  # a released checkpoint: keep its head, so that its class indices still count
@@ -865,7 +817,7 @@ def evaluate_only(args, procs: Processes) -> dict:
         num_classes = head.shape[0] if torch.is_tensor(head) and head.shape[0] > num_classes else num_classes
     model = build_model(args, num_classes).to(procs.device)
     if ours:
-        check_same_model(checkpoint, model, args.checkpoint)
+        runs.check_same_model(checkpoint, model, args.checkpoint)
     convit.load_checkpoint(model, args.checkpoint, verbose=procs.rank == 0 and not args.quiet)
     if args.mask_pos_embed:
         if model.pos_embed is None:
@@ -880,24 +832,12 @@ def evaluate_only(args, procs: Processes) -> dict:
         masked = ", position embedding masked" if args.mask_pos_embed else ""
         print(f"{args.checkpoint} on {args.dataset} ({len(val_set)} images{masked}): top-1 {result['val_top1']:.2f}%  "
               f"top-5 {result['val_top5']:.2f}%  loss {result['val_loss']:.4f}", flush=True)
-    return {**result, "epoch": checkpoint.get("epoch", 0), "epochs_run": 0, "output_dir": args.output_dir, "model": model}
+    return {**result, "epoch": checkpoint.get("epoch", 0), "epochs_run": 0, "output_dir": args.output_dir,
+            "figure": None, "model": model}
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, carrying the line that says which checkpoint the run can continue from."""
-
-
-def where_to_continue(args, started: float) -> str:
-    """After Ctrl-C: the real path of the last checkpoint to continue from, if there is one.
-    A checkpoint.pth older than this run belongs to an earlier run in the same folder."""
-    if args.eval_only:
-        return "interrupted (evaluation only: nothing to continue)"
-    written = Path(args.output_dir, "checkpoint.pth").resolve()
-    last = written if written.is_file() and written.stat().st_mtime >= started else (
-        Path(args.resume).resolve() if args.resume else None)
-    if last is None:
-        return f"interrupted before the first epoch ended: no checkpoint written yet (to {written.parent})"
-    return f"interrupted; the last checkpoint is {last}: continue with --resume {last}"
 
 
 def one_line(err: Exception) -> str:
@@ -911,23 +851,41 @@ def one_line(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Train (or with --eval-only, evaluate) as the flags say; return the final metrics:
-    epoch, val_loss, val_top1, val_top5 (percent), epochs_run, output_dir, and the trained
+    epoch, val_loss, val_top1, val_top5 (percent), epochs_run, output_dir, figure, and the trained
     `model` (unwrapped, on its device). Raises TrainError (or convit's ValueError) on bad input;
     never exits the interpreter, and leaves no process group behind unless torchrun made one.
     Ctrl-C raises Interrupted (a KeyboardInterrupt) naming the checkpoint to continue from."""
     started = time.time()
-    args = resolve_args(build_parser().parse_args(argv))
+    args, resumed = parse_flags(argv)
     procs = start_processes(args.device)
-    threads_before = torch.get_num_threads()
+    threads_before, folder = torch.get_num_threads(), None
     torch.set_num_threads(args.threads or threads_before)
     try:
-        return evaluate_only(args, procs) if args.eval_only else train(args, procs)
+        if args.eval_only:
+            return evaluate_only(args, procs)
+        folder = runs.claim(args.output_dir, args.overwrite, args.resume, procs)  # before the data: refused at once
+        return train(args, procs, resumed, folder)
     except KeyboardInterrupt:
-        raise Interrupted(where_to_continue(args, started)) from None
+        if args.eval_only:
+            raise Interrupted("interrupted (evaluation only: nothing to continue)") from None
+        draw_when_stopped(folder)
+        raise Interrupted(runs.where_to_continue(args.output_dir, args.resume, started)) from None
     finally:  # leave the interpreter as we found it: lessons call main() in-process
+        if folder is not None:
+            folder.release()
         torch.set_num_threads(threads_before)
         if procs.started_group:
             dist.destroy_process_group()
+
+
+def draw_when_stopped(folder: runs.RunFolder | None):
+    """Ctrl-C: the figure of the epochs done so far, if it can be had at once; the message
+    that names the checkpoint comes first, so nothing here may stop it."""
+    try:
+        if folder is not None:
+            folder.draw_figure()
+    except (ValueError, KeyboardInterrupt):
+        pass
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -42,8 +42,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import convit  # noqa: E402
-from lessons._common import (LessonRecipe, Stopwatch, cli, hardware, parse, read_metrics, run_folder,  # noqa: E402
-                             run_parallel, save_figure, train_argv, training_parser)
+import plots  # noqa: E402
+from runs import read_metrics  # noqa: E402
+from lessons._common import (LessonRecipe, Stopwatch, cli, hardware, parse, run_folder, run_parallel,  # noqa: E402
+                             save_figure, train_argv, training_parser)
 
 # One long run per seed on the full 8,000-image training split; 2 seeds, one per core.
 RECIPE = LessonRecipe(epochs=50, embed_dim=48, num_heads=4, depth=8, batch_size=64, lr=2e-3, warmup_epochs=2,
@@ -63,7 +65,7 @@ def mean(values) -> float:
 
 def at_init(argv: list[str]) -> dict:
     """An "epoch 0" line of metrics.jsonl: the gates and nonlocality of the model train.py starts
-    from (train.py seeds torch with --seed, then builds the model), on the same 64 validation images."""
+    from (train.py seeds torch with --seed, then builds the model), on train.py's validation images."""
     import data
     import train
 
@@ -71,8 +73,7 @@ def at_init(argv: list[str]) -> dict:
     torch.manual_seed(args.seed)
     _, val_set, num_classes = data.build_datasets(args)
     model = train.build_model(args, num_classes)
-    fixed_batch = torch.stack([val_set[i][0] for i in range(min(64, len(val_set)))])
-    return {"epoch": 0, **train.what_the_paper_plots(model, fixed_batch)}
+    return {"epoch": 0, **train.what_the_paper_plots(model, train.nonlocality_images(val_set))}
 
 
 def lambda_measurements(checkpoint_path: Path, argv: list[str]) -> dict:
@@ -147,9 +148,9 @@ def train_and_measure(job: tuple) -> dict:
         resume = ["--resume", str(run_dir / "checkpoint.pth")] if result else []
         result = train.main(argv + resume + ["--stop-after", str(stop)])
         measurements.append(lambda_measurements(run_dir / "checkpoint.pth", argv))
-        gates = " ".join(f"{sum(row) / len(row):.2f}" for row in result["model"].gates().tolist())
+        gates = train.gates_per_layer(result["model"].gates().tolist())
         print(f"  seed {argv[argv.index('--seed') + 1]}, epoch {stop}: top-1 {result['val_top1']:.1f}%, "
-              f"sigma(lambda) per GPSA layer {gates} ({time.perf_counter() - start:.0f} s)", flush=True)
+              f"{gates} ({time.perf_counter() - start:.0f} s)", flush=True)
     records = [at_init(argv), *read_metrics(run_dir)]
     # Adam moves a parameter by at most about lr per step: the sum of the lr bounds lambda's journey.
     lr_sum = sum(r["lr"] for r in records[1:]) * measurements[0]["steps_per_epoch"]
@@ -186,34 +187,18 @@ def plot(runs: list[dict], seeds: list[int], args, settings: str):
     gates = torch.tensor([[r["gates"] for r in run["records"]] for run in runs])  # (seeds, epochs, n_gpsa, H)
     nonlocality = torch.tensor([[r["nonlocality"] for r in run["records"]] for run in runs])  # (seeds, epochs, blocks, H)
     n_gpsa, depth = gates.shape[2], nonlocality.shape[2]
-    colours = plt.get_cmap("viridis")(torch.linspace(0, 0.9, depth).tolist())
+    colours = plots.layer_colours(depth)
     fig, axes = plt.subplots(2, 3, figsize=(17, 9), layout="constrained")
     (ax_gate, ax_nonlocal, ax_acc), (ax_profile, ax_adam, ax_lambda) = axes
 
-    for layer in range(n_gpsa):
-        ax_gate.plot(epoch, gates[:, :, layer].mean((0, 2)), color=colours[layer], lw=2, label=f"GPSA {layer + 1}")
-        for run in range(len(runs)):
-            ax_gate.plot(epoch, gates[run, :, layer], color=colours[layer], lw=0.5, alpha=0.3)  # each head
-    ax_gate.axhline(torch.sigmoid(torch.tensor(1.0)), color="0.5", ls=":", label="init, $\\sigma(1)$ = 0.73")
-    ax_gate.set(xlabel="epoch", ylabel="$\\sigma(\\lambda)$ (1 = positional, 0 = content)", ylim=(0, 1),
-                title="gates (Fig. 5): mean of heads and seeds (thick), each head (thin)")
-    ax_gate.legend(fontsize=7, ncol=2)
-
-    for layer in range(depth):
-        kind = "GPSA" if layer < n_gpsa else "MHSA"
-        ax_nonlocal.plot(epoch, nonlocality[:, :, layer].mean((0, 2)), color=colours[layer], lw=2,
-                         ls="-" if kind == "GPSA" else "--", label=f"{layer + 1} ({kind})")
-    uniform = convit.relative_positions(*runs[0]["grid"])[..., 2].sqrt().mean()  # Eq. 8 of uniform attention
-    ax_nonlocal.axhline(uniform, color="0.5", ls=":", label=f"uniform, {uniform:.2f}")
-    ax_nonlocal.set(xlabel="epoch", ylabel="nonlocality (Eq. 8), patches",
-                    title="nonlocality (Fig. 6), mean of heads and seeds")
-    ax_nonlocal.legend(fontsize=7, ncol=2)
-
-    for run, seed in zip(runs, seeds):
-        ax_acc.plot(epoch, [r.get("val_top1", math.nan) for r in run["records"]], label=f"seed {seed}")
-    ax_acc.set(xlabel="epoch", ylabel="validation top-1 (%)", ylim=(0, 100),
-               title="top-1: " + ", ".join(f"{run['val_top1']:.1f}%" for run in runs))
-    ax_acc.legend(fontsize=8)
+    # The panels of every run's own figure (plots.py), here over several seeds.
+    plots.draw_gates(ax_gate, epoch, gates, colours, over="heads and seeds")
+    uniform = convit.relative_positions(*runs[0]["grid"])[..., 2].sqrt().mean().item()  # Eq. 8 of uniform attention
+    plots.draw_nonlocality(ax_nonlocal, epoch, nonlocality, n_gpsa, colours, uniform, over="heads and seeds")
+    plots.draw_curves(ax_acc, epoch, {f"seed {seed}": [r.get("val_top1") for r in run["records"]]
+                                      for run, seed in zip(runs, seeds)},
+                      "validation top-1 (%)", "top-1: " + ", ".join(f"{run['val_top1']:.1f}%" for run in runs),
+                      ylim=(0, 100))
 
     layers = list(range(1, depth + 1))
     for index, colour, label in ((0, "0.6", "at initialisation"), (-1, "k", f"after epoch {epoch[-1]}")):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import platform
@@ -32,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # convit.py and train.py live in the repository root
 import convit  # noqa: E402  (train.py and data.py are imported where needed: they pull in torchvision)
+import runs  # noqa: E402
 
 FIGURES = REPO_ROOT / "lessons" / "figures"  # the committed figures: only default runs write here
 QUICK_FIGURES = REPO_ROOT / "runs" / "lessons-quick"  # where --quick writes unless told (runs/ is ignored by git)
@@ -113,9 +113,10 @@ def training_parser(doc: str, lesson: str, recipe: LessonRecipe, quick: LessonRe
     parser.add_argument("--workers", type=int, default=None,
                         help="training runs at once, each a process with --threads threads "
                              "(default 2, one per core of our machine; --quick: 1, in this process)")
-    parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "lessons" / lesson,
-                        help="where train.py writes metrics.jsonl and checkpoints (with --quick: a temporary folder)")
-    parser.set_defaults(recipes=(recipe, quick))
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help=f"where train.py writes each run's folder (default: runs/lessons/{lesson}; with --quick: "
+                             "a temporary folder, removed afterwards). Re-running the lesson replaces its runs there")
+    parser.set_defaults(recipes=(recipe, quick), lesson_run_dir=REPO_ROOT / "runs" / "lessons" / lesson)
     return parser
 
 
@@ -127,6 +128,7 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
         raise ValueError(f"--threads must be at least 0, got {args.threads}")
     if args.out_dir is None:
         args.out_dir = QUICK_FIGURES if args.quick else FIGURES
+    runs.writable_folder(args.out_dir, "--out-dir")  # a file, or a read-only disk: one line now, not after training
     if args.threads:
         torch.set_num_threads(args.threads)
     if hasattr(args, "recipes"):  # a training lesson: unset recipe flags take the recipe's values
@@ -135,14 +137,19 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
             if getattr(args, field.name) is None:
                 setattr(args, field.name, getattr(recipe, field.name))
         args.workers = args.workers or (1 if args.quick else 2)
+        if args.run_dir is None and not args.quick:
+            args.run_dir = args.lesson_run_dir
+        if args.run_dir is not None:
+            runs.writable_folder(args.run_dir, "--run-dir")
     torch.manual_seed(0)
     return args
 
 
 @contextmanager
 def run_folder(args):
-    """Where train.py should write: --run-dir, or with --quick a temporary folder removed afterwards."""
-    if not args.quick:
+    """Where train.py should write: --run-dir, or with --quick (and no --run-dir) a temporary
+    folder removed afterwards."""
+    if args.run_dir is not None:
         yield args.run_dir
         return
     with tempfile.TemporaryDirectory() as scratch:
@@ -222,6 +229,10 @@ def train_argv(args, out_dir: Path, *flags: str, seed: int = 0) -> list[str]:
     `flags` (--data-fraction, the ablations, --model deit_tiny ...) replaces the recipe's value.
     Paths are relative to the repository root, where train_one runs it.
 
+    With --overwrite: a lesson's run folders are its own, and running the lesson again replaces
+    them (train.py refuses a folder that holds another run unless told so; its lock still stops
+    two lessons writing one folder at once).
+
     A convit_tiny shrunk to the recipe's C, H and depth, on train.py's image and patch size
     (mnist10k: 28x28 in 4x4 patches, a 7x7 grid). On the 8x8 sklearn digits the image is cut
     into 2x2 patches instead (a 4x4 grid), which keeps each run to seconds."""
@@ -229,7 +240,7 @@ def train_argv(args, out_dir: Path, *flags: str, seed: int = 0) -> list[str]:
                "--model": "convit_tiny", "--embed-dim": args.embed_dim, "--num-heads": args.num_heads,
                "--depth": args.depth, "--batch-size": args.batch_size, "--lr": args.lr, "--epochs": args.epochs,
                "--warmup-epochs": args.warmup_epochs, "--warmup-lr": args.warmup_lr, "--randaug-ops": 0,
-               "--seed": seed, "--output-dir": repo_path(out_dir), "--no-progress": None, "--quiet": None}
+               "--seed": seed, "--output-dir": repo_path(out_dir), "--overwrite": None, "--no-progress": None, "--quiet": None}
     if args.threads:
         options["--threads"] = args.threads
     if args.dataset == "digits":
@@ -245,11 +256,6 @@ def train_argv(args, out_dir: Path, *flags: str, seed: int = 0) -> list[str]:
 def command_line(argv: list[str]) -> str:
     """The shell command that repeats a run of train_argv, from the repository root."""
     return " ".join(["python", "train.py", *(shlex.quote(a) for a in argv)])
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The lines of a run's metrics.jsonl, one dict per epoch."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # The protocol's test that a run was trained to the end: its best top-1 over the last quarter
@@ -298,7 +304,7 @@ def train_one(argv: list[str]) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     with at_repository_root():
         result = train.main(argv)
-        records = read_metrics(result["output_dir"])
+        records = runs.read_metrics(result["output_dir"])
     return {"val_top1": result["val_top1"], "val_top5": result["val_top5"], "val_loss": result["val_loss"],
             "parameters": convit.count_parameters(result["model"]), "seconds": time.perf_counter() - start,
             "cpu_seconds": time.process_time() - cpu_start, "records": records, **convergence(records)}
@@ -370,7 +376,11 @@ def save_figure(fig, out_dir: Path, name: str, settings: str, device: str) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.text(0.5, -0.01, f"{settings}\n{hardware(device)}", ha="center", va="top", fontsize=7, color="0.35")
     path = out_dir / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    except OSError as err:  # a full disk: one `error:` line, as train.py's
+        raise ValueError(f"could not write {path} ({runs.os_reason(err)})") from None
+    finally:
+        plt.close(fig)
     print(f"wrote {path}")
     return path

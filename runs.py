@@ -1,0 +1,356 @@
+"""A run's folder and its checkpoints: what train.py writes, and how it keeps them whole.
+
+A run folder (--output-dir) holds one run:
+
+    checkpoint.pth   everything --resume needs, replaced atomically after each evaluation
+    metrics.jsonl    one JSON line per evaluated epoch; never ahead of checkpoint.pth
+    figure.png       the run's own Fig. 5/6, drawn from metrics.jsonl (plots.py)
+    run.lock         held by the one process that writes the folder; empty when none does
+
+The rules, and why (docs/runs.md says them for the user):
+- A folder that holds another run is refused: `--resume` continues that run, `--overwrite`
+  replaces it. Nothing is removed before the new run has loaded its data and built its model,
+  so a refused or failed start leaves the old run as it was.
+- One writer: an flock on run.lock. The operating system drops it when its process dies,
+  even by SIGKILL, so a killed run never leaves the folder locked.
+- The checkpoint is written first, then its metrics line. A run killed between the two has
+  a checkpoint one line ahead; the line is in the checkpoint, and --resume puts it back.
+- A failed write (a full disk, a read-only folder) is one `error:` line: the temporary file is
+  removed and the last good checkpoint stays.
+
+Contents: reading a checkpoint to resume -> random states -> writing atomically -> the run
+folder (`RunFolder`, `claim`) -> the Ctrl-C message (`where_to_continue`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import convit
+
+try:
+    import fcntl  # POSIX; on Windows the folder goes unlocked
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+CHECKPOINT, METRICS, FIGURE, LOCK = "checkpoint.pth", "metrics.jsonl", "figure.png", "run.lock"
+
+
+class RunError(ValueError):
+    """A problem with the run folder or a checkpoint: reported as one `error:` line, exit code 2
+    (train.run_reporting_errors catches every ValueError)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a checkpoint to resume
+# ---------------------------------------------------------------------------------------
+# Our checkpoints hold only tensors and plain data (the flags as a dict, the RNG states as
+# tensors and tuples of ints), so they load under weights_only=True with no allow-list at all;
+# convit.read_checkpoint_file reads every file we are given, ours and the released ones alike.
+def find_checkpoint(path: str | None, flag: str) -> str | None:
+    """--resume and --checkpoint take a .pth file, or a run folder for the checkpoint.pth inside it."""
+    if path is None:
+        return None
+    if not Path(path).exists():
+        raise RunError(f"{flag} {path} does not exist")
+    if Path(path).is_dir():
+        if not (Path(path) / CHECKPOINT).is_file():
+            raise RunError(f"{flag} {path} is a folder without a {CHECKPOINT}: give a .pth file, "
+                           "or the --output-dir of a run")
+        return str(Path(path) / CHECKPOINT)
+    return path
+
+
+def read_resumable(path: str) -> dict:
+    """A --resume checkpoint: one of ours, with finite numbers (its flags are checked by train.py)."""
+    checkpoint = convit.read_checkpoint_file(path)  # a ValueError names the path and the problem
+    if not {"cfg", "model", "optimizer", "scheduler", "rng", "args", "epoch"} <= set(checkpoint):
+        raise RunError(f"{path} is not a checkpoint of train.py (a released .pth? use --checkpoint)")
+    if not isinstance(checkpoint["args"], dict) or "epochs" not in checkpoint["args"]:
+        raise RunError(f"{path} has damaged flags (args); it is not a checkpoint of this train.py")
+    broken = convit.non_finite_tensors({key: checkpoint[key] for key in ("model", "optimizer", "ema") if key in checkpoint})
+    if broken:
+        raise RunError(f"{path} holds NaN or inf ({', '.join(broken[:3])}): the run had diverged, so it "
+                       f"cannot be resumed from there; start again, e.g. with a lower --lr or --clip-grad")
+    return checkpoint
+
+
+def check_same_model(checkpoint: dict, model: convit.ConViT, path):
+    """Refuse to continue or evaluate a checkpoint of another architecture, naming each difference."""
+    if not isinstance(checkpoint["cfg"], dict) or "img_size" not in checkpoint["cfg"]:
+        raise RunError(f"{path} has a damaged model config (cfg); it is not a checkpoint of this train.py")
+    # A field that an older checkpoint lacks (qkv_bias, class_token_in_pos_embed) had its default then.
+    defaults = {field.name: field.default for field in dataclasses.fields(convit.ConViTConfig)}
+    stored, wanted = {**defaults, **checkpoint["cfg"]}, dataclasses.asdict(model.cfg)
+    stored["img_size"] = tuple(stored["img_size"])
+    differences = [f"{key}={stored[key]} (checkpoint) vs {wanted[key]} (this run)"
+                   for key in wanted if key != "fused" and stored.get(key) != wanted[key]]
+    if differences:
+        raise RunError(f"{path} was saved from another model: {'; '.join(differences)}. "
+                       f"Pass the flags of the run that wrote it.")
+
+
+# ---------------------------------------------------------------------------------------
+# Random states: what makes a resumed run draw what the uninterrupted one would have
+# ---------------------------------------------------------------------------------------
+def rng_states(loader_generator: torch.Generator, procs) -> list[dict]:
+    """Every random number generator that training draws from, for each process (rank order):
+    torch's (augmentation, drop path, MixUp/CutMix), CUDA's, Python's, and the generator that
+    seeds the data-loading workers. The sampler's order needs none: it follows from (seed, epoch)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": loader_generator.get_state()}
+    if procs.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(procs.device)
+    if not procs.distributed:
+        return [state]
+    states = [None] * procs.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states: list[dict], loader_generator: torch.Generator, procs):
+    if len(states) != procs.world:
+        print(f"note: the checkpoint has RNG states of {len(states)} processes, this run has {procs.world}; "
+              "the run goes on with fresh seeds (not bit-identical)")
+        torch.manual_seed(torch.seed() + procs.rank)
+        return
+    state = states[procs.rank]
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]  # random.getstate(): plain ints, stored as they are
+    random.setstate((version, tuple(internal), gauss))
+    loader_generator.set_state(state["loader"])
+    if "cuda" in state and procs.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], procs.device)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing: atomically, and one clear line when the disk says no
+# ---------------------------------------------------------------------------------------
+def os_reason(err: Exception) -> str:
+    """What the operating system said. torch.save wraps a failed write (a full disk) in its own
+    RuntimeError ("enforce fail at inline_container.cc"); the OSError is its context."""
+    cause = err if isinstance(err, OSError) else err.__context__
+    return cause.strerror or str(cause) if isinstance(cause, OSError) else str(err).splitlines()[0]
+
+
+def save_atomically(obj, path: Path):
+    """Write to a temporary file in the same folder, force it to the disk, then rename it over
+    the old checkpoint: a run killed at any moment (even by a power cut) leaves either the old
+    checkpoint or the new one, whole. A write that fails removes the temporary file and raises
+    RunError; the old checkpoint is untouched."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before the rename can be
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"could not write {path} ({os_reason(err)}); the last good checkpoint is untouched") from None
+    if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut (POSIX)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def writable_folder(path, flag: str) -> Path:
+    """Create the folder `path` if needed and prove that a file can be written in it, before any
+    work starts; anything in the way is one RunError naming `flag` and the real problem."""
+    path = Path(path)
+    if str(path) == "":
+        raise RunError(f"{flag} is empty: name a folder")
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{flag} {path} is a file, not a folder")
+    blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise RunError(f"{flag} {path} cannot be created: {blocker} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"{flag} {path} cannot be written ({os_reason(err)})") from None
+    return path
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The lines of a run's metrics.jsonl, one dict per evaluated epoch. A line that does not
+    parse (torn by a crash; --resume drops it) is skipped."""
+    records = []
+    for line in (Path(run_dir) / METRICS).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------
+# The run folder
+# ---------------------------------------------------------------------------------------
+class RunFolder:
+    """The --output-dir of a training run, held by this process (rank 0) from claim() to release().
+
+    claim():    (the function below) checks that the folder can be written, takes its lock, and
+                refuses another run's folder (unless resuming that very run, or told to --overwrite).
+                It changes nothing.
+    start():    the run has its data and model: now it may remove an overwritten run's files,
+                or cut metrics.jsonl back to the epoch it resumes from.
+    save():     the checkpoint, then its metrics line.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoint, self.metrics, self.figure = self.path / CHECKPOINT, self.path / METRICS, self.path / FIGURE
+        self.lock_file = None
+        self.started = False  # start() has run: the folder's files are this run's
+
+    def lock(self):
+        """Take run.lock, or name the process that holds it. flock, not a file that exists or not:
+        the lock dies with its process, so a killed run leaves nothing to clean up."""
+        lock_path = self.path / LOCK
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunError(f"--output-dir {self.path} cannot be written ({os_reason(err)})") from None
+        self.lock_file = os.fdopen(descriptor, "r+")
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = lock_path.read_text().strip() or "another process"
+            self.lock_file.close()
+            self.lock_file = None
+            raise RunError(f"--output-dir {self.path} is in use by another run ({holder}); wait for it to end, "
+                           f"or choose another --output-dir") from None
+        command = " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "train.main"
+        self.lock_file.truncate(0)
+        self.lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {command}\n")
+        self.lock_file.flush()
+
+    def release(self):
+        if self.lock_file is not None:
+            self.lock_file.truncate(0)  # an empty run.lock: nobody holds the folder
+            self.lock_file.close()  # closing drops the flock
+            self.lock_file = None
+
+    def holds_a_run(self) -> bool:
+        return self.checkpoint.exists() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
+
+    def refuse_another_run(self, overwrite: bool, resume: str | None):
+        resuming_here = resume is not None and Path(resume).resolve().parent == self.path.resolve()
+        if resuming_here or overwrite or not self.holds_a_run():
+            return
+        epochs = [record["epoch"] for record in read_metrics(self.path)] if self.metrics.exists() else []
+        what = f"another run (logged up to epoch {epochs[-1]})" if epochs else "another run"
+        raise RunError(f"--output-dir {self.path} holds {what}: continue it with --resume {self.path}, replace it "
+                       f"with --overwrite, or choose another --output-dir")
+
+    def start(self, epochs_done: int, resumed_from: str | None = None, last_record: dict | None = None):
+        """Make the folder this run's. A fresh run starts with no checkpoint and no metrics (an
+        overwritten run's are removed now, not at claim(): a start that fails earlier leaves
+        them). A resumed one keeps the metrics lines of the epochs its checkpoint holds, read
+        from the folder it resumes from: lines after the checkpoint (or torn by a crash) are
+        dropped, and the checkpoint's own line (`last_record`) is put back if a crash came
+        between the checkpoint and its line."""
+        lines = []
+        if resumed_from is not None:
+            source = Path(resumed_from).parent
+            lines = [r for r in read_metrics(source) if r["epoch"] <= epochs_done] if (source / METRICS).exists() else []
+            if isinstance(last_record, dict) and last_record.get("epoch") == epochs_done and \
+                    (not lines or lines[-1]["epoch"] < epochs_done):
+                lines.append(last_record)
+        try:
+            for stale in (self.figure, self.checkpoint.with_name(CHECKPOINT + ".tmp")):
+                stale.unlink(missing_ok=True)
+            if resumed_from is None or Path(resumed_from).resolve() != self.checkpoint.resolve():
+                self.checkpoint.unlink(missing_ok=True)  # not this run's: it would disagree with the metrics
+            if resumed_from is None:
+                self.metrics.unlink(missing_ok=True)
+            else:
+                tmp = self.metrics.with_name(METRICS + ".tmp")  # rewritten by a rename, so a kill now loses no line
+                tmp.write_text("".join(json.dumps(record) + "\n" for record in lines))
+                os.replace(tmp, self.metrics)
+        except OSError as err:
+            raise RunError(f"could not write {self.metrics} ({os_reason(err)})") from None
+        self.started = True
+
+    def save(self, checkpoint: dict, record: dict):
+        """The checkpoint first, then its metrics line: metrics.jsonl never runs ahead of the
+        checkpoint. A line that cannot be written whole is cut off again."""
+        save_atomically(checkpoint, self.checkpoint)
+        line = (json.dumps(record) + "\n").encode()
+        with self.metrics.open("ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as err:
+                f.truncate(size)
+                raise RunError(f"could not append epoch {record['epoch']} to {self.metrics} ({os_reason(err)}); "
+                               f"the checkpoint holds it, and --resume puts it back") from None
+
+    def draw_figure(self) -> Path | None:
+        """The run's own Fig. 5/6 (plots.py), from metrics.jsonl, or None when nothing is logged yet."""
+        if not (self.started and self.metrics.exists() and read_metrics(self.path)):
+            return None
+        import plots  # matplotlib only now: `import train` stays light
+
+        try:
+            return plots.draw_run(self.path)
+        except ImportError as err:  # the run itself is whole: say so rather than fail at its end
+            print(f"note: no {FIGURE} ({err}); pip install matplotlib, then python plots.py {self.path}")
+            return None
+        except OSError as err:
+            raise RunError(f"could not write {self.figure} ({os_reason(err)}); the checkpoint and metrics are "
+                           f"whole: draw it later with python plots.py {self.path}") from None
+
+
+def claim(output_dir: str, overwrite: bool, resume: str | None, procs) -> RunFolder | None:
+    """Rank 0 takes the run folder (RunFolder: checked, locked, not another run's) and returns it;
+    the other processes write nothing and get None, or under torchrun the same refusal."""
+    folder, refusal = None, None
+    if procs.rank == 0:
+        try:
+            folder = RunFolder(writable_folder(output_dir, "--output-dir"))
+            folder.lock()
+            folder.refuse_another_run(overwrite, resume)
+        except RunError as err:
+            if folder is not None:
+                folder.release()
+            folder, refusal = None, str(err)
+    if procs.distributed:  # one refusal stops every process, not only rank 0
+        message = [refusal]
+        dist.broadcast_object_list(message, src=0)
+        refusal = message[0]
+    if refusal is not None:
+        raise RunError(refusal)
+    return folder
+
+
+def where_to_continue(output_dir: str | None, resume: str | None, started: float) -> str:
+    """After Ctrl-C: the real path of the last checkpoint to continue from, if there is one.
+    A checkpoint.pth older than this run is not this run's (an --overwrite run not yet started)."""
+    written = Path(output_dir or ".", CHECKPOINT).resolve()
+    last = written if written.is_file() and written.stat().st_mtime >= started else (
+        Path(resume).resolve() if resume else None)
+    if last is None:
+        return f"interrupted before the first epoch ended: no checkpoint written yet (to {written.parent})"
+    return f"interrupted; the last checkpoint is {last}: continue with --resume {last}"

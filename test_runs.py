@@ -1,0 +1,456 @@
+"""Tests of issue 17: a run's folder is its own.
+
+Each test walks a case through train.py (or a lesson, or plots.py) and asserts what the user
+would see: the exit code and the one `error:` line naming the real problem, and what is on disk
+afterwards (which checkpoint epoch, which metrics lines, byte for byte where nothing may change).
+- No silent overwrite: a folder that holds another run is refused, --overwrite replaces it, and
+  nothing is removed before the new run has its data and model.
+- One writer: a second process is refused while the first holds the folder's lock; a SIGKILLed
+  holder leaves no stale lock.
+- --resume continues the run as it was started: its flags come from the checkpoint, and only
+  typed flags may differ.
+- Output failures (a file in the way, a read-only folder, a full disk) are one line each, and
+  the folder stays consistent.
+- Values that used to be ignored without a word are refused.
+- Every finished run folder holds its own Fig. 5/6, figure.png.
+The data is test_safety's folder of 24 tiny PNGs; a run of the 3-block model takes about a second.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import convit
+import data
+import plots
+import runs
+import train
+from test_safety import TINY, WRAPPER, lesson, metrics_of, one_error_line, small_image_folder
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return small_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def flags(folder: Path, epochs: int = 3, *more: str) -> list[str]:
+    """A tiny run; unlike test_safety's run_flags it leaves --warmup-epochs to the recipe (2)."""
+    return ["--dataset", "imagefolder", "--data-dir", str(folder), *TINY, "--batch-size", "8",
+            "--epochs", str(epochs), *more]
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder, byte for byte (the lock file aside: it is not the run's)."""
+    return {path.name: path.read_bytes() for path in sorted(run.iterdir()) if path.name != runs.LOCK}
+
+
+def checkpoint_epoch(run: Path) -> int:
+    return convit.read_checkpoint_file(run / runs.CHECKPOINT)["epoch"]
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. A new run never destroys an earlier one
+# ---------------------------------------------------------------------------------------
+def test_a_folder_holding_another_run_is_refused_and_left_as_it_was(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main([*flags(folder, 2), "--output-dir", str(run)])
+    before = snapshot(run)
+    assert {"checkpoint.pth", "metrics.jsonl", "figure.png"} <= set(before)
+
+    one_error_line(train.cli([*flags(folder, 1), "--output-dir", str(run)]), capsys.readouterr().err,
+                   f"--output-dir {run} holds another run (logged up to epoch 2)", f"--resume {run}", "--overwrite")
+    assert snapshot(run) == before
+
+    replaced = train.main([*flags(folder, 1), "--output-dir", str(run), "--overwrite"])
+    assert replaced["epoch"] == 1 and checkpoint_epoch(run) == 1
+    assert [m["epoch"] for m in metrics_of(run)] == [1]
+
+
+def test_the_shared_default_folder_and_an_empty_output_dir(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default folder, runs/<dataset>-<model>, is relative to here
+    train.main(flags(folder, 1))
+    default = Path("runs/imagefolder-convit_tiny")
+    before = snapshot(default)
+    one_error_line(train.cli([*flags(folder, 1), "--amp"]), capsys.readouterr().err,
+                   f"--output-dir {default} holds another run", "--overwrite")
+    one_error_line(train.cli([*flags(folder, 1), "--output-dir", ""]), capsys.readouterr().err,
+                   "--output-dir is empty: name a folder")
+    assert snapshot(default) == before
+
+
+class CtrlC(Exception):
+    pass
+
+
+def test_interrupted_before_the_first_epoch_the_folder_never_disagrees_with_itself(folder, tmp_path, capsys,
+                                                                                      monkeypatch):
+    run = tmp_path / "run"
+    train.main([*flags(folder, 2), "--output-dir", str(run)])
+    before = snapshot(run)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Ctrl-C while the data loads: --overwrite has removed nothing yet.
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "build_datasets", ctrl_c)
+        assert train.cli([*flags(folder, 1), "--output-dir", str(run), "--overwrite"]) == 130
+    assert snapshot(run) == before
+    assert "no checkpoint written yet" in capsys.readouterr().err
+
+    # Ctrl-C at the first step: the old run is gone, checkpoint and metrics together.
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.amp.GradScaler, "step", ctrl_c)
+        assert train.cli([*flags(folder, 1), "--output-dir", str(run), "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"interrupted before the first epoch ended: no checkpoint written yet (to {run.resolve()})"]
+    assert not (run / "checkpoint.pth").exists() and not (run / "metrics.jsonl").exists()
+    assert train.main([*flags(folder, 1), "--output-dir", str(run)])["epoch"] == 1  # an empty folder is free
+
+
+# ---------------------------------------------------------------------------------------
+# 2. One writer at a time; a killed one leaves no lock behind
+# ---------------------------------------------------------------------------------------
+def start_stalled(tmp_path: Path, argv: list[str], moment: str = "mid-epoch") -> subprocess.Popen:
+    """train.py in a subprocess (test_safety's wrapper), stalled at `moment` of epoch 2."""
+    wrapper, here = tmp_path / "wrapper.py", tmp_path / "here"
+    wrapper.write_text(WRAPPER)
+    process = subprocess.Popen([sys.executable, str(wrapper), str(HERE), moment, str(here), *argv],
+                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"), cwd=HERE)
+    deadline = time.monotonic() + 300
+    while not here.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run never stalled: {(tmp_path / 'stderr').read_text()[-3000:]}")
+        time.sleep(0.02)
+    return process
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = start_stalled(tmp_path, [*flags(folder, 3), "--output-dir", str(run)])
+    try:
+        for second in ([*flags(folder, 3), "--output-dir", str(run)],  # the same command again
+                       [*flags(folder, 3), "--output-dir", str(run), "--overwrite"],
+                       ["--resume", str(run)]):
+            one_error_line(train.cli(second), capsys.readouterr().err, f"--output-dir {run} is in use by another run",
+                           f"pid {holder.pid} on ", "wait for it to end")
+        assert checkpoint_epoch(run) == 1 and [m["epoch"] for m in metrics_of(run)] == [1]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    assert holder.returncode == -signal.SIGKILL
+    resumed = train.main(["--resume", str(run), "--quiet"])  # the OS dropped the lock with its process
+    assert resumed["epoch"] == 3 and [m["epoch"] for m in metrics_of(run)] == [1, 2, 3]
+    assert (run / runs.LOCK).read_text() == ""  # released: nobody holds it
+
+
+def test_under_torchrun_every_process_stops_when_the_folder_is_refused(folder, tmp_path):
+    """Only rank 0 claims the folder; rank 1 must stop with it rather than wait forever."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')  # another run's
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "train.py"), *flags(folder, 1), "--output-dir", str(run)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert done.stderr.count(f"error: --output-dir {run} holds another run (logged up to epoch 1)") == 2, done.stderr
+    assert (run / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+# ---------------------------------------------------------------------------------------
+# 3. --resume continues the run as it was started
+# ---------------------------------------------------------------------------------------
+def test_typed_flags_are_read_from_the_command_line_not_from_the_defaults():
+    typed = train.typed_flags(["--epochs=6", "--seed", "0", "--resum", "x", "--no-amp", "--lr", "5e-4"])
+    assert typed == {"epochs", "seed", "resume", "amp", "lr"}  # --seed 0 is the default, yet typed
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory) -> dict:
+    """A 3-epoch run with flags away from their defaults: what the resumed runs must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = train.main([*flags(folder, 3, "--seed", "1", "--lr", "2e-3", "--smoothing", "0.2"), "--output-dir", str(out)])
+    return {"state": result["model"].state_dict(), "metrics": metrics_of(out)}
+
+
+def same_weights(result: dict, reference: dict) -> bool:
+    state = result["model"].state_dict()
+    return all(torch.equal(state[key], reference["state"][key]) for key in reference["state"])
+
+
+def test_ctrl_c_message_typed_word_for_word_continues_the_same_run(folder, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    holder = start_stalled(tmp_path, [*flags(folder, 3, "--seed", "1", "--lr", "2e-3", "--smoothing", "0.2"),
+                                      "--output-dir", str(run)])
+    holder.send_signal(signal.SIGINT)
+    holder.wait(timeout=120)
+    message = (tmp_path / "stderr").read_text().strip()
+    assert holder.returncode == 130 and message.endswith(f"continue with --resume {(run / 'checkpoint.pth').resolve()}")
+    assert (run / runs.FIGURE).is_file()  # the epochs done so far, drawn on Ctrl-C
+
+    resumed = train.main(message.split("continue with ")[1].split())  # only the words of the message
+    assert resumed["epoch"] == 3 and resumed["epochs_run"] == 2  # not the preset's 50 epochs
+    assert same_weights(resumed, uninterrupted)
+    assert [(m["epoch"], m["val_loss"], m["lr"]) for m in metrics_of(run)] == \
+        [(m["epoch"], m["val_loss"], m["lr"]) for m in uninterrupted["metrics"]]
+
+
+def test_extending_a_run_whose_warmup_was_capped(folder, tmp_path, capsys):
+    short, shortest = tmp_path / "short", tmp_path / "shortest"
+    train.main([*flags(folder, 2), "--output-dir", str(short)])  # the recipe's 2 warmup epochs capped to 1
+    train.main([*flags(folder, 1), "--output-dir", str(shortest)])  # ... and to 0
+    capsys.readouterr()
+    for run, planned, epochs, warmup in ((short, 2, 6, 1), (shortest, 1, 2, 0)):
+        assert train.cli(["--resume", str(run), "--epochs", str(epochs)]) == 0, capsys.readouterr().err
+        assert f"note: --epochs grew from {planned} to {epochs}" in capsys.readouterr().out
+        stored = convit.read_checkpoint_file(run / "checkpoint.pth")["args"]
+        assert (stored["epochs"], stored["warmup_epochs"]) == (epochs, warmup)
+        assert [m["epoch"] for m in metrics_of(run)] == list(range(1, epochs + 1))
+
+
+def test_resume_with_fewer_epochs_and_with_changed_typed_flags(folder, uninterrupted, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main([*flags(folder, 4), "--output-dir", str(run), "--stop-after", "1"])  # warmup 2: not capped
+    one_error_line(train.cli(["--resume", str(run), "--epochs", "2"]), capsys.readouterr().err,
+                   "--epochs 2 is fewer than the 4 the run was planned for (1 done)", "--stop-after")
+    # A typed flag that changes what the run computes is named, even at its default value (--seed 0).
+    one_error_line(train.cli(["--resume", str(run), "--seed", "3", "--smoothing", "0.1"]), capsys.readouterr().err,
+                   "--seed 3 (checkpoint: 0)")
+    assert "--smoothing" not in capsys.readouterr().err  # 0.1 is the run's own value: no difference
+    # The full original command plus --resume still works, and where and how it runs may change.
+    result = train.main([*flags(folder, 4), "--resume", str(run), "--stop-after", "2", "--threads", "1"])
+    assert result["epoch"] == 2 and checkpoint_epoch(run) == 2
+
+
+def test_resume_into_another_folder_brings_the_metrics_along(folder, tmp_path, capsys):
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    train.main([*flags(folder, 3), "--output-dir", str(first), "--stop-after", "2"])
+    result = train.main(["--resume", str(first), "--output-dir", str(moved), "--quiet"])
+    assert result["epoch"] == 3 and [m["epoch"] for m in metrics_of(moved)] == [1, 2, 3]
+    assert [m["epoch"] for m in metrics_of(first)] == [1, 2]  # the folder resumed from is left alone
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Output failures: one line, before training where it can be, and a consistent folder
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fails the test if the run gets as far as reading its data."""
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before the output folder was checked")
+
+    monkeypatch.setattr(data, "build_datasets", never)
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_training(folder, tmp_path, capsys, monkeypatch,
+                                                                          no_data):
+    a_file = tmp_path / "a file"
+    a_file.write_text("not a folder")
+    cases = {str(a_file): f"--output-dir {a_file} is a file, not a folder",
+             str(a_file / "run"): f"--output-dir {a_file / 'run'} cannot be created: {a_file} is a file"}
+    for out, says in cases.items():
+        one_error_line(train.cli([*flags(folder, 1), "--output-dir", out]), capsys.readouterr().err, says)
+
+    # A read-only file system (simulated: as root, permissions alone would not stop a write).
+    read_only = tmp_path / "read-only"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == read_only:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdir(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "mkdir", mkdir)
+        one_error_line(train.cli([*flags(folder, 1), "--output-dir", str(read_only)]), capsys.readouterr().err,
+                       f"--output-dir {read_only} cannot be written (Read-only file system)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder of mode 0o500")
+def test_an_output_dir_without_write_permission_is_refused(folder, tmp_path, capsys, no_data):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    one_error_line(train.cli([*flags(folder, 1), "--output-dir", str(locked)]), capsys.readouterr().err,
+                   f"--output-dir {locked} cannot be written (Permission denied)")
+
+
+class DiskFullAt:
+    """A file object that takes `limit` bytes, writes what fits of the next chunk, and then says
+    that the disk is full."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.left = f, limit
+
+    def write(self, chunk):
+        if len(chunk) > self.left:
+            self.f.write(chunk[: self.left])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.left -= len(chunk)
+        return self.f.write(chunk)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(folder, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):  # epoch 2's checkpoint meets a full disk halfway
+        return real_save(obj, DiskFullAt(f, 20_000) if obj.get("epoch") == 2 else f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", save)
+        one_error_line(train.cli([*flags(folder, 3), "--output-dir", str(run)]), capsys.readouterr().err,
+                       f"could not write {run / 'checkpoint.pth'} (No space left on device)", "untouched")
+    assert checkpoint_epoch(run) == 1 and [m["epoch"] for m in metrics_of(run)] == [1]
+    assert not list(run.glob("*.tmp"))
+    assert train.main(["--resume", str(run), "--quiet"])["epoch"] == 3
+
+
+def test_a_metrics_line_that_cannot_be_written_comes_back_on_resume(folder, uninterrupted, tmp_path, capsys,
+                                                                     monkeypatch):
+    run = tmp_path / "run"
+    real_open = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        if self.name == "metrics.jsonl" and mode == "ab" and checkpoint_epoch(self.parent) == 2:
+            return DiskFullAt(f, 10)  # a torn line: 10 bytes, then the disk is full
+        return f
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "open", open_)
+        one_error_line(train.cli([*flags(folder, 3, "--seed", "1", "--lr", "2e-3", "--smoothing", "0.2"),
+                                  "--output-dir", str(run)]), capsys.readouterr().err,
+                       f"could not append epoch 2 to {run / 'metrics.jsonl'} (No space left on device)")
+    assert checkpoint_epoch(run) == 2 and [m["epoch"] for m in metrics_of(run)] == [1]  # cut back, not torn
+    resumed = train.main(["--resume", str(run), "--quiet"])
+    assert same_weights(resumed, uninterrupted)
+    timing = ("images_per_second", "epoch_seconds")  # the only fields that differ between two runs
+    assert [{k: v for k, v in m.items() if k not in timing} for m in metrics_of(run)] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in uninterrupted["metrics"]]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--out-dir", "{file}"], "--out-dir {file} is a file, not a folder"),
+    (["--out-dir", "{file}/figures"], "--out-dir {file}/figures cannot be created: {file} is a file"),
+    (["--run-dir", "{file}"], "--run-dir {file} is a file, not a folder"),
+    (["--quick", "--run-dir", "{file}"], "--run-dir {file} is a file, not a folder"),
+])
+def test_lesson_output_folders_that_cannot_be_written(argv, says, tmp_path, capsys, no_data):
+    from lessons._common import cli
+
+    a_file = tmp_path / "a file"
+    a_file.write_text("not a folder")
+    argv = [a.replace("{file}", str(a_file)) for a in argv]
+    out = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "figures")]
+    one_error_line(cli(lesson("05").main, [*argv, *out]), capsys.readouterr().err, says.replace("{file}", str(a_file)))
+
+
+def test_a_full_disk_under_a_lessons_figures_is_one_line(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from lessons._common import cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    one_error_line(cli(lesson("03").main, ["--quick", "--out-dir", str(tmp_path)]), capsys.readouterr().err,
+                   f"could not write {tmp_path}/03_", "(No space left on device)")
+
+
+def test_a_lesson_run_again_replaces_its_own_runs(tmp_path, capsys):
+    """Lesson 5 --quick into a --run-dir of our choosing, twice: the second run replaces the first
+    (the lessons pass --overwrite for their own run folders)."""
+    from lessons._common import cli
+
+    argv = ["--quick", "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "figures")]
+    for _ in range(2):
+        assert cli(lesson("05").main, argv) == 0, capsys.readouterr().err
+    assert [m["epoch"] for m in metrics_of(tmp_path / "runs" / "seed0")] == [1, 2]
+    assert (tmp_path / "runs" / "seed0" / runs.FIGURE).is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Values that used to be ignored without a word
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, says", [
+    (["--img-size", "0"], "--img-size must be at least 1, got 0"),
+    (["--patch-size", "0"], "--patch-size must be at least 1, got 0"),
+    (["--dataset", "digits", "--num-classes-subset", "3"],
+     "--num-classes-subset keeps the first K classes of an image folder (--dataset imagefolder); --dataset digits"),
+    (["--data-fraction", "1e-9"], "--data-fraction 1e-09 keeps 2.4e-08 of the 24 training images, less than one per "
+                                  "class (each class would keep its one image, 3 in all"),
+    (["--data-fraction", "0.2"], "--data-fraction 0.2 keeps 6 of the 24 training images, fewer than one batch of 8; "
+                                 "lower --batch-size or raise --data-fraction"),
+])
+def test_values_that_were_silently_ignored_are_refused(argv, says, folder, tmp_path, capsys):
+    code = train.cli([*flags(folder, 1), "--output-dir", str(tmp_path / "run"), *argv])
+    one_error_line(code, capsys.readouterr().err, says)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_help_names_every_dataset_of_each_preset():
+    text = " ".join(train.build_parser().format_help().split())
+    assert "the default for digits, mnist10k, mnist10k-sum, fake" in text
+    assert "the default for cifar10, cifar100, imagefolder" in text
+    assert "--overwrite" in text and "is refused" in text
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Every run's own Fig. 5/6
+# ---------------------------------------------------------------------------------------
+def is_png(path: Path) -> bool:
+    with Image.open(path) as image:
+        image.verify()
+        return image.format == "PNG" and image.size[0] > 300
+
+
+def test_a_finished_run_folder_holds_its_own_figure_and_plots_py_redraws_it(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    result = train.main([*flags(folder, 2), "--output-dir", str(run)])
+    figure = run / runs.FIGURE
+    assert result["figure"] == str(figure) and is_png(figure)
+
+    figure.unlink()
+    assert plots.main([str(run)]) is None and is_png(figure)
+    assert f"wrote {figure}" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="holds no metrics.jsonl"):
+        plots.main([str(tmp_path)])
+    done = subprocess.run([sys.executable, str(HERE / "plots.py"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=HERE)
+    one_error_line(done.returncode, done.stderr, f"{tmp_path} holds no metrics.jsonl")
+
+
+def test_the_figure_of_a_deit_run_has_no_gates(folder, tmp_path):
+    run = tmp_path / "deit"
+    train.main([*flags(folder, 1), "--model", "deit_tiny", "--output-dir", str(run)])
+    assert "gates" not in metrics_of(run)[0] and is_png(run / runs.FIGURE)
