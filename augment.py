@@ -2,8 +2,8 @@
 
 Every image of a batch draws its own random crop, flip, RandAugment ops, erasing and MixUp or
 CutMix partner, as in DeiT; but each step runs once for the whole batch, as tensor operations,
-instead of once per image in Python. On a CPU that removes the cost that used to match the
-backward pass of a small model; on a GPU it keeps the augmentation off the data-loading workers.
+instead of once per image in Python: on a CPU, per-image augmentation would cost a small model
+as much as its backward pass; on a GPU, this keeps the augmentation off the data-loading workers.
 
 The loader hands over uint8 images (B, C, H, W); `BatchAugment` returns normalised float images.
 Order, as in DeiT: random resized crop and flip -> RandAugment -> normalise -> random erasing;

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -30,12 +31,18 @@ FIGURES = {  # script -> the PNG files it writes
     "05_escaping_locality.py": ["05_escaping_locality.png"],
     "06_sample_efficiency.py": ["06_sample_efficiency.png", "06_ablations.png"],
     "07_speed.py": ["07_throughput.png"],
+    "08_position_embedding.py": ["08_position_embedding.png"],
+    "09_more_locality.py": ["09_more_locality.png"],
+    "10_far_content.py": ["10_far_content.png"],
 }
 
 
 SUMMARIES = {  # script -> the machine-readable results it writes beside its figures
     "05_escaping_locality.py": ["05_escaping_locality.json"],
     "06_sample_efficiency.py": ["06_sample_efficiency.json"],
+    "08_position_embedding.py": ["08_position_embedding.json"],
+    "09_more_locality.py": ["09_more_locality.json"],
+    "10_far_content.py": ["10_far_content.json"],
 }
 
 
@@ -55,6 +62,64 @@ def test_quick_run_as_the_readme_shows_writes_to_scratch_and_leaves_committed_fi
         assert written.is_file() and written.stat().st_size > 200, f"{script} did not write {name}"
         assert written.stat().st_mtime >= started - 1, f"{script} left an old {written}"
     assert committed_figures() == before, f"{script} --quick changed committed files under lessons/figures"
+
+
+def test_quick_sweep_writes_its_table_and_leaves_committed_figures():
+    before, started = committed_figures(), time.time()
+    done = subprocess.run([sys.executable, str(LESSONS / "06_sample_efficiency.py"), "--quick", "--sweep"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = json.loads((QUICK_OUT / "06_sweep.json").read_text())
+    assert (QUICK_OUT / "06_sweep.json").stat().st_mtime >= started - 1
+    assert {(run["name"], run["lr"]) for run in sweep["runs"]} == {(m, lr) for m in ("ConViT", "DeiT") for lr in (2e-3, 4e-3)}
+    assert committed_figures() == before
+
+
+def test_a_recorded_command_gives_the_recorded_top1_again(tmp_path):
+    """What a lesson records of a run is the train.py command that, run again from the repository
+    root in a fresh process, gives the same top-1: each flag once, paths relative to the repository."""
+    from lessons._common import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, run_all
+
+    args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path / "runs")])
+    (result,) = run_all(args, [("t", "DeiT", 0.05, 3, ["--model", "deit_tiny"])], tmp_path / "runs")
+    argv = shlex.split(result["command"])
+    assert argv[:2] == ["python", "train.py"]
+    flags = [token for token in argv if token.startswith("--")]
+    assert len(flags) == len(set(flags)), f"a flag appears twice: {result['command']}"
+    assert argv[argv.index("--data-dir") + 1] == "data" and str(ROOT) not in result["command"].replace(str(tmp_path), "")
+    again = tmp_path / "again"
+    argv[argv.index("--output-dir") + 1] = str(again)
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = json.loads((again / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["val_top1"] == result["val_top1"] and last["val_loss"] == result["val_loss"]
+
+
+def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tmp_path):
+    from lessons._common import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, run_all
+
+    args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path)])
+    args.quick = False  # whole runs (of 1 x 1/f epochs), which a sweep may read back
+    (first,) = run_all(args, [("t", "DeiT", 0.02, 0, ["--model", "deit_tiny"])], tmp_path, reuse=True)
+    assert not first.get("reused")
+    convit, deit = run_all(args, [("t", "ConViT", 0.02, 0, []), ("t", "DeiT", 0.02, 0, ["--model", "deit_tiny"])],
+                           tmp_path, reuse=True)
+    assert deit["reused"] and deit["val_top1"] == first["val_top1"] and deit["command"] == first["command"]
+    assert not convit.get("reused") and convit["val_top1"] != first["val_top1"]
+
+
+def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():
+    from lessons._common import convergence
+
+    def records(*top1):
+        return [{"epoch": i + 1, "val_top1": t} for i, t in enumerate(top1)]
+
+    assert convergence(records(10, 50, 80, 90, 95, 96, 96.2, 96.3)) == {"last_quarter_gain": 0.3, "converged": True}
+    assert convergence(records(10, 50, 80, 90, 95, 96, 96.2, 97.0)) == {"last_quarter_gain": 1.0, "converged": False}
+    assert convergence(records(10, 50, 97, 96, 95, 94, 96.5, 96.0)) == {"last_quarter_gain": -0.5, "converged": True}
+    assert convergence(records(10, 50, 80)) == {"last_quarter_gain": None, "converged": None}  # too few to judge
 
 
 def test_training_runs_in_parallel_processes_keep_their_order():

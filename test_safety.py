@@ -221,8 +221,8 @@ def bad_files(reference, tmp_path_factory) -> dict[str, Path]:
     files["truncated"].write_bytes(good[: len(good) // 2])
     files["a folder"].mkdir()
     torch.save(3, files["an int"])
-    torch.save(convit.create_model("convit_tiny", img_size=16, patch_size=4, num_classes=3).state_dict(),
-               files["another model"])
+    torch.save(convit.create_model("convit_tiny", img_size=16, patch_size=4, num_classes=3, embed_dim=64, depth=2,
+                                   local_up_to_layer=1).state_dict(), files["another model"])
     nan = torch.load(reference["dir"] / "checkpoint.pth", weights_only=True)
     nan["model"]["blocks.0.attn.qk.weight"][0, 0] = math.nan
     torch.save(nan, files["NaN weights"])

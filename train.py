@@ -96,11 +96,10 @@ RECIPES: dict[str, Recipe] = {
     ),
     # For a dataset of a few thousand small images and a few CPU minutes: a 6-block model,
     # 24 dims per head, a short schedule, more steps (batch 32) at a larger lr (1e-3 at batch 32),
-    # and gentler augmentation (no MixUp/CutMix, milder crops: 16x16 digits do not survive the paper's;
-    # RandAugment at 1.7 on timm's 0-10 scale, the strength per op it had before, 5 of torchvision's
-    # 30 bins, but now, as in the paper's recipe, each op is a coin flip and its magnitude is noisy).
-    # One CPU thread: matrices this small gain nothing from a second core, and split across two
-    # they stall whenever another program is busy (we measured 25x slower steps on a shared 2-core CPU).
+    # and gentler augmentation: no MixUp/CutMix, milder crops (16x16 digits do not survive the
+    # paper's) and RandAugment at 1.7 of timm's 10, each op still a coin flip with a noisy magnitude.
+    # One CPU thread: matrices this small gain nothing from a second, which stalls them whenever
+    # another program is busy (docs/speed.md).
     "small": Recipe(
         epochs=50, batch_size=32, base_lr=1.6e-2, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5,
         weight_decay=0.05, smoothing=0.1, mixup=0.0, cutmix=0.0, randaug_ops=2, randaug_magnitude=1.7,
@@ -481,8 +480,7 @@ def mixed_precision(device: torch.device, amp: bool | None, amp_dtype: str | Non
 
     Autocast is on by default on a GPU and off by default on a CPU: there it is opt-in (--amp),
     because fp32 keeps the CPU runs comparable with the figures we report, and whether bf16 is
-    faster depends on the CPU (inference ran 2x faster on ours, which has AVX-512 bf16
-    instructions; see the README). --amp runs the very same loop in bf16 on a CPU,
+    faster depends on the CPU and the model's size (docs/speed.md). --amp runs the very same loop in bf16 on a CPU,
     which is how the tests prove the GPU's mixed-precision path without a GPU. bf16 needs no
     gradient scaler (it has fp32's exponent range); fp16 does (train() turns it on)."""
     if amp is False:

@@ -15,7 +15,8 @@ Outputs (in --out-dir):
                              and the top-1 curves that show each run has converged
   06_ablations.png           Table 3 rows a-g at f = 10%, ours beside the paper's 10% column
   06_sample_efficiency.json  every run's train.py command, top-1, curve and convergence, and the paper's numbers
-  with --sweep instead:      06_sweep.png and 06_sweep.json
+  with --sweep instead:      06_sweep.png and 06_sweep.json (the lr x warmup sweep that chose the recipe)
+  with --budget-check:       06_budget.png and 06_budget.json (what twice the epochs would add)
 
 Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep]
 """
@@ -153,7 +154,7 @@ def sweep(args, run_root: Path, clock: Stopwatch, command: str):
                 for lr in grid["lr"] for warmup in grid["warmup_epochs"]]
     runs = [("sweep", name, f, 0, [*MODELS[name], "--lr", f"{lr:g}", "--warmup-lr", f"{lr / 100:g}"], warmup)
             for name, f, lr, warmup in settings]
-    results = list(zip(settings, run_all(args, runs, run_root)))
+    results = list(zip(settings, run_all(args, runs, run_root, reuse=True)))
     fig, axes = plt.subplots(1, len(MODELS) * len(fractions), figsize=(16, 3.6), layout="constrained", squeeze=False)
     cells = {}
     for (name, f, lr, warmup), result in results:
@@ -185,6 +186,40 @@ def sweep(args, run_root: Path, clock: Stopwatch, command: str):
     write_json(args, "06_sweep.json", summary)
 
 
+def budget_check(args, run_root: Path, clock: Stopwatch, command: str):
+    """Is RECIPE's budget enough? Seed 0 of both models at SWEEP_FRACTIONS, trained for the
+    recipe's epochs and for twice as many: what the longer run adds is what a run of the default
+    one still lacked (a cosine schedule always ends with a rise, as the lr anneals, so the last
+    quarter of one run cannot say this by itself)."""
+    fractions = (0.1,) if args.quick else SWEEP_FRACTIONS
+    cells = [(name, f, epochs) for name in MODELS for f in fractions for epochs in (args.epochs, 2 * args.epochs)]
+    runs = [("budget", name, f, 0, [*MODELS[name], "--epochs", str(epochs)]) for name, f, epochs in cells]
+    results = run_all(args, runs, run_root, reuse=True)
+    fig, axes = plt.subplots(1, len(MODELS) * len(fractions), figsize=(16, 3.8), layout="constrained", squeeze=False)
+    found = dict(zip(cells, results))
+    print("\n| model | f | top-1, recipe's epochs | top-1, twice the epochs | the longer run adds |")
+    print("|---|---|---|---|---|")
+    for ax, (name, f) in zip(axes[0], [(n, f) for n in MODELS for f in fractions]):
+        short, long = found[name, f, args.epochs], found[name, f, 2 * args.epochs]
+        for result, style, label in ((short, "o-", f"{args.epochs} x 1/f epochs"), (long, "s--", f"{2 * args.epochs} x 1/f")):
+            last = result["records"][-1]["epoch"]
+            ax.plot([r["epoch"] / last for r in result["records"]], [r["val_top1"] for r in result["records"]], style,
+                    label=f"{label}: {result['val_top1']:.1f}%")
+        ax.set(xlabel="fraction of the run done", ylabel="validation top-1 (%)", ylim=(80, 100),
+               title=f"{name}, f = {f:.0%}: the longer run adds {long['val_top1'] - short['val_top1']:+.1f}")
+        ax.legend(fontsize=8, loc="lower right")
+        print(f"| {name} | {f:.0%} | {short['val_top1']:.1f} | {long['val_top1']:.1f} | "
+              f"{long['val_top1'] - short['val_top1']:+.1f} |")
+    save_figure(fig, args.out_dir, "06_budget.png", f"seed 0; {recipe_line(args)}; the longer runs with twice the epochs",
+                args.device)
+    summary = {"command": command, "hardware": hardware(args.device), "seconds": round(time.perf_counter() - clock.start),
+               "runs": [{**run_record("budget", name, f, 0, result), "epochs": epochs}
+                        for (name, f, epochs), result in zip(cells, results)],
+               "longer_run_adds": {f"{name} {f:g}": found[name, f, 2 * args.epochs]["val_top1"]
+                                   - found[name, f, args.epochs]["val_top1"] for name in MODELS for f in fractions}}
+    write_json(args, "06_budget.json", summary)
+
+
 def main(argv=None):
     parser = training_parser(__doc__, "06", RECIPE, QUICK)
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
@@ -195,14 +230,19 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help=f"instead: the lr x warmup sweep that chose the recipe ({len(MODELS) * len(SWEEP_FRACTIONS)}"
                              f" x {len(SWEEP['lr']) * len(SWEEP['warmup_epochs'])} runs of seed 0)")
+    parser.add_argument("--budget-check", action="store_true",
+                        help="instead: seed 0 of both models at f = 100% and 10%, trained for the recipe's epochs and "
+                             "for twice as many, to show what a longer run would add")
     args = parse(parser, argv)
     if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
         raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
     clock = Stopwatch("lesson 6")
     command = " ".join(["python", "lessons/06_sample_efficiency.py", *(sys.argv[1:] if argv is None else argv)])
-    if args.sweep:
+    if args.sweep or args.budget_check:
         with run_folder(args) as run_root:
-            return sweep(args, Path(run_root) / "sweep", clock, command)
+            if args.sweep:
+                return sweep(args, Path(run_root) / "sweep", clock, command)
+            return budget_check(args, Path(run_root) / "budget", clock, command)
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     fractions = sorted(set(args.fractions or (QUICK_FRACTIONS if args.quick else FRACTIONS)) | {ABLATION_FRACTION})
     # Every run: (table, row or model, fraction, seed, extra flags). Table 3's rows a and e are Table 2's.

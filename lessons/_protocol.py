@@ -11,12 +11,13 @@ command, relative to the repository root: run from there, it gives the same top-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
-from lessons._common import (CONVERGED_WITHIN, LessonRecipe, command_line, run_parallel, train_argv,  # noqa: F401
-                             train_one)
+from lessons._common import (CONVERGED_WITHIN, LessonRecipe, at_repository_root, command_line,  # noqa: F401
+                             convergence, run_parallel, train_argv, train_one)
 
 # The recipe (the warmup is in epochs at f = 100% and, like the epochs, multiplied by 1/f; it
 # starts from lr / 100). The rest is train.py's small preset: AdamW, weight decay 0.05, label
@@ -46,13 +47,56 @@ def schedule_flags(args, fraction: float, warmup_epochs: int) -> list[str]:
     return flags + (["--stop-after", str(QUICK_STOP)] if args.quick else [])
 
 
-def run_all(args, runs: list[tuple], run_root: Path) -> list[dict]:
+def finished_run(argv: list[str]) -> dict | None:
+    """The result of a run of exactly these flags that a folder beside this one already holds,
+    trained to its last epoch, or None. Moved to this run's folder name, it stands for the run:
+    one-thread CPU runs are deterministic, so training it again would give the same numbers."""
+    import convit
+    import runs
+    import train
+
+    with at_repository_root():
+        wanted = vars(train.resolve_args(train.build_parser().parse_args(argv)))
+        folder = Path(wanted["output_dir"])
+        for candidate in sorted(folder.parent.glob("*/" + runs.CHECKPOINT)) if folder.parent.is_dir() else []:
+            try:
+                checkpoint = convit.read_checkpoint_file(candidate)
+            except ValueError:
+                continue
+            done = checkpoint.get("args", {})
+            same = all(done.get(key) == value for key, value in wanted.items() if key not in train.RUN_ONLY_FLAGS)
+            if not same or checkpoint.get("epoch") != wanted["epochs"]:
+                continue
+            if candidate.parent != folder:
+                if folder.exists():
+                    continue
+                candidate.parent.rename(folder)
+            records = runs.read_metrics(folder)
+            last = records[-1]
+            return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],
+                    "parameters": sum(t.numel() for t in checkpoint["model"].values()),
+                    "seconds": sum(r.get("epoch_seconds", 0) for r in records), "cpu_seconds": None,
+                    "records": records, "reused": True, **convergence(records)}
+    return None
+
+
+def run_all(args, runs: list[tuple], run_root: Path, reuse: bool = False) -> list[dict]:
     """Train every (table, name, fraction, seed, flags[, warmup epochs]), args.workers at a
-    time; each result gains its train.py command line."""
-    jobs = [train_argv(args, Path(run_root) / f"{table}-{name.replace(' ', '_')}-{f:g}-seed{seed}-{index}",
-                       *flags, *schedule_flags(args, f, (*rest, args.warmup_epochs)[0]), seed=seed)
-            for index, (table, name, f, seed, flags, *rest) in enumerate(runs)]
+    time; each result gains its train.py command line. With reuse, a run that a folder under
+    run_root already holds, finished with the same flags, is read rather than trained again
+    (`finished_run`): how the sweep is extended without training what it has."""
+    jobs = []
+    for table, name, f, seed, flags, *rest in runs:
+        run_flags = [*flags, *schedule_flags(args, f, (*rest, args.warmup_epochs)[0])]
+        # The folder is named after the run's flags, so that the same run keeps its folder when a sweep grows.
+        digest = hashlib.sha1(" ".join(train_argv(args, Path("."), *run_flags, seed=seed)).encode()).hexdigest()[:8]
+        jobs.append(train_argv(args, Path(run_root) / f"{table}-{name.replace(' ', '_')}-{f:g}-seed{seed}-{digest}",
+                               *run_flags, seed=seed))
     started = time.perf_counter()
+    found = {i: finished_run(job) for i, job in enumerate(jobs)} if reuse else {}
+    found = {i: result for i, result in found.items() if result is not None}
+    if found:
+        print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders")
 
     def report(job, result):
         _table, name, f, seed, *_ = runs[jobs.index(job)]
@@ -61,7 +105,9 @@ def run_all(args, runs: list[tuple], run_root: Path) -> list[dict]:
               f"{result['val_top1']:5.1f}%, the last quarter added {gain if gain is None else f'{gain:+.2f}'} "
               f"({result['seconds']:.0f} s)", flush=True)
 
-    results = run_parallel(train_one, jobs, args.workers, args.threads, done=report)
+    todo = [job for i, job in enumerate(jobs) if i not in found]
+    trained = iter(run_parallel(train_one, todo, args.workers, args.threads, done=report))
+    results = [found[i] if i in found else next(trained) for i in range(len(jobs))]
     return [{**result, "argv": job, "command": command_line(job)} for job, result in zip(jobs, results)]
 
 
