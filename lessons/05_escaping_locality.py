@@ -29,7 +29,6 @@ Run from the repository root:  python lessons/05_escaping_locality.py [--quick]
     on a GPU, longer:            ... --device cuda --epochs 300 --workers 1
 """
 
-import json
 import math
 import sys
 import time
@@ -44,8 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 import convit  # noqa: E402
 import plots  # noqa: E402
 from runs import read_metrics  # noqa: E402
-from lessons._common import (LessonRecipe, Stopwatch, cli, hardware, parse, run_folder, run_parallel,  # noqa: E402
-                             save_figure, train_argv, training_parser)
+from lessons._common import (LessonRecipe, Stopwatch, cli, mean, parse, run_folder, run_parallel, save_figure,  # noqa: E402
+                             train_argv, training_parser, write_summary)
 
 # One long run per seed on the full 8,000-image training split; 2 seeds, one per core.
 RECIPE = LessonRecipe(epochs=50, embed_dim=48, num_heads=4, depth=8, batch_size=64, lr=2e-3, warmup_epochs=2,
@@ -56,11 +55,6 @@ QUICK = LessonRecipe(epochs=2, embed_dim=16, num_heads=4, depth=4, batch_size=64
 QUICK_FLAGS = ["--data-fraction", "0.05"]
 MEASUREMENTS = 10  # segments of the run, each followed by a measurement of lambda's gradient
 GRADIENT_BATCHES = 16  # training batches per gradient measurement
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def at_init(argv: list[str]) -> dict:
@@ -156,6 +150,11 @@ def train_and_measure(job: tuple) -> dict:
     lr_sum = sum(r["lr"] for r in records[1:]) * measurements[0]["steps_per_epoch"]
     return {"val_top1": result["val_top1"], "seconds": time.perf_counter() - start, "records": records,
             "measurements": measurements, "lr_sum": lr_sum, "grid": list(result["model"].cfg.grid)}
+
+
+def lesson_record(run: dict) -> dict:
+    """What the JSON keeps of one seed's run: every epoch's gates, nonlocality and top-1, and the lambda measurements."""
+    return {key: run[key] for key in ("val_top1", "seconds", "lr_sum", "records", "measurements")}
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -272,16 +271,8 @@ def main(argv=None):
           f"a push that never changes sign, 1 and 1.")
     print(f"lr: peak {args.lr:g}, summed over the steps {mean(run['lr_sum'] for run in runs):.3g} (about the farthest "
           f"Adam could move lambda); weight decay on lambda: {decay}; top-1 {top1}")
-    summary = {
-        "command": " ".join(["python", "lessons/05_escaping_locality.py", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": settings, "hardware": hardware(args.device), "seeds": seeds,
-        "seconds": round(time.perf_counter() - clock.start, 1), "per_block": rows,
-        "runs": [{key: run[key] for key in ("val_top1", "seconds", "lr_sum", "records", "measurements")}
-                 for run in runs],
-    }
-    path = Path(args.out_dir) / "05_escaping_locality.json"
-    path.write_text(json.dumps(summary) + "\n")
-    print(f"wrote {path}")
+    write_summary(args, __file__, "05_escaping_locality.json", clock, argv, indent=None, settings=settings,
+                  seeds=seeds, per_block=rows, runs=[lesson_record(run) for run in runs])
     clock.done()
 
 

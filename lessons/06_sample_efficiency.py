@@ -22,16 +22,16 @@ Run from the repository root:  python lessons/06_sample_efficiency.py [--quick |
 """
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lessons._common import Stopwatch, cell, cli, hardware, mean, parse, run_folder, save_figure, training_parser  # noqa: E402
+from lessons._common import (Stopwatch, cell, cli, mean, parse, run_folder, save_figure, training_parser,  # noqa: E402
+                             write_summary)
 from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, convergence_line, recipe_line,  # noqa: E402
-                               run_all, run_record, write_json)
+                               run_all, run_record)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0), (0.05, 0.1)
 ABLATION_FRACTION = 0.1  # Table 3's last column
@@ -147,7 +147,7 @@ def print_tables(table2: dict, table3: dict):
         print(f"| {row}: {what} | {gating} | {init} | {train_gpsa} | {use_gpsa} | {cell(table3[row])} | {tenth} | {full} |")
 
 
-def sweep(args, run_root: Path, clock: Stopwatch, command: str):
+def sweep(args, run_root: Path, clock: Stopwatch, argv):
     """lr x warmup for both models at SWEEP_FRACTIONS, seed 0: the runs that chose RECIPE."""
     grid, fractions = (QUICK_SWEEP, (0.1,)) if args.quick else (SWEEP, SWEEP_FRACTIONS)
     settings = [(name, f, lr, warmup) for name in MODELS for f in fractions
@@ -179,14 +179,12 @@ def sweep(args, run_root: Path, clock: Stopwatch, command: str):
     for (name, f, lr, warmup), result in results:
         print(f"| {name} | {f:.0%} | {lr:g} | {warmup} | {result['val_top1']:.1f} | {result['last_quarter_gain']} | "
               f"{result['converged']} |")
-    summary = {"command": command, "hardware": hardware(args.device), "seconds": round(time.perf_counter() - clock.start),
-               "rule": convergence_line([r for _, r in results]), "runs": [{**run_record("sweep", name, f, 0, result), "lr": lr,
-                                                     "warmup_epochs": warmup}
-                                                    for (name, f, lr, warmup), result in results]}
-    write_json(args, "06_sweep.json", summary)
+    write_summary(args, __file__, "06_sweep.json", clock, argv, rule=convergence_line([r for _, r in results]),
+                  runs=[{**run_record("sweep", name, f, 0, result), "lr": lr, "warmup_epochs": warmup}
+                        for (name, f, lr, warmup), result in results])
 
 
-def budget_check(args, run_root: Path, clock: Stopwatch, command: str):
+def budget_check(args, run_root: Path, clock: Stopwatch, argv):
     """Is RECIPE's budget enough? Seed 0 of both models at SWEEP_FRACTIONS, trained for the
     recipe's epochs and for twice as many: what the longer run adds is what a run of the default
     one still lacked (a cosine schedule always ends with a rise, as the lr anneals, so the last
@@ -212,12 +210,11 @@ def budget_check(args, run_root: Path, clock: Stopwatch, command: str):
               f"{long['val_top1'] - short['val_top1']:+.1f} |")
     save_figure(fig, args.out_dir, "06_budget.png", f"seed 0; {recipe_line(args)}; the longer runs with twice the epochs",
                 args.device)
-    summary = {"command": command, "hardware": hardware(args.device), "seconds": round(time.perf_counter() - clock.start),
-               "runs": [{**run_record("budget", name, f, 0, result), "epochs": epochs}
+    write_summary(args, __file__, "06_budget.json", clock, argv,
+                  runs=[{**run_record("budget", name, f, 0, result), "epochs": epochs}
                         for (name, f, epochs), result in zip(cells, results)],
-               "longer_run_adds": {f"{name} {f:g}": found[name, f, 2 * args.epochs]["val_top1"]
-                                   - found[name, f, args.epochs]["val_top1"] for name in MODELS for f in fractions}}
-    write_json(args, "06_budget.json", summary)
+                  longer_run_adds={f"{name} {f:g}": found[name, f, 2 * args.epochs]["val_top1"]
+                                   - found[name, f, args.epochs]["val_top1"] for name in MODELS for f in fractions})
 
 
 def main(argv=None):
@@ -237,12 +234,11 @@ def main(argv=None):
     if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
         raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
     clock = Stopwatch("lesson 6")
-    command = " ".join(["python", "lessons/06_sample_efficiency.py", *(sys.argv[1:] if argv is None else argv)])
     if args.sweep or args.budget_check:
         with run_folder(args) as run_root:
             if args.sweep:
-                return sweep(args, Path(run_root) / "sweep", clock, command)
-            return budget_check(args, Path(run_root) / "budget", clock, command)
+                return sweep(args, Path(run_root) / "sweep", clock, argv)
+            return budget_check(args, Path(run_root) / "budget", clock, argv)
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     fractions = sorted(set(args.fractions or (QUICK_FRACTIONS if args.quick else FRACTIONS)) | {ABLATION_FRACTION})
     # Every run: (table, row or model, fraction, seed, extra flags). Table 3's rows a and e are Table 2's.
@@ -271,18 +267,14 @@ def main(argv=None):
     plot_table3(table3, seeds, args, settings)
     print_tables(table2_shown, table3)
     print(convergence_line(results))
-    summary = {
-        "command": command, "settings": settings, "hardware": hardware(args.device), "seeds": seeds,
-        "seconds": round(time.perf_counter() - clock.start, 1), "rule": convergence_line(results),
-        "runs": [run_record(table, name, f, seed, result)
-                 for (table, name, f, seed, _), result in zip(runs, results)],
-        "table2_mean_top1": {f"{f:g}": {name: mean(v) for name, v in runs_f.items()}
-                             for f, runs_f in table2_shown.items()},
-        "table3_mean_top1": {row: mean(v) for row, v in table3.items()},
-        "paper": {"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
-                  "table3": {row: {"full": spec[6], "10%": spec[7]} for row, spec in TABLE3.items()}},
-    }
-    write_json(args, "06_sample_efficiency.json", summary)
+    write_summary(
+        args, __file__, "06_sample_efficiency.json", clock, argv, settings=settings, seeds=seeds,
+        rule=convergence_line(results),
+        runs=[run_record(table, name, f, seed, result) for (table, name, f, seed, _), result in zip(runs, results)],
+        table2_mean_top1={f"{f:g}": {name: mean(v) for name, v in runs_f.items()} for f, runs_f in table2_shown.items()},
+        table3_mean_top1={row: mean(v) for row, v in table3.items()},
+        paper={"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
+               "table3": {row: {"full": spec[6], "10%": spec[7]} for row, spec in TABLE3.items()}})
     clock.done()
 
 

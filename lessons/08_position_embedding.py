@@ -18,16 +18,15 @@ Run from the repository root:  python lessons/08_position_embedding.py [--quick]
 """
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lessons._common import (Stopwatch, at_repository_root, cell, cli, command_line, hardware, mean, parse,  # noqa: E402
-                             run_folder, save_figure, training_parser)
-from lessons._protocol import MODELS, QUICK, RECIPE, convergence_line, recipe_line, run_all, run_record, write_json  # noqa: E402
+from lessons._common import (Stopwatch, at_repository_root, cell, cli, command_line, mean, parse, run_folder,  # noqa: E402
+                             save_figure, training_parser, write_summary)
+from lessons._protocol import MODELS, QUICK, RECIPE, convergence_line, recipe_line, run_all, run_record  # noqa: E402
 
 SEEDS = (0, 1, 2)
 PAPER_TABLE5 = {"DeiT": ("DeiT-Ti", 72.2, 38.3), "ConViT": ("ConViT-Ti", 73.1, 67.1)}  # no mask, masked
@@ -119,14 +118,10 @@ def main(argv=None):
         print(f"| {name} | {cell(cases['trained with, tested with'])} | {cell(cases['trained with, tested masked'])} | "
               f"{drop:.1f} | {cell(cases['trained without'])} | {paper_name} {paper_with} | {paper_masked} |")
     print(convergence_line(results))
-    summary = {
-        "command": " ".join(["python", "lessons/08_position_embedding.py", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": settings, "hardware": hardware(args.device), "seeds": seeds,
-        "seconds": round(time.perf_counter() - clock.start, 1), "rule": convergence_line(results), "runs": records,
-        "mean_top1": {name: {case: mean(v) for case, v in cases.items()} for name, cases in top1.items()},
-        "paper": {name: {"model": p[0], "no mask": p[1], "masked": p[2]} for name, p in PAPER_TABLE5.items()},
-    }
-    write_json(args, "08_position_embedding.json", summary)
+    write_summary(args, __file__, "08_position_embedding.json", clock, argv, settings=settings, seeds=seeds,
+                  rule=convergence_line(results), runs=records,
+                  mean_top1={name: {case: mean(v) for case, v in cases.items()} for name, cases in top1.items()},
+                  paper={name: {"model": p[0], "no mask": p[1], "masked": p[2]} for name, p in PAPER_TABLE5.items()})
     clock.done()
 
 

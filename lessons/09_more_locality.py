@@ -15,15 +15,15 @@ Run from the repository root:  python lessons/09_more_locality.py [--quick]
 """
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lessons._common import Stopwatch, cell, cli, hardware, mean, parse, run_folder, save_figure, training_parser  # noqa: E402
-from lessons._protocol import QUICK, RECIPE, convergence_line, recipe_line, run_all, run_record, write_json  # noqa: E402
+from lessons._common import (Stopwatch, cell, cli, mean, parse, run_folder, save_figure, training_parser,  # noqa: E402
+                             write_summary)
+from lessons._protocol import QUICK, RECIPE, convergence_line, recipe_line, run_all, run_record  # noqa: E402
 
 LAYERS = (0, 1, 2, 3)  # GPSA blocks of the 4; 2 is lesson 6's ConViT
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
@@ -99,13 +99,9 @@ def main(argv=None):
     for n in sorted({n for n, _ in grid}):
         print(f"| {n} | " + " | ".join(cell(top1[n, a] if n else top1[0, 1.0]) for a in strengths) + " |")
     print(convergence_line(results))
-    summary = {
-        "command": " ".join(["python", "lessons/09_more_locality.py", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": settings, "hardware": hardware(args.device), "seeds": seeds,
-        "seconds": round(time.perf_counter() - clock.start, 1), "rule": convergence_line(results), "runs": records,
-        "mean_top1": {f"{n} GPSA, alpha {a:g}": mean(v) for (n, a), v in top1.items()}, "paper": PAPER,
-    }
-    write_json(args, "09_more_locality.json", summary)
+    write_summary(args, __file__, "09_more_locality.json", clock, argv, settings=settings, seeds=seeds,
+                  rule=convergence_line(results), runs=records,
+                  mean_top1={f"{n} GPSA, alpha {a:g}": mean(v) for (n, a), v in top1.items()}, paper=PAPER)
     clock.done()
 
 

@@ -24,7 +24,6 @@ Run from the repository root:  python lessons/10_far_content.py [--quick]
 import importlib
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
@@ -34,8 +33,8 @@ import torch  # noqa: E402
 
 import convit  # noqa: E402
 import plots  # noqa: E402
-from lessons._common import (FIGURES, Stopwatch, at_repository_root, cli, hardware, mean, parse, run_folder,  # noqa: E402
-                             run_parallel, save_figure, train_argv, training_parser)
+from lessons._common import (FIGURES, Stopwatch, at_repository_root, cli, parse, run_folder, run_parallel,  # noqa: E402
+                             save_figure, train_argv, training_parser, write_summary)
 
 lesson5 = importlib.import_module("lessons.05_escaping_locality")  # its model, recipe and measurements
 
@@ -154,17 +153,9 @@ def main(argv=None):
                                              f"{s['second_digit']:.2f}" for s in shares))
     top1 = ", ".join(f"{run['val_top1']:.1f}%" for run in runs)
     print(f"top-1 {top1} (chance {CHANCE}%, one digit alone at most {ONE_DIGIT_CEILING}%)")
-    summary = {
-        "command": " ".join(["python", "lessons/10_far_content.py", *(sys.argv[1:] if argv is None else argv)]),
-        "settings": settings, "hardware": hardware(args.device), "seeds": seeds,
-        "seconds": round(time.perf_counter() - clock.start, 1), "per_block": rows, "mnist_per_block": mnist_rows,
-        "class_token_split": corners, "chance": CHANCE, "one_digit_ceiling": ONE_DIGIT_CEILING,
-        "runs": [{key: run[key] for key in ("val_top1", "seconds", "lr_sum", "records", "measurements")}
-                 for run in runs],
-    }
-    path = Path(args.out_dir) / "10_far_content.json"
-    path.write_text(json.dumps(summary) + "\n")
-    print(f"wrote {path}")
+    write_summary(args, __file__, "10_far_content.json", clock, argv, indent=None, settings=settings, seeds=seeds,
+                  per_block=rows, mnist_per_block=mnist_rows, class_token_split=corners, chance=CHANCE,
+                  one_digit_ceiling=ONE_DIGIT_CEILING, runs=[lesson5.lesson_record(run) for run in runs])
     clock.done()
 
 

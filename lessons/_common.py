@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import multiprocessing
 import os
 import platform
@@ -170,6 +171,20 @@ def hardware(device: str) -> str:
         pass
     threads = torch.get_num_threads()
     return f"CPU {cpu}, {os.cpu_count()} cores, torch on {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
+
+
+def write_summary(args, lesson_file: str, name: str, clock: "Stopwatch", argv, indent: int | None = 1,
+                  **fields) -> Path:
+    """A lesson's numbers as JSON beside its figures (--out-dir/name): the command that ran the
+    lesson, the hardware and how long it took, then `fields`, so that its text can be checked
+    against them and every number run again."""
+    command = " ".join(["python", f"lessons/{Path(lesson_file).name}", *(sys.argv[1:] if argv is None else argv)])
+    summary = {"command": command, "hardware": hardware(args.device),
+               "seconds": round(time.perf_counter() - clock.start, 1), **fields}
+    path = Path(args.out_dir) / name
+    path.write_text(json.dumps(summary, indent=indent) + "\n")
+    print(f"wrote {path}")
+    return path
 
 
 class Stopwatch:

@@ -12,7 +12,6 @@ command, relative to the repository root: run from there, it gives the same top-
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -136,9 +135,3 @@ def recipe_line(args) -> str:
     return (f"train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, {args.depth} blocks "
             f"(ConViT: {max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW, peak lr {args.lr:g}, warmup "
             f"{args.warmup_epochs} x 1/f epochs from lr / 100, cosine, {args.epochs} x 1/f epochs, no RandAugment")
-
-
-def write_json(args, name: str, summary: dict):
-    path = Path(args.out_dir) / name
-    path.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {path}")
