@@ -37,7 +37,7 @@ FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0), (0.05, 0.1)
 ABLATION_FRACTION = 0.1  # Table 3's last column
 SEEDS = (0, 1, 2)
 # The sweep that chose RECIPE's lr and warmup, for both models at SWEEP_FRACTIONS, seed 0.
-SWEEP = {"lr": (1e-3, 2e-3, 4e-3), "warmup_epochs": (1, 4)}
+SWEEP = {"lr": (1e-3, 2e-3, 4e-3, 8e-3), "warmup_epochs": (1, 4)}
 SWEEP_FRACTIONS = (1.0, 0.1)
 QUICK_SWEEP = {"lr": (2e-3, 4e-3), "warmup_epochs": (1,)}  # --quick --sweep, at f = 10% only
 

@@ -138,15 +138,16 @@ def main(argv=None):
     rows, mnist_rows = lesson5.summarise(runs), mnist["per_block"]
     print(f"\nPer block, mean of heads and of {len(seeds)} seed(s), init -> after epoch {args.epochs}; "
           f"lesson 5's MNIST-10k run beside it:")
-    print("| block | sigma(lambda), sum | sigma(lambda), MNIST | nonlocality, sum | nonlocality, MNIST | "
-          "Adam step / lr, sum | MNIST |")
-    print("|---|---|---|---|---|---|---|")
+    print("| block | sigma(lambda), sum | MNIST | nonlocality, sum | MNIST | Adam step / lr, sum | MNIST | "
+          "|mean grad| / rms, sum | MNIST |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row, other in zip(rows, mnist_rows):
         gpsa = row["kind"] == "GPSA"
         print(f"| {row['block']} ({row['kind']}) | "
               + (f"{row['gate_init']:.3f} -> {row['gate_end']:.3f} | {other['gate_end']:.3f} | " if gpsa else "- | - | ")
               + f"{row['nonlocality_init']:.2f} -> {row['nonlocality_end']:.2f} | {other['nonlocality_end']:.2f} | "
-              + (f"{row['adam_step_over_lr']:.2f} | {other['adam_step_over_lr']:.2f} |" if gpsa else "- | - |"))
+              + (f"{row['adam_step_over_lr']:.2f} | {other['adam_step_over_lr']:.2f} | {row['grad_mean_over_rms']:.2f} | "
+                 f"{other['grad_mean_over_rms']:.2f} |" if gpsa else "- | - | - | - |"))
     print("\nThe class token's attention in the MHSA blocks, share on each digit (uniform: 0.18 each):")
     for seed, shares in zip(seeds, corners):
         print(f"  seed {seed}: " + "; ".join(f"block {s['block']}: first digit {s['first_digit']:.2f}, second "

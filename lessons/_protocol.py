@@ -21,8 +21,8 @@ from lessons._common import (CONVERGED_WITHIN, LessonRecipe, at_repository_root,
 # The recipe (the warmup is in epochs at f = 100% and, like the epochs, multiplied by 1/f; it
 # starts from lr / 100). The rest is train.py's small preset: AdamW, weight decay 0.05, label
 # smoothing 0.1, cosine to 1e-5, crops of 50-100% of the image; and no RandAugment.
-RECIPE = LessonRecipe(epochs=24, embed_dim=48, num_heads=4, depth=4, batch_size=64, lr=2e-3, warmup_epochs=1,
-                      warmup_lr=2e-5)
+RECIPE = LessonRecipe(epochs=24, embed_dim=48, num_heads=4, depth=4, batch_size=64, lr=4e-3, warmup_epochs=4,
+                      warmup_lr=4e-5)
 # --quick: a tiny model, each run stopped after QUICK_STOP epochs of its schedule (seconds in all).
 QUICK = LessonRecipe(epochs=1, embed_dim=16, num_heads=4, depth=3, batch_size=64, lr=2e-3, warmup_epochs=0,
                      warmup_lr=2e-5)
