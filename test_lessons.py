@@ -108,6 +108,15 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
                            tmp_path, reuse=True)
     assert deit["reused"] and deit["val_top1"] == first["val_top1"] and deit["command"] == first["command"]
     assert not convit.get("reused") and convit["val_top1"] != first["val_top1"]
+    # Another lesson's run folder: the run is copied, not moved, and it is the same model whether its
+    # GPSA blocks were typed or left to the default (QUICK's 3 blocks make 1 GPSA block).
+    (shared,) = run_all(args, [("u", "ConViT", 0.02, 0, ["--local-up-to-layer", "1"])], tmp_path / "other",
+                        elsewhere=(tmp_path,))
+    assert shared["reused"] and shared["val_top1"] == convit["val_top1"]
+    assert Path(convit["argv"][convit["argv"].index("--output-dir") + 1]).is_dir()
+    (other,) = run_all(args, [("u", "ConViT", 0.02, 0, ["--local-up-to-layer", "2"])], tmp_path / "other2",
+                       elsewhere=(tmp_path,))
+    assert not other.get("reused")
 
 
 def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():
@@ -147,51 +156,136 @@ def test_reading_order_lists_every_lesson():
         assert f"({Path(script).stem}.md)" in readme, f"lessons/README.md does not link {Path(script).stem}.md"
 
 
-def test_lesson_texts_and_readme_quote_the_committed_results():
-    """Lessons 5 and 6 and the README's findings table quote the numbers of the committed runs:
-    each figure is recomputed here from the runs in the JSON summaries (which hold every run's
-    metrics.jsonl records or top-1) and looked up in the texts, formatted as they print it."""
-    readme = (ROOT / "README.md").read_text()
+# ---------------------------------------------------------------------------------------
+# The texts quote the committed results: every number is recomputed from the JSON the default
+# run wrote (every run's top-1, or its metrics.jsonl records) and looked up in the text, in the
+# line that should hold it, formatted as the script prints it.
+# ---------------------------------------------------------------------------------------
+def mean(values):  # as the lessons compute it (statistics.mean can round a .x5 the other way)
+    values = list(values)
+    return sum(values) / len(values)
 
-    def mean(values):  # as the lessons compute it (statistics.mean can round a .x5 the other way)
-        values = list(values)
-        return sum(values) / len(values)
 
-    lesson5 = json.loads((LESSONS / "figures" / "05_escaping_locality.json").read_text())
-    text5 = (LESSONS / "05_escaping_locality.md").read_text()
+def cell(values):
+    return f"{mean(values):.1f}" + (f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else "")
+
+
+def committed(name: str) -> dict:
+    return json.loads((LESSONS / "figures" / name).read_text())
+
+
+def line_of(text: str, start: str) -> str:
+    found = [line.replace("**", "") for line in text.splitlines() if line.startswith(start)]
+    assert found, f"no line starts with {start!r}"
+    return found[0]
+
+
+def text_of(lesson: str) -> str:
+    return (LESSONS / lesson).read_text()
+
+
+def readme_finding(start: str) -> str:
+    return line_of((ROOT / "README.md").read_text(), f"| {start}")
+
+
+def test_lesson5_quotes_its_runs():
+    lesson5, text = committed("05_escaping_locality.json"), text_of("05_escaping_locality.md")
     runs = lesson5["runs"]
     for row in lesson5["per_block"]:
         block = row["block"] - 1
-        line = next((line for line in text5.splitlines() if line.startswith(f"| {row['block']} ({row['kind']}) |")), None)
-        assert line is not None, f"lesson 5's table has no row for block {row['block']}"
-        first, last = (mean(mean(run["records"][i]["nonlocality"][block]) for run in runs)
-                       for i in (0, -1))
-        assert f"{first:.2f} -> {last:.2f}" in line, f"block {row['block']}: nonlocality {first:.2f} -> {last:.2f}, text: {line}"
+        line = line_of(text, f"| {row['block']} ({row['kind']}) |")
+        first, last = (mean(mean(run["records"][i]["nonlocality"][block]) for run in runs) for i in (0, -1))
+        assert f"{first:.2f} -> {last:.2f}" in line, f"block {row['block']}: nonlocality {first:.2f} -> {last:.2f}: {line}"
         if row["kind"] == "GPSA":
             gate = mean(mean(run["records"][-1]["gates"][block]) for run in runs)
-            assert f"-> {gate:.3f}" in line, f"block {row['block']}: final sigma(lambda) {gate:.3f}, text: {line}"
+            assert f"-> {gate:.3f}" in line, f"block {row['block']}: final sigma(lambda) {gate:.3f}: {line}"
+    for run in runs:
+        assert f"{run['val_top1']:.1f}%" in text
 
-    lesson6 = json.loads((LESSONS / "figures" / "06_sample_efficiency.json").read_text())
-    text6 = (LESSONS / "06_sample_efficiency.md").read_text()
+
+def test_lesson6_quotes_its_runs_its_sweep_and_its_budget_check():
+    lesson6, text = committed("06_sample_efficiency.json"), text_of("06_sample_efficiency.md")
     top1 = collections.defaultdict(list)
     for run in lesson6["runs"]:
         top1[run["table"], run["name"], run["fraction"]].append(run["top1"])
-
-    def cell(values):
-        return f"{mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
-
+        assert run["command"].startswith("python train.py ") and " --seed " in run["command"]
     for fraction in sorted({f for table, _, f in top1 if table == "table2"}):
-        line = next(line for line in text6.splitlines() if line.startswith(f"| {fraction:.0%} |")).replace("**", "")
-        cells = [cell(top1["table2", name, fraction]) for name in ("ConViT without GPSA", "DeiT", "ConViT")]
-        assert re.search(r"\s.*".join(map(re.escape, cells)), line), f"lesson 6, f = {fraction:.0%}: want {cells}, text: {line}"
-    table3 = {name: values for (table, name, _), values in top1.items() if table == "table3"}
+        line = line_of(text, f"| {fraction:.0%} |")
+        deit, convit = top1["table2", "DeiT", fraction], top1["table2", "ConViT", fraction]
+        gain = f"{100 * (mean(convit) / mean(deit) - 1):+.1f}%"
+        assert f"| {cell(deit)} | {cell(convit)} | {gain} |" in line, f"lesson 6, f = {fraction:.0%}: {line}"
     for row, average in lesson6["table3_mean_top1"].items():
-        line = next(line for line in text6.splitlines() if line.startswith(f"| {row}: ")).replace("**", "")
-        assert f"{average:.1f}" in line, f"lesson 6, Table 3 row {row}: mean {average:.1f}, text: {line}"
-        if row in table3:  # rows a and e are Table 2's runs at 10%
-            assert cell(table3[row]).split(" ")[1] in line, f"lesson 6, Table 3 row {row}: range, text: {line}"
-    findings = next(line for line in readme.splitlines() if line.startswith("| ablations at 10% (Table 3)"))
+        values = top1["table3", row, 0.1] or top1["table2", {"a": "ConViT", "e": "DeiT"}[row], 0.1]
+        assert f"| {cell(values)} |" in line_of(text, f"| {row}: "), f"lesson 6, Table 3 row {row}"
+    sweep = committed("06_sweep.json")
+    for name in ("ConViT", "DeiT"):
+        for fraction in (1.0, 0.1):
+            cells = [f"{run['top1']:.1f}" for run in sorted(sweep["runs"], key=lambda r: (r["lr"], r["warmup_epochs"]))
+                     if run["name"] == name and run["fraction"] == fraction]
+            line = line_of(text, f"| {name}, f = {fraction:.0%} |")
+            assert re.search(r"\s*\|\s*".join(map(re.escape, cells)), line), f"lesson 6's sweep, {name} at {fraction}: {line}"
+    budget = committed("06_budget.json")
+    for key, added in budget["longer_run_adds"].items():
+        name, fraction = key.split()
+        assert f"{added:+.1f}" in line_of(text, f"| {name} | {float(fraction):.0%} |"), f"lesson 6's budget check, {key}"
+    deit_full = mean(top1["table2", "DeiT", 1.0])
+    assert f"{deit_full:.1f}%" in text  # the sanity check: DeiT at 100%
+
+
+def test_lesson8_quotes_its_runs():
+    lesson8, text = committed("08_position_embedding.json"), text_of("08_position_embedding.md")
+    for name, cases in lesson8["mean_top1"].items():
+        runs = [run for run in lesson8["runs"] if run["name"] == name]
+        with_, without = ([run["top1"] for run in runs if run["pos_embed"] is flag] for flag in (True, False))
+        masked = [run["masked"]["top1"] for run in runs if run["pos_embed"]]
+        line = line_of(text, f"| {name} |")
+        drop = mean(with_) - mean(masked)
+        assert f"| {cell(with_)} | {cell(masked)} | {drop:.1f} | {cell(without)} |" in line, f"lesson 8, {name}: {line}"
+        assert all(run["masked"]["command"].endswith("--mask-pos-embed --checkpoint " + run["command"].split(
+            "--output-dir ")[1].split()[0]) for run in runs if run["pos_embed"])
+
+
+def test_lesson9_quotes_its_runs():
+    lesson9, text = committed("09_more_locality.json"), text_of("09_more_locality.md")
+    top1 = collections.defaultdict(list)
+    for run in lesson9["runs"]:
+        top1[run["gpsa_layers"], run["locality_strength"]].append(run["top1"])
+    strengths = sorted({a for n, a in top1 if n})
+    for layers in sorted({n for n, _ in top1}):
+        cells = [cell(top1[layers, a] if layers else top1[0, 1.0]) for a in strengths]
+        assert f"| {layers} | " + " | ".join(cells) + " |" in line_of(text, f"| {layers} |"), f"lesson 9, {layers} GPSA"
+
+
+def test_lesson10_quotes_its_runs_beside_lesson5s():
+    lesson10, text = committed("10_far_content.json"), text_of("10_far_content.md")
+    lesson5 = committed("05_escaping_locality.json")
+    assert lesson10["mnist_per_block"] == lesson5["per_block"], "lesson 10 must be drawn beside the committed lesson 5"
+    for row, other in zip(lesson10["per_block"], lesson10["mnist_per_block"]):
+        line = line_of(text, f"| {row['block']} ({row['kind']}) |")
+        assert f"{row['nonlocality_init']:.2f} -> {row['nonlocality_end']:.2f} | {other['nonlocality_end']:.2f}" in line
+        if row["kind"] == "GPSA":
+            assert f"{row['gate_init']:.3f} -> {row['gate_end']:.3f} | {other['gate_end']:.3f}" in line, line
+    for run in lesson10["runs"]:
+        assert f"{run['val_top1']:.1f}%" in text
+    for shares in lesson10["class_token_split"]:
+        for share in shares:
+            assert f"{share['first_digit']:.2f}" in text and f"{share['second_digit']:.2f}" in text
+
+
+def test_readme_findings_quote_the_lessons():
+    lesson6 = committed("06_sample_efficiency.json")
+    at = lesson6["table2_mean_top1"]
+    for fraction, start in (("0.1", "sample efficiency, 10%"), ("1", "sample efficiency, 100%")):
+        line = readme_finding(start)
+        assert f"DeiT {at[fraction]['DeiT']:.1f} / ConViT {at[fraction]['ConViT']:.1f}" in line, line
+    line = readme_finding("ablations at 10% (Table 3)")
     for row, average in lesson6["table3_mean_top1"].items():
-        assert f"{row} {average:.1f}" in findings, f"README's Table 3 finding: row {row} is {average:.1f}"
-    at_tenth = lesson6["table2_mean_top1"]["0.1"]
-    assert f"DeiT {at_tenth['DeiT']:.1f} / ConViT {at_tenth['ConViT']:.1f}" in readme
+        assert f"{row} {average:.1f}" in line, f"README's Table 3 finding: row {row} is {average:.1f}"
+    lesson8 = committed("08_position_embedding.json")["mean_top1"]
+    line = readme_finding("masking the position embedding at test time (Table 5)")
+    for name in ("DeiT", "ConViT"):
+        cases = lesson8[name]
+        assert f"{name} {cases['trained with, tested with']:.1f} -> {cases['trained with, tested masked']:.1f}" in line
+    lesson10 = committed("10_far_content.json")
+    line = readme_finding("the later gates close where far content matters")
+    assert all(f"{run['val_top1']:.1f}%" in line for run in lesson10["runs"]), line

@@ -406,19 +406,24 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict | None
 # ---------------------------------------------------------------------------------------
 # Model, optimiser, schedule
 # ---------------------------------------------------------------------------------------
+def gpsa_blocks(args) -> int:
+    """--local-up-to-layer, or by default: a ConViT makes all blocks GPSA but the last two (10 of
+    12 in the paper); DeiT none."""
+    if args.local_up_to_layer is not None:
+        return args.local_up_to_layer
+    return max(args.depth - 2, 1) if convit.MODEL_PRESETS[args.model]["local_up_to_layer"] > 0 else 0
+
+
 def build_model(args, num_classes: int) -> convit.ConViT:
     """The --model preset, resized by the flags and the recipe, with Table 3's switches applied."""
     preset = convit.MODEL_PRESETS[args.model]
     num_heads = args.num_heads or preset["num_heads"]
     width = args.embed_dim or (num_heads * args.head_width if args.head_width else preset["embed_dim"])
     depth = args.depth
-    # A ConViT makes all blocks GPSA but the last two (10 of 12 in the paper); DeiT none.
-    local_up_to_layer = args.local_up_to_layer if args.local_up_to_layer is not None else (
-        max(depth - 2, 1) if preset["local_up_to_layer"] > 0 else 0)
     model = convit.create_model(
         args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=data.DATASETS[args.dataset].in_chans,
         num_classes=num_classes, embed_dim=width, depth=depth, num_heads=num_heads,
-        local_up_to_layer=local_up_to_layer, locality_strength=args.locality_strength,
+        local_up_to_layer=gpsa_blocks(args), locality_strength=args.locality_strength,
         use_local_init=not args.no_conv_init, use_pos_embed=not args.no_pos_embed, drop_path_rate=args.drop_path,
     )
     return freeze_for_table3(model, args)

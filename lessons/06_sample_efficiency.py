@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lessons._common import (Stopwatch, cell, cli, mean, parse, run_folder, save_figure, training_parser,  # noqa: E402
                              write_summary)
-from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, convergence_line, recipe_line,  # noqa: E402
-                               run_all, run_record)
+from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_keep_finished, convergence_line,  # noqa: E402
+                               recipe_line, run_all, run_record)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0), (0.05, 0.1)
 ABLATION_FRACTION = 0.1  # Table 3's last column
@@ -189,10 +189,11 @@ def budget_check(args, run_root: Path, clock: Stopwatch, argv):
     recipe's epochs and for twice as many: what the longer run adds is what a run of the default
     one still lacked (a cosine schedule always ends with a rise, as the lr anneals, so the last
     quarter of one run cannot say this by itself)."""
-    fractions = (0.1,) if args.quick else SWEEP_FRACTIONS
+    fractions = tuple(args.fractions or ((0.1,) if args.quick else SWEEP_FRACTIONS))
     cells = [(name, f, epochs) for name in MODELS for f in fractions for epochs in (args.epochs, 2 * args.epochs)]
     runs = [("budget", name, f, 0, [*MODELS[name], "--epochs", str(epochs)]) for name, f, epochs in cells]
-    results = run_all(args, runs, run_root, reuse=True)
+    # The runs of the recipe's length are Table 2's: read from the lesson's run folder if it holds them.
+    results = run_all(args, runs, run_root, reuse=True, elsewhere=(run_root.parent,))
     fig, axes = plt.subplots(1, len(MODELS) * len(fractions), figsize=(16, 3.8), layout="constrained", squeeze=False)
     found = dict(zip(cells, results))
     print("\n| model | f | top-1, recipe's epochs | top-1, twice the epochs | the longer run adds |")
@@ -228,8 +229,9 @@ def main(argv=None):
                         help=f"instead: the lr x warmup sweep that chose the recipe ({len(MODELS) * len(SWEEP_FRACTIONS)}"
                              f" x {len(SWEEP['lr']) * len(SWEEP['warmup_epochs'])} runs of seed 0)")
     parser.add_argument("--budget-check", action="store_true",
-                        help="instead: seed 0 of both models at f = 100% and 10%, trained for the recipe's epochs and "
-                             "for twice as many, to show what a longer run would add")
+                        help="instead: seed 0 of both models at f = 100%% and 10%% (or --fractions), trained for the "
+                             "recipe's epochs and for twice as many, to show what a longer run would add")
+    add_keep_finished(parser)
     args = parse(parser, argv)
     if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
         raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
@@ -248,7 +250,7 @@ def main(argv=None):
     print(f"{len(runs)} training runs, {args.workers} at a time: {args.epochs} epochs x 1/f of {args.dataset}, "
           f"C = {args.embed_dim}, H = {args.num_heads}, {args.depth} blocks, batch {args.batch_size}, lr {args.lr:g}")
     with run_folder(args) as run_root:
-        results = run_all(args, runs, run_root)
+        results = run_all(args, runs, run_root, reuse=args.keep_finished)
 
     table2 = {f: {name: [] for name in MODELS} for f in fractions}
     table3 = {row: [] for row in TABLE3}

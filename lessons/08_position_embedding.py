@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lessons._common import (Stopwatch, at_repository_root, cell, cli, command_line, mean, parse, run_folder,  # noqa: E402
                              save_figure, training_parser, write_summary)
-from lessons._protocol import MODELS, QUICK, RECIPE, convergence_line, recipe_line, run_all, run_record  # noqa: E402
+from lessons._protocol import (MODELS, QUICK, RECIPE, add_keep_finished, convergence_line, recipe_line,  # noqa: E402
+                               run_all, run_record)
 
 SEEDS = (0, 1, 2)
 PAPER_TABLE5 = {"DeiT": ("DeiT-Ti", 72.2, 38.3), "ConViT": ("ConViT-Ti", 73.1, 67.1)}  # no mask, masked
@@ -79,6 +80,7 @@ def plot(top1: dict, seeds: list[int], args, settings: str):
 def main(argv=None):
     parser = training_parser(__doc__, "08", RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
+    add_keep_finished(parser)
     args = parse(parser, argv)
     clock = Stopwatch("lesson 8")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
@@ -88,7 +90,8 @@ def main(argv=None):
     print(f"{len(runs)} training runs, {args.workers} at a time, then {len(runs) // 2} masked evaluations: "
           f"{recipe_line(args)}")
     with run_folder(args) as run_root:
-        results = run_all(args, runs, run_root)
+        # The runs with the position embedding are lesson 6's at f = 100%: read from its run folder if it holds them.
+        results = run_all(args, runs, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",))
         masked = [masked_evaluation(result["argv"]) if "--no-pos-embed" not in result["argv"] else None
                   for result in results]
 

@@ -3,9 +3,10 @@
 The paper trains ConViT-S+ on the first 100 ImageNet classes with 0, 3, 6 or 9 GPSA layers and
 a locality strength alpha (Eq. 5) of 0.01, 0.1 or 1, and finds that top-1 rises with both:
 "the more convolutional, the better". Here the same grid at small scale: lesson 6's ConViT
-(4 blocks, of which 0, 1 or 3 are GPSA, the last always plain attention) on 10% of MNIST-10k,
+(4 blocks, of which 0, 2 or 3 are GPSA, the last always plain attention) on 10% of MNIST-10k,
 trained until it stops improving with lesson 6's recipe, 2 seeds per setting. With no GPSA
-layer alpha means nothing, so that row is trained once per seed.
+layer alpha means nothing, so that row is trained once per seed; 2 GPSA layers at alpha = 1 is
+lesson 6's ConViT, read from lesson 6's run folder when it holds those runs.
 
 Outputs (in --out-dir):
   09_more_locality.png   top-1 over (GPSA layers, alpha) as a heat map, and against the number of GPSA layers
@@ -23,9 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lessons._common import (Stopwatch, cell, cli, mean, parse, run_folder, save_figure, training_parser,  # noqa: E402
                              write_summary)
-from lessons._protocol import QUICK, RECIPE, convergence_line, recipe_line, run_all, run_record  # noqa: E402
+from lessons._protocol import (QUICK, RECIPE, add_keep_finished, convergence_line, recipe_line, run_all,  # noqa: E402
+                               run_record)
 
-LAYERS = (0, 1, 3)  # GPSA blocks of the 4 (none, one, all but the last); lesson 6's ConViT has 2
+LAYERS = (0, 2, 3)  # GPSA blocks of the 4: none, lesson 6's ConViT (2), all but the last
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
 FRACTION = 0.1
 SEEDS = (0, 1)
@@ -74,6 +76,7 @@ def plot(top1: dict, seeds: list[int], args, settings: str):
 def main(argv=None):
     parser = training_parser(__doc__, "09", RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
+    add_keep_finished(parser)
     args = parse(parser, argv)
     clock = Stopwatch("lesson 9")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
@@ -82,7 +85,8 @@ def main(argv=None):
              ["--local-up-to-layer", str(n), "--locality-strength", f"{a:g}"]) for n, a in grid for seed in seeds]
     print(f"{len(runs)} training runs, {args.workers} at a time: {recipe_line(args)}, f = {FRACTION:.0%}")
     with run_folder(args) as run_root:
-        results = run_all(args, runs, run_root)
+        # 2 GPSA blocks at alpha 1 is lesson 6's ConViT at f = 10%: read from its run folder if it holds them.
+        results = run_all(args, runs, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",))
     top1 = {setting: [] for setting in grid}
     records = []
     for (n, a), seed, result in zip([s for s in grid for _ in seeds], [s for _ in grid for s in seeds], results):

@@ -11,6 +11,7 @@ command, relative to the repository root: run from there, it gives the same top-
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import time
 from pathlib import Path
@@ -46,10 +47,13 @@ def schedule_flags(args, fraction: float, warmup_epochs: int) -> list[str]:
     return flags + (["--stop-after", str(QUICK_STOP)] if args.quick else [])
 
 
-def finished_run(argv: list[str]) -> dict | None:
-    """The result of a run of exactly these flags that a folder beside this one already holds,
-    trained to its last epoch, or None. Moved to this run's folder name, it stands for the run:
-    one-thread CPU runs are deterministic, so training it again would give the same numbers."""
+def finished_run(argv: list[str], beside: bool = True, elsewhere: tuple[Path, ...] = ()) -> dict | None:
+    """The result of a run of exactly these flags, trained to its last epoch, that a folder
+    beside this one (if `beside`) or under a folder of `elsewhere` already holds, or None. Moved
+    (from elsewhere: copied) to this run's folder name, it stands for the run: one-thread CPU runs
+    are deterministic, so training it again would give the same numbers."""
+    import shutil
+
     import convit
     import runs
     import train
@@ -57,33 +61,42 @@ def finished_run(argv: list[str]) -> dict | None:
     with at_repository_root():
         wanted = vars(train.resolve_args(train.build_parser().parse_args(argv)))
         folder = Path(wanted["output_dir"])
-        for candidate in sorted(folder.parent.glob("*/" + runs.CHECKPOINT)) if folder.parent.is_dir() else []:
+        for candidate in [path for root in ((folder.parent,) if beside else ()) + tuple(elsewhere)
+                          if root.is_dir()
+                          for path in sorted(root.glob("*/" + runs.CHECKPOINT))]:
             try:
                 checkpoint = convit.read_checkpoint_file(candidate)
             except ValueError:
                 continue
             done = checkpoint.get("args", {})
+            if "depth" in done and "model" in done:  # the same model, whether its GPSA blocks were typed or defaulted
+                done = {**done, "local_up_to_layer": train.gpsa_blocks(argparse.Namespace(**done))}
+            wanted["local_up_to_layer"] = train.gpsa_blocks(argparse.Namespace(**wanted))
             same = all(done.get(key) == value for key, value in wanted.items() if key not in train.RUN_ONLY_FLAGS)
             if not same or checkpoint.get("epoch") != wanted["epochs"]:
                 continue
             if candidate.parent != folder:
                 if folder.exists():
                     continue
-                candidate.parent.rename(folder)
+                if candidate.parent.parent == folder.parent:
+                    candidate.parent.rename(folder)
+                else:
+                    shutil.copytree(candidate.parent, folder)
             records = runs.read_metrics(folder)
             last = records[-1]
             return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],
                     "parameters": sum(t.numel() for t in checkpoint["model"].values()),
-                    "seconds": sum(r.get("epoch_seconds", 0) for r in records), "cpu_seconds": None,
+                    "seconds": None, "cpu_seconds": None,  # its metrics log the evaluated epochs only
                     "records": records, "reused": True, **convergence(records)}
     return None
 
 
-def run_all(args, runs: list[tuple], run_root: Path, reuse: bool = False) -> list[dict]:
+def run_all(args, runs: list[tuple], run_root: Path, reuse: bool = False, elsewhere: tuple[Path, ...] = ()) -> list[dict]:
     """Train every (table, name, fraction, seed, flags[, warmup epochs]), args.workers at a
-    time; each result gains its train.py command line. With reuse, a run that a folder under
-    run_root already holds, finished with the same flags, is read rather than trained again
-    (`finished_run`): how the sweep is extended without training what it has."""
+    time; each result gains its train.py command line. A run that a folder of `elsewhere` (another
+    lesson's) or, with reuse, of run_root already holds, finished with the same flags, is read
+    rather than trained again (`finished_run`): how lessons share runs, a sweep grows, and an
+    interrupted lesson goes on, without training what they have."""
     jobs = []
     for table, name, f, seed, flags, *rest in runs:
         run_flags = [*flags, *schedule_flags(args, f, (*rest, args.warmup_epochs)[0])]
@@ -92,7 +105,7 @@ def run_all(args, runs: list[tuple], run_root: Path, reuse: bool = False) -> lis
         jobs.append(train_argv(args, Path(run_root) / f"{table}-{name.replace(' ', '_')}-{f:g}-seed{seed}-{digest}",
                                *run_flags, seed=seed))
     started = time.perf_counter()
-    found = {i: finished_run(job) for i, job in enumerate(jobs)} if reuse else {}
+    found = {i: finished_run(job, reuse, elsewhere) for i, job in enumerate(jobs)} if reuse or elsewhere else {}
     found = {i: result for i, result in found.items() if result is not None}
     if found:
         print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders")
@@ -116,8 +129,15 @@ def run_record(table: str, name: str, fraction: float, seed: int, result: dict) 
             "top5": result["val_top5"], "converged": result["converged"],
             "last_quarter_gain": result["last_quarter_gain"],
             "curve": [[r["epoch"], r["val_top1"]] for r in result["records"]],
-            "parameters": result["parameters"], "seconds": round(result["seconds"], 1),
-            "command": result["command"]}
+            "parameters": result["parameters"],
+            "seconds": None if result["seconds"] is None else round(result["seconds"], 1),
+            "read_back": result.get("reused", False), "command": result["command"]}
+
+
+def add_keep_finished(parser):
+    parser.add_argument("--keep-finished", action="store_true",
+                        help="read the runs that an earlier, interrupted invocation finished with the same flags "
+                             "from their folders rather than training them again (one-thread runs are deterministic)")
 
 
 def convergence_rule() -> str:
