@@ -98,7 +98,7 @@ def test_a_recorded_command_gives_the_recorded_top1_again(tmp_path):
 
 def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tmp_path):
     from lessons._common import parse, training_parser
-    from lessons._protocol import QUICK, RECIPE, run_all
+    from lessons._protocol import QUICK, RECIPE, finished_run, run_all
 
     args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path)])
     args.quick = False  # whole runs (of 1 x 1/f epochs), which a sweep may read back
@@ -114,9 +114,9 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
                         elsewhere=(tmp_path,))
     assert shared["reused"] and shared["val_top1"] == convit["val_top1"]
     assert Path(convit["argv"][convit["argv"].index("--output-dir") + 1]).is_dir()
-    (other,) = run_all(args, [("u", "ConViT", 0.02, 0, ["--local-up-to-layer", "2"])], tmp_path / "other2",
-                       elsewhere=(tmp_path,))
-    assert not other.get("reused")
+    other = [*convit["argv"], "--local-up-to-layer", "2"]  # another model: not the same run
+    other[other.index("--output-dir") + 1] = str(tmp_path / "other2" / "run")
+    assert finished_run(other, beside=False, elsewhere=(tmp_path,)) is None
 
 
 def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():
