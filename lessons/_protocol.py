@@ -60,6 +60,7 @@ def finished_run(argv: list[str], beside: bool = True, elsewhere: tuple[Path, ..
 
     with at_repository_root():
         wanted = vars(train.resolve_args(train.build_parser().parse_args(argv)))
+        wanted["local_up_to_layer"] = train.gpsa_blocks(argparse.Namespace(**wanted))
         folder = Path(wanted["output_dir"])
         for candidate in [path for root in ((folder.parent,) if beside else ()) + tuple(elsewhere)
                           if root.is_dir()
@@ -71,7 +72,6 @@ def finished_run(argv: list[str], beside: bool = True, elsewhere: tuple[Path, ..
             done = checkpoint.get("args", {})
             if "depth" in done and "model" in done:  # the same model, whether its GPSA blocks were typed or defaulted
                 done = {**done, "local_up_to_layer": train.gpsa_blocks(argparse.Namespace(**done))}
-            wanted["local_up_to_layer"] = train.gpsa_blocks(argparse.Namespace(**wanted))
             same = all(done.get(key) == value for key, value in wanted.items() if key not in train.RUN_ONLY_FLAGS)
             if not same or checkpoint.get("epoch") != wanted["epochs"]:
                 continue
