@@ -170,6 +170,13 @@ def cell(values):
     return f"{mean(values):.1f}" + (f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else "")
 
 
+def rounds_to(quoted: str, value: float) -> bool:
+    """A number quoted to its last digit is `value` rounded: within half a unit of that digit (and
+    a hair more, for a value on a tie, which a float32 mean and a float64 one can round apart)."""
+    digits = len(quoted.split(".")[1]) if "." in quoted else 0
+    return abs(float(quoted) - value) <= 0.5 * 10 ** -digits + 1e-6
+
+
 def committed(name: str) -> dict:
     return json.loads((LESSONS / "figures" / name).read_text())
 
@@ -195,10 +202,13 @@ def test_lesson5_quotes_its_runs():
         block = row["block"] - 1
         line = line_of(text, f"| {row['block']} ({row['kind']}) |")
         first, last = (mean(mean(run["records"][i]["nonlocality"][block]) for run in runs) for i in (0, -1))
-        assert f"{first:.2f} -> {last:.2f}" in line, f"block {row['block']}: nonlocality {first:.2f} -> {last:.2f}: {line}"
+        quoted = re.search(r"\| (\d\.\d\d) -> (\d\.\d\d) \|", line)
+        assert quoted and rounds_to(quoted[1], first) and rounds_to(quoted[2], last), \
+            f"block {row['block']}: nonlocality {first:.2f} -> {last:.2f}: {line}"
         if row["kind"] == "GPSA":
             gate = mean(mean(run["records"][-1]["gates"][block]) for run in runs)
-            assert f"-> {gate:.3f}" in line, f"block {row['block']}: final sigma(lambda) {gate:.3f}: {line}"
+            quoted = re.search(r"\| \d\.\d{3} -> (\d\.\d{3}) \|", line)
+            assert quoted and rounds_to(quoted[1], gate), f"block {row['block']}: final sigma(lambda) {gate:.3f}: {line}"
     for run in runs:
         assert f"{run['val_top1']:.1f}%" in text
 
