@@ -46,6 +46,11 @@ SUMMARIES = {  # script -> the machine-readable results it writes beside its fig
 }
 
 
+# The protocol's tests train on sklearn's 8x8 digits (2x2 patches): what they check does not need
+# MNIST-10k's 28x28 images, and each run takes a fraction of the time.
+DIGITS = ["--dataset", "digits"]
+
+
 def committed_figures() -> dict[str, str]:
     return {str(path.relative_to(LESSONS)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted((LESSONS / "figures").rglob("*")) if path.is_file()}
@@ -66,7 +71,7 @@ def test_quick_run_as_the_readme_shows_writes_to_scratch_and_leaves_committed_fi
 
 def test_quick_sweep_writes_its_table_and_leaves_committed_figures():
     before, started = committed_figures(), time.time()
-    done = subprocess.run([sys.executable, str(LESSONS / "06_sample_efficiency.py"), "--quick", "--sweep"],
+    done = subprocess.run([sys.executable, str(LESSONS / "06_sample_efficiency.py"), "--quick", "--sweep", *DIGITS],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     sweep = json.loads((QUICK_OUT / "06_sweep.json").read_text())
@@ -81,7 +86,7 @@ def test_a_recorded_command_gives_the_recorded_top1_again(tmp_path):
     from lessons._common import parse, training_parser
     from lessons._protocol import QUICK, RECIPE, run_all
 
-    args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path / "runs")])
+    args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path / "runs"), *DIGITS])
     (result,) = run_all(args, [("t", "DeiT", 0.05, 3, ["--model", "deit_tiny"])], tmp_path / "runs")
     argv = shlex.split(result["command"])
     assert argv[:2] == ["python", "train.py"]
@@ -100,19 +105,19 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
     from lessons._common import parse, training_parser
     from lessons._protocol import QUICK, RECIPE, finished_run, run_all
 
-    args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path)])
+    args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
     args.quick = False  # whole runs (of 1 x 1/f epochs), which a sweep may read back
-    (first,) = run_all(args, [("t", "DeiT", 0.02, 0, ["--model", "deit_tiny"])], tmp_path, reuse=True)
+    (first,) = run_all(args, [("t", "DeiT", 0.1, 0, ["--model", "deit_tiny"])], tmp_path, reuse=True)
     assert not first.get("reused")
-    convit, deit = run_all(args, [("t", "ConViT", 0.02, 0, []), ("t", "DeiT", 0.02, 0, ["--model", "deit_tiny"])],
+    convit, deit = run_all(args, [("t", "ConViT", 0.1, 0, []), ("t", "DeiT", 0.1, 0, ["--model", "deit_tiny"])],
                            tmp_path, reuse=True)
-    assert deit["reused"] and deit["val_top1"] == first["val_top1"] and deit["command"] == first["command"]
-    assert not convit.get("reused") and convit["val_top1"] != first["val_top1"]
+    assert deit["reused"] and deit["val_loss"] == first["val_loss"] and deit["command"] == first["command"]
+    assert not convit.get("reused") and convit["val_loss"] != first["val_loss"]
     # Another lesson's run folder: the run is copied, not moved, and it is the same model whether its
     # GPSA blocks were typed or left to the default (QUICK's 3 blocks make 1 GPSA block).
-    (shared,) = run_all(args, [("u", "ConViT", 0.02, 0, ["--local-up-to-layer", "1"])], tmp_path / "other",
+    (shared,) = run_all(args, [("u", "ConViT", 0.1, 0, ["--local-up-to-layer", "1"])], tmp_path / "other",
                         elsewhere=(tmp_path,))
-    assert shared["reused"] and shared["val_top1"] == convit["val_top1"]
+    assert shared["reused"] and shared["val_loss"] == convit["val_loss"]
     assert Path(convit["argv"][convit["argv"].index("--output-dir") + 1]).is_dir()
     other = [*convit["argv"], "--local-up-to-layer", "2"]  # another model: not the same run
     other[other.index("--output-dir") + 1] = str(tmp_path / "other2" / "run")
@@ -299,3 +304,11 @@ def test_readme_findings_quote_the_lessons():
     lesson10 = committed("10_far_content.json")
     line = readme_finding("the later gates close where far content matters")
     assert all(f"{run['val_top1']:.1f}%" in line for run in lesson10["runs"]), line
+
+
+def test_ci_runs_the_readmes_test_command():
+    """CI (.ci/run) runs exactly the test command the README's set-up gives a newcomer."""
+    setup = (ROOT / "README.md").read_text().split("## Set up", 1)[1]
+    readme = [line.split("#")[0].strip() for line in setup.splitlines() if "pytest" in line and line.startswith("python")]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m pytest")]
+    assert len(readme) == 1 and ci == readme, (readme, ci)

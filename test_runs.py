@@ -392,7 +392,7 @@ def test_a_lesson_run_again_replaces_its_own_runs(tmp_path, capsys):
     (the lessons pass --overwrite for their own run folders)."""
     from lessons._common import cli
 
-    argv = ["--quick", "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "figures")]
+    argv = ["--quick", "--dataset", "digits", "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "figures")]
     for _ in range(2):
         assert cli(lesson("05").main, argv) == 0, capsys.readouterr().err
     assert [m["epoch"] for m in metrics_of(tmp_path / "runs" / "seed0")] == [1, 2]
@@ -448,6 +448,22 @@ def test_a_finished_run_folder_holds_its_own_figure_and_plots_py_redraws_it(fold
     done = subprocess.run([sys.executable, str(HERE / "plots.py"), str(tmp_path)], capture_output=True, text=True,
                           timeout=120, cwd=HERE)
     one_error_line(done.returncode, done.stderr, f"{tmp_path} holds no metrics.jsonl")
+
+
+def test_no_figure_draws_none_and_says_so_and_a_quick_lesson_passes_it_only_for_scratch_runs(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    result = train.main([*flags(folder, 1), "--output-dir", str(run), "--no-figure"])
+    assert result["figure"] is None and not (run / runs.FIGURE).exists()
+    assert "; metrics in " in capsys.readouterr().out
+    assert plots.main([str(run)]) is None and is_png(run / runs.FIGURE)  # drawn later from metrics.jsonl
+
+    from lessons._common import parse, run_folder, train_argv, training_parser
+    from lessons._protocol import QUICK, RECIPE
+
+    for typed, scratch in (([], True), (["--run-dir", str(tmp_path / "mine")], False)):
+        args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", *typed])
+        with run_folder(args) as run_root:
+            assert ("--no-figure" in train_argv(args, run_root / "r")) is scratch, typed
 
 
 def test_the_figure_of_a_deit_run_has_no_gates(folder, tmp_path):

@@ -248,6 +248,8 @@ def build_parser() -> ArgumentParser:
                           "anything but tensors and plain data is refused)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     run.add_argument("--quiet", action="store_true", help="print only the final result line (and errors)")
+    run.add_argument("--no-figure", action="store_true",
+                     help="draw no figure.png at the end (python plots.py RUN_DIR draws it from metrics.jsonl later)")
     return p
 
 
@@ -347,7 +349,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 # except those typed now. These say how one command runs, not what the run is, so they are never
 # taken from the checkpoint (its --stop-after 2 would stop the run again at once).
 INVOCATION_FLAGS = {"resume", "stop_after", "eval_only", "mask_pos_embed", "checkpoint", "output_dir", "overwrite", "quiet",
-                    "no_progress", "compile"}
+                    "no_progress", "no_figure", "compile"}
 # Typed with --resume, these may differ from the checkpoint's: they change where and how the run
 # executes, not what it computes (--checkpoint gave starting weights that the resumed ones replace;
 # --data-dir may move). --epochs may grow; any other typed flag must equal the run's own value.
@@ -800,10 +802,11 @@ def train(args, procs: Processes, resumed: dict | None, folder: runs.RunFolder |
     minutes, seconds = divmod(time.perf_counter() - run_start, 60)
     epochs_run = record["epoch"] - start_epoch
     # Drawn once, at the end: after every evaluation it would cost a small run several percent of its time.
-    figure = folder.draw_figure() if folder is not None else None
+    figure = folder.draw_figure() if folder is not None and not args.no_figure else None
     if is_main:  # the final result line: the one line --quiet prints
         print(f"done: val top-1 {record['val_top1']:.1f}%, top-5 {record['val_top5']:.1f}% after {record['epoch']} epochs "
-              f"({epochs_run} in this run, {minutes:.0f}m{seconds:02.0f}s); metrics and figure in {args.output_dir}",
+              f"({epochs_run} in this run, {minutes:.0f}m{seconds:02.0f}s); metrics{' and figure' * bool(figure)} in "
+              f"{args.output_dir}",
               flush=True)
     return {**record, "epochs_run": epochs_run, "output_dir": args.output_dir, "model": model,
             "figure": str(figure) if figure else None}
@@ -871,7 +874,7 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         if args.eval_only:
             raise Interrupted("interrupted (evaluation only: nothing to continue)") from None
-        draw_when_stopped(folder)
+        draw_when_stopped(None if args.no_figure else folder)
         raise Interrupted(runs.where_to_continue(args.output_dir, args.resume, started)) from None
     finally:  # leave the interpreter as we found it: lessons call main() in-process
         if folder is not None:
