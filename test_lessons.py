@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from lessons._common import cell, mean  # the lessons' own (statistics.mean can round a .x5 the other way)
+
 ROOT = Path(__file__).resolve().parent
 LESSONS = ROOT / "lessons"
 QUICK_OUT = ROOT / "runs" / "lessons-quick"  # lessons/_common.py's QUICK_FIGURES
@@ -166,15 +168,6 @@ def test_reading_order_lists_every_lesson():
 # run wrote (every run's top-1, or its metrics.jsonl records) and looked up in the text, in the
 # line that should hold it, formatted as the script prints it.
 # ---------------------------------------------------------------------------------------
-def mean(values):  # as the lessons compute it (statistics.mean can round a .x5 the other way)
-    values = list(values)
-    return sum(values) / len(values)
-
-
-def cell(values):
-    return f"{mean(values):.1f}" + (f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else "")
-
-
 def rounds_to(quoted: str, value: float) -> bool:
     """A number quoted to its last digit is `value` rounded: within half a unit of that digit (and
     a hair more, for a value on a tie, which a float32 mean and a float64 one can round apart)."""

@@ -149,11 +149,11 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 @contextmanager
 def run_folder(args):
     """Where train.py should write: --run-dir, or with --quick (and no --run-dir) a temporary
-    folder removed afterwards, whose runs draw no figure.png (train_argv: --no-figure)."""
+    folder removed afterwards, whose runs draw no figure.png (train_argv: --no-figure). parse()
+    leaves --run-dir unset only in that case."""
     if args.run_dir is not None:
         yield args.run_dir
         return
-    args.scratch_runs = True
     with tempfile.TemporaryDirectory() as scratch:
         yield Path(scratch)
 
@@ -259,7 +259,7 @@ def train_argv(args, out_dir: Path, *flags: str, seed: int = 0) -> list[str]:
                "--seed": seed, "--output-dir": repo_path(out_dir), "--overwrite": None, "--no-progress": None, "--quiet": None}
     if args.threads:
         options["--threads"] = args.threads
-    if getattr(args, "scratch_runs", False):  # a folder removed at the end: a figure there is wasted time
+    if args.run_dir is None:  # run_folder's temporary folder, removed at the end: a figure there is wasted time
         options["--no-figure"] = None
     if args.dataset == "digits":
         options.update({"--img-size": 8, "--patch-size": 2})
