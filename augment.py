@@ -10,22 +10,54 @@ Order, as in DeiT: random resized crop and flip -> RandAugment -> normalise -> r
 MixUp/CutMix (`batch_mixer`) then acts on the normalised batch and its labels.
 
 Contents, in file order:
+    Augmentation                the recipe's augmentation settings (the flags of the same names)
     warp                        resample a batch through one affine map per image (crop, flip, rotate ...)
     crop_boxes, crop_and_flip   RandomResizedCrop + horizontal flip as one warp
     PIXEL_OPS, GEOMETRIC_OPS    timm's rand-m9-mstd0.5-inc1 ops on batches, each with its magnitude rule
     rand_augment                `num_ops` ops per image, each applied with probability 0.5
     random_erasing              DeiT's per-pixel noise rectangles
-    BatchAugment                the whole training augmentation, built from train.py's flags
+    BatchAugment                the whole training augmentation, built from an Augmentation
     batch_mixer                 MixUp / CutMix
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
+
+from cli import flag
+
+
+# ---------------------------------------------------------------------------------------
+# The settings: DeiT's augmentation (paper: its values), and a gentler one for small images
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Augmentation:
+    """What the augmentation does to the training images: one field per flag of train.py (see
+    config.py), with its value in each preset recipe: paper = DeiT's (paper.md), small = gentler,
+    for datasets of a few thousand small images (16x16 digits do not survive DeiT's crops)."""
+
+    crop_scale: float = flag("smallest area kept by RandomResizedCrop", interval="(0, 1]", paper=0.08, small=0.5)
+    hflip: float = flag("horizontal flip probability", interval="[0, 1]")  # the dataset's: no mirrored digits
+    randaug_ops: int = flag("RandAugment operations per image, each applied with probability 0.5 (0 = off)",
+                            interval="[0, inf)", paper=2, small=2)
+    randaug_magnitude: float = flag(
+        "RandAugment magnitude on timm's scale of 0-10, as in DeiT's rand-m9 (9: rotate +-27 degrees, brightness "
+        "x (1 +- 0.81)); docs/training.md lists what still differs from timm", interval="[0, 10]", paper=9, small=1.7)
+    randaug_magnitude_std: float = flag("std of the Gaussian noise on the magnitude, drawn for every op (timm's "
+                                        "mstd; 0 = none)", interval="[0, inf)", paper=0.5, small=0.5)
+    color_jitter: float = flag("colour jitter strength (0 = off; in DeiT's recipe 0.4 was inert: timm adds no "
+                               "ColorJitter when RandAugment is on)", interval="[0, inf)", paper=0.0, small=0.0)
+    reprob: float = flag("RandomErasing probability", interval="[0, 1]", paper=0.25, small=0.0)
+    repeated_aug: int = flag("repeated augmentation: copies of each image per epoch (1 = off)", interval="[1, inf)",
+                             paper=3, small=1)
+    mixup: float = flag("MixUp alpha (0 = off)", interval="[0, inf)", paper=0.8, small=0.0)
+    cutmix: float = flag("CutMix alpha (0 = off); with MixUp on too, each batch picks one of the two",
+                         interval="[0, inf)", paper=1.0, small=0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,15 +303,17 @@ def random_erasing(images: torch.Tensor, probability: float) -> torch.Tensor:
 
 
 class BatchAugment:
-    """DeiT's training augmentation from train.py's flags, for a batch of uint8 images.
+    """DeiT's training augmentation, as `settings` say, for a batch of uint8 images of a dataset
+    normalised by (mean, std), to img_size x img_size.
 
     crop: whether the random resized crop happens here (images held in memory, all one size) or
     already happened per image in the loader (image folders, whose images differ in size)."""
 
-    def __init__(self, args, mean: tuple[float, ...], std: tuple[float, ...], crop: bool):
-        self.size, self.crop, self.scale, self.flip = args.img_size, crop, args.crop_scale, args.hflip
-        self.ops, self.magnitude, self.magnitude_std = args.randaug_ops, args.randaug_magnitude, args.randaug_magnitude_std
-        self.jitter, self.reprob = args.color_jitter, args.reprob
+    def __init__(self, settings: Augmentation, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 crop: bool):
+        self.size, self.crop, self.scale, self.flip = img_size, crop, settings.crop_scale, settings.hflip
+        self.ops, self.magnitude = settings.randaug_ops, settings.randaug_magnitude
+        self.magnitude_std, self.jitter, self.reprob = settings.randaug_magnitude_std, settings.color_jitter, settings.reprob
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         # Colour jitter only where asked: in DeiT it was inert (timm adds it only without auto-augment).
         self.color_jitter = v2.ColorJitter(self.jitter, self.jitter, self.jitter) if self.jitter > 0 else None
@@ -298,7 +332,7 @@ class BatchAugment:
         return random_erasing(x, self.reprob) if self.reprob > 0 else x
 
 
-def batch_mixer(args, num_classes: int):
+def batch_mixer(settings: Augmentation, num_classes: int):
     """MixUp or CutMix on each batch (one of the two, chosen with probability 0.5 when both
     are on). Returns a function (images, labels) -> (images, soft targets (B, num_classes)),
     or None when both are off.
@@ -308,10 +342,10 @@ def batch_mixer(args, num_classes: int):
     shuffle most images of a one-process run would be mixed with a copy of themselves.
     Shuffled, a partner is a copy only by chance, (copies - 1) / (B - 1)."""
     mixers = []
-    if args.mixup > 0:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
-    if args.cutmix > 0:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
+    if settings.mixup > 0:
+        mixers.append(v2.MixUp(alpha=settings.mixup, num_classes=num_classes))
+    if settings.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=settings.cutmix, num_classes=num_classes))
     if not mixers:
         return None
     mix_one_of = v2.RandomChoice(mixers)

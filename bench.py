@@ -21,7 +21,7 @@ Contents, in file order:
     activation_memory              the bytes autograd keeps for backward, counted exactly
     BASELINE, comparison_models    ConViT-Ti on both paths and the same-size baseline
     PAPER_SPEED                    Table 1's img/s of the paper (the one copy in the project)
-    print_table1, print_comparison, __main__
+    print_table1, print_comparison, main
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from typing import NamedTuple
 
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convit import ConViT, count_parameters, create_model, explicit_twin, torch_device
+import cli
+from convit import ConViT, count_parameters, create_model, explicit_twin
 
 
 def count_macs(model: ConViT) -> int:
@@ -245,7 +247,8 @@ def print_comparison(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
+    parser = cli.ArgumentParser(prog="python bench.py",
+                                description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
     parser.add_argument("--sizes", nargs="*", default=TABLE1_SIZES, choices=TABLE1_SIZES,
                         help="which DeiT/ConViT pairs of Table 1 (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
@@ -268,14 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        raise ValueError("--cpu-time measures one thread: add --threads 1")
+    cli.torch_device(args.device)  # a typo or a missing GPU: one line, before any model is built
+    torch.set_num_threads(args.threads)
+    print_comparison(args) if args.compare else print_table1(args)
+
+
 if __name__ == "__main__":
-    parser = build_parser()
-    cli = parser.parse_args()
-    if cli.cpu_time and cli.threads != 1:
-        parser.error("--cpu-time measures one thread: add --threads 1")
-    try:
-        torch_device(cli.device, "--device")  # a typo or a missing GPU: one line, before any model is built
-    except ValueError as err:
-        parser.error(str(err))
-    torch.set_num_threads(cli.threads)
-    print_comparison(cli) if cli.compare else print_table1(cli)
+    sys.exit(cli.run_command(main))

@@ -24,7 +24,7 @@ Legend of dimension letters used in the shape comments and einops patterns:
 Contents, in file order (nothing is used before it is defined):
     ConViTConfig, MODEL_PRESETS   one config dataclass and the table of Table 1's models (ConViT, DeiT)
     relative_positions            r_ij for a rows x cols patch grid (Eq. 4)
-    kernel_centres                which offset Delta_h each head looks at (Eq. 5)
+    kernel_centres                which offset Delta_h each head looks at (Eq. 5), and its inverse head_looking_at
     content_attention             softmax(QK^T / sqrt(D)), Eq. 1's attention matrix
     PatchEmbed                    image -> patch tokens
     GPSA                          gated positional self-attention (Eq. 6-7)
@@ -32,22 +32,17 @@ Contents, in file order (nothing is used before it is defined):
     MLP, DropPath, Block          the rest of a pre-norm transformer block
     ConViT                        the network, plus inspection (gates, Eq. 8 nonlocality)
     create_model                  building a model of Table 1 by name
-    read_checkpoint_file, load_checkpoint   reading a .pth safely (no code runs), loading released weights
-    model_from_checkpoint         rebuilding a model from one of train.py's checkpoints
-    count_parameters, explicit_twin, torch_device   small utilities
-Timing and Table 1 live apart, in bench.py (`python bench.py`).
+    fit_pos_embed, load_state     fitting released weights onto a model (pos_embed resized, a new head)
+    count_parameters, explicit_twin   small utilities
+Reading .pth files (safely: no code runs) is checkpoints.py's; timing and Table 1 are bench.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import numbers
-import pickle
-import re
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +200,12 @@ def kernel_centres(num_heads: int) -> torch.Tensor:
     nearest = sorted(range(k * k), key=lambda idx: candidates[idx][0] ** 2 + candidates[idx][1] ** 2)
     chosen = sorted(nearest[:num_heads])  # stable sort kept released order among ties
     return torch.tensor([candidates[idx] for idx in chosen])  # (H, 2)
+
+
+def head_looking_at(num_heads: int, dx: float, dy: float) -> int:
+    """The head whose kernel centre Delta_h (kernel_centres) is the offset (dx, dy)."""
+    matches = (kernel_centres(num_heads) == torch.tensor([dx, dy])).all(dim=1)
+    return int(matches.nonzero())
 
 
 # ---------------------------------------------------------------------------------------
@@ -659,7 +660,7 @@ class ConViT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Building by name and loading released checkpoints
+# Building by name, and fitting released weights onto a model
 # ---------------------------------------------------------------------------------------
 def create_model(name: str, **overrides) -> ConViT:
     """Build a model of Table 1 by name, e.g. create_model("convit_tiny", img_size=32, patch_size=4).
@@ -687,88 +688,6 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_gri
     return rearrange(grid_embed, "1 c rows cols -> 1 (rows cols) c").to(pos_embed.dtype)
 
 
-# Reading a .pth never runs its code: torch.load with weights_only=True rebuilds tensors and plain
-# data (dict, list, tuple, str, numbers, None, OrderedDict) and refuses every other Python global
-# a pickle names. The released ConViT/DeiT files hold {"model", "optimizer", "lr_scheduler",
-# "epoch", "scaler", "model_ema", "args"}; all of it is plain data except "args", the training
-# script's argparse.Namespace, a bag of attributes with no code. That is the whole allow-list.
-# Our own checkpoints (train.py) need none of it: they store their flags as a plain dict.
-CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
-
-
-def read_checkpoint_file(path) -> dict:
-    """The dict stored in the .pth file at `path`, read without running any of its code.
-
-    Every way the file can be wrong (missing, a folder, empty, damaged or truncated, a pickle
-    that asks for anything beyond tensors, plain data and argparse.Namespace, something other
-    than a dict) raises a ValueError that names the path and says what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder; give the .pth file inside it")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is an empty file (0 bytes): it was never written completely")
-    try:
-        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused it, or the bytes are no pickle at all
-        needed = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if needed:
-            raise ValueError(
-                f"checkpoint {path} asks to load {needed.group(1)}, which is code, not weights: refused without "
-                f"running it (a checkpoint may hold only tensors, plain data and argparse.Namespace)") from None
-        raise ValueError(f"checkpoint {path} is truncated or damaged, or not a PyTorch file ({brief(err)})") from None
-    except Exception as err:  # a damaged file can fail in many ways (a truncated zip: RuntimeError)
-        raise ValueError(f"checkpoint {path} is truncated or damaged, or not a PyTorch file ({brief(err)})") from None
-    if not isinstance(checkpoint, dict):
-        kind = type(checkpoint).__name__
-        raise ValueError(f"checkpoint {path} holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a dict of weights")
-    return checkpoint
-
-
-def brief(err: Exception) -> str:
-    """torch's reason for refusing a file, cut to its one telling line."""
-    text = str(err).split("WeightsUnpickler error:")[-1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = lines[0] if lines and not lines[0].startswith("Weights only load failed") else (lines or [""])[-1]
-    return f"{type(err).__name__}: {line.split('. ')[0][:150]}" if line else type(err).__name__
-
-
-def non_finite_tensors(tree, prefix: str = "") -> list[str]:
-    """The names of the floating-point tensors in a (nested) dict/list that hold NaN or inf."""
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        bad = torch.is_tensor(tree) and tree.is_floating_point() and not torch.isfinite(tree).all()
-        return [prefix] if bad else []
-    return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
-
-
-def state_dict_in(checkpoint: dict, path) -> dict[str, torch.Tensor]:
-    """The model weights in a checkpoint read from `path`: a bare state dict, or one wrapped as
-    {"model": ...} / {"state_dict": ...} / {"model_ema": ...}, with the prefixes that
-    DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") add to every name removed.
-    Refuses (ValueError) entries that are not tensors and weights that hold NaN or inf, which no
-    training should continue from."""
-    state = checkpoint
-    for wrapper in ("model", "state_dict", "model_ema"):
-        if wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-            break
-    not_tensors = [f"{key} ({type(value).__name__})" for key, value in state.items() if not torch.is_tensor(value)]
-    if not_tensors:
-        raise ValueError(f"checkpoint {path} holds no state dict of weights: {len(not_tensors)} entries are not "
-                         f"tensors, e.g. {', '.join(map(str, not_tensors[:3]))}")
-    broken = non_finite_tensors(state)
-    if broken:
-        raise ValueError(f"checkpoint {path} holds NaN or inf in {len(broken)} tensor(s), e.g. {', '.join(broken[:3])}: "
-                         f"these weights come from a run that diverged")
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in state.items()}
-
-
 def fit_pos_embed(pos_embed: torch.Tensor, model: ConViT, path) -> tuple[torch.Tensor, str]:
     """A checkpoint's pos_embed resized to the model's grid, and a line saying so. DeiT's
     (1, 1 + rows*cols, C) keeps its class-token slot unchanged and only the grid part is
@@ -789,7 +708,10 @@ def fit_pos_embed(pos_embed: torch.Tensor, model: ConViT, path) -> tuple[torch.T
 
 
 def load_state(model: ConViT, state: dict[str, torch.Tensor], path, verbose: bool) -> ConViT:
-    """load_checkpoint's work once the file is read: fit `state` to `model`, check, then load."""
+    """Load the weights `state` (read from `path`) into `model`, strictly, once they fit: a
+    pos_embed of another grid is interpolated to the model's, a head for another number of classes
+    is left newly initialised; any other difference is one ValueError naming every mismatch, and
+    then nothing is loaded or printed. checkpoints.load_checkpoint reads the file and calls this."""
     own = model.state_dict()
     notes = []  # printed only once the whole state dict is known to fit
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
@@ -821,37 +743,8 @@ def load_state(model: ConViT, state: dict[str, torch.Tensor], path, verbose: boo
     return model
 
 
-def load_checkpoint(model: ConViT, path, verbose: bool = True) -> ConViT:
-    """Load a released ConViT or DeiT .pth (or one of ours) from `path` into `model`, strictly.
-
-    Accepts a bare state dict or one wrapped as {"model": ...} / {"state_dict": ...}, with or
-    without the "module." of DistributedDataParallel and the "_orig_mod." of torch.compile. If the
-    model was built for another image size, pos_embed is interpolated to its grid (fit_pos_embed;
-    DeiT's class-token slot is kept). If the number of classes differs, the head is left freshly
-    initialised, for fine-tuning. Any other difference raises a ValueError that names it, and
-    then nothing is loaded or printed. Nothing is downloaded: fetch the file first, and nothing
-    in it runs (read_checkpoint_file).
-    """
-    return load_state(model, state_dict_in(read_checkpoint_file(path), path), path, verbose)
-
-
-def model_from_checkpoint(path) -> ConViT:
-    """The model a train.py checkpoint holds, rebuilt in one call: its ConViTConfig, which the
-    checkpoint stores as a plain dict ("cfg"), then its weights. A released .pth has no config:
-    build that model by name instead, load_checkpoint(create_model("convit_tiny"), path)."""
-    checkpoint = read_checkpoint_file(path)
-    cfg = checkpoint.get("cfg")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"checkpoint {path} holds no model config ('cfg'), as train.py's checkpoints do; for a "
-                         f"released file build the model by name: load_checkpoint(create_model(name), path)")
-    unknown = sorted(set(cfg) - {f.name for f in fields(ConViTConfig)})
-    if unknown:
-        raise ValueError(f"checkpoint {path} has config fields this convit.py does not know: {unknown}")
-    return load_state(ConViT(ConViTConfig(**cfg)), state_dict_in(checkpoint, path), path, verbose=False)
-
-
 # ---------------------------------------------------------------------------------------
-# Utilities: parameter count, the explicit twin, the device flag (bench.py does the timing)
+# Utilities: parameter count, the explicit twin (bench.py does the timing)
 # ---------------------------------------------------------------------------------------
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -860,24 +753,3 @@ def count_parameters(model: nn.Module) -> int:
 def explicit_twin(model: ConViT) -> ConViT:
     """A copy of `model` with the same weights that runs the readable explicit path."""
     return copy.deepcopy(model).set_fused(False)
-
-
-def torch_device(name: str, flag: str = "device") -> torch.device:
-    """The torch device called `name` (cpu, cuda, cuda:1, mps), checked to exist on this machine,
-    so that a typo or a missing GPU is one clear ValueError (naming `flag`) instead of torch's
-    error at the first tensor moved there."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{flag} {name!r} is not a device: use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{flag} {name}, but torch sees no GPU on this machine (use cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"{flag} {name}, but this machine has {torch.cuda.device_count()} GPU(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{flag} {name}, but torch sees no Apple GPU (mps) on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"{flag} {name!r}: only cpu, cuda, cuda:N and mps are supported")
-    return device

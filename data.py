@@ -1,16 +1,18 @@
 """The data side of DeiT's recipe, for train.py: datasets, the loader's part of augmentation, sampling.
 
 Split out of train.py so that the training loop stays one readable page. Nothing here knows
-about the model; everything returns plain torch datasets of (image tensor, label).
+about the model; everything returns plain torch datasets of (image tensor, label), built from a
+`Data` (the run's data settings) and an `augment.Augmentation`.
 
 Contents, in file order:
-    DatasetDefaults, DATASETS      what each --dataset looks like (image and patch size, channels ...)
+    DatasetSpec, DATASETS          what each --dataset is (classes, channels, the flags it sets, its loader)
+    Data                           the run's data settings (the flags of the same names)
     ArrayImageDataset, FirstClassesImageFolder
     train_transform, eval_transform  (the rest of the training augmentation runs on batches: augment.py)
     load_digits, load_mnist10k
     load_mnist10k_sum              two far-apart digits labelled by their sum
     PlainDataUnpickler, load_cifar CIFAR's pickled batches, read without running any code
-    load_imagefolder, build_datasets
+    load_imagefolder, load_fake, build_datasets, check_training_set
     stratified_fraction            Table 2's subsets of each class
     RepeatedAugmentationSampler    DeiT's repeated augmentation
 """
@@ -21,6 +23,7 @@ import codecs
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,54 +34,104 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from augment import Augmentation
+from cli import HOW, flag
+
 
 class DataError(ValueError):
-    """A problem with the user's data, reported by train.py as `error: <message>` and exit code 2."""
+    """A problem with the user's data, reported as `error: <message>` and exit code 2 (cli.run_command)."""
 
 
 # ---------------------------------------------------------------------------------------
-# What each dataset looks like
+# What each dataset is
 # ---------------------------------------------------------------------------------------
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)  # MNIST's usual values; our 10,000 digits give 0.1311 and 0.3087
 
 
-@dataclass(frozen=True)
-class DatasetDefaults:
-    img_size: int  # side of the (square) training image; --img-size overrides
-    patch_size: int  # --patch-size overrides; img_size / patch_size is the patch grid
+@dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    about: str  # one line for --help
+    num_classes: int | None  # None: as many as the image folder holds
     in_chans: int  # colour channels
-    preset: str  # the recipe that suits the dataset's size
-    hflip: float  # probability of a horizontal flip (0 for digits: a mirrored 2 is no 2)
-    crop_pct: float  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
     mean: tuple[float, ...]  # per-channel normalisation
     std: tuple[float, ...]
+    load: Callable  # (Data, training transform, evaluation transform) -> (training set, validation set)
+    # The flags that the dataset sets when they are left unset (config.py): the recipe that suits its
+    # size (--preset), its image and patch size, and any recipe value that differs for it, such as
+    # --hflip 0 for digits (a mirrored 2 is no 2).
+    defaults: dict
+    crop_pct: float = 1.0  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
     crop_in_loader: bool = False  # images of many sizes: cropped per image before they can form a batch
 
 
-DATASETS: dict[str, DatasetDefaults] = {
+DATASETS: dict[str, DatasetSpec] = {
     # 8x8 grey digits, upsampled to 16x16 and cut in 4x4 patches: a 4x4 grid of 16 tokens. (Patch 2,
     # an 8x8 grid, learns far more slowly: its first ~100 steps sit on a plateau at chance.)
-    "digits": DatasetDefaults(16, 4, 1, "small", 0.0, 1.0, (0.5,), (0.5,)),
+    "digits": DatasetSpec(
+        about="scikit-learn's 1,797 8x8 handwritten digits, offline", num_classes=10, in_chans=1,
+        mean=(0.5,), std=(0.5,), load=lambda data, train_tf, eval_tf: load_digits(train_tf, eval_tf),
+        defaults={"preset": "small", "img_size": 16, "patch_size": 4, "hflip": 0.0}),
     # 10,000 real 28x28 MNIST digits shipped in data/ (data/README.md): in 4x4 patches a 7x7 grid
     # of 49 tokens, far enough for a locality prior to matter (patch 2 gives 14x14, ImageNet's grid).
-    "mnist10k": DatasetDefaults(28, 4, 1, "small", 0.0, 1.0, MNIST_MEAN, MNIST_STD),
+    "mnist10k": DatasetSpec(
+        about="10,000 real 28x28 MNIST digits shipped in data/", num_classes=10, in_chans=1,
+        mean=MNIST_MEAN, std=MNIST_STD,
+        load=lambda data, train_tf, eval_tf: load_mnist10k(Path(data.data_dir), train_tf, eval_tf),
+        defaults={"preset": "small", "img_size": 28, "patch_size": 4, "hflip": 0.0}),
     # Two MNIST-10k digits at half size in opposite corners of a 28x28 image, labelled by their sum
     # (0-18): a label that needs content from patches far apart (load_mnist10k_sum).
-    "mnist10k-sum": DatasetDefaults(28, 4, 1, "small", 0.0, 1.0, MNIST_MEAN, MNIST_STD),
+    "mnist10k-sum": DatasetSpec(
+        about="two MNIST-10k digits in opposite corners, labelled by their sum", num_classes=19, in_chans=1,
+        mean=MNIST_MEAN, std=MNIST_STD,
+        load=lambda data, train_tf, eval_tf: load_mnist10k_sum(Path(data.data_dir), train_tf, eval_tf),
+        defaults={"preset": "small", "img_size": 28, "patch_size": 4, "hflip": 0.0}),
     # 32x32 colour images in 4x4 patches: an 8x8 grid (patch 2 gives 16x16 = 256 tokens).
-    "cifar10": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
-    "cifar100": DatasetDefaults(32, 4, 3, "paper", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
+    "cifar10": DatasetSpec(
+        about="CIFAR-10, read from --data-dir (downloaded when missing)", num_classes=10, in_chans=3,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        load=lambda data, train_tf, eval_tf: load_cifar_splits("cifar10", Path(data.data_dir), train_tf, eval_tf),
+        defaults={"preset": "paper", "img_size": 32, "patch_size": 4, "hflip": 0.5}),
+    "cifar100": DatasetSpec(
+        about="CIFAR-100, the same way", num_classes=100, in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        load=lambda data, train_tf, eval_tf: load_cifar_splits("cifar100", Path(data.data_dir), train_tf, eval_tf),
+        defaults={"preset": "paper", "img_size": 32, "patch_size": 4, "hflip": 0.5}),
     # ImageNet and its subsets as in the paper: 224x224 in 16x16 patches, a 14x14 grid.
-    "imagefolder": DatasetDefaults(224, 16, 3, "paper", 0.5, 0.875, IMAGENET_MEAN, IMAGENET_STD, crop_in_loader=True),
+    "imagefolder": DatasetSpec(
+        about="--data-dir/train/ and --data-dir/val/, one folder of images per class (ImageNet)", num_classes=None,
+        in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, crop_in_loader=True,
+        load=lambda data, train_tf, eval_tf: load_imagefolder(Path(data.data_dir), data.num_classes_subset,
+                                                              train_tf, eval_tf),
+        defaults={"preset": "paper", "img_size": 224, "patch_size": 16, "hflip": 0.5}),
     # Random images and labels (torchvision FakeData): for smoke runs; nothing can be learnt.
-    "fake": DatasetDefaults(32, 4, 3, "small", 0.5, 1.0, IMAGENET_MEAN, IMAGENET_STD),
+    "fake": DatasetSpec(
+        about="random images and labels, for smoke runs", num_classes=10, in_chans=3, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, load=lambda data, train_tf, eval_tf: load_fake(data.img_size, train_tf, eval_tf),
+        defaults={"preset": "small", "img_size": 32, "patch_size": 4, "hflip": 0.5}),
 }
 FAKE_TRAIN_IMAGES, FAKE_VAL_IMAGES = 512, 128
 # MNIST-10k: the copy committed with the project, and its fixed validation split.
 MNIST10K_FILE = Path(__file__).resolve().parent / "data" / "mnist10k.npz"
 MNIST10K_VAL_FRACTION, MNIST10K_SPLIT_SEED = 0.2, 0
 
+
+@dataclass(frozen=True, kw_only=True)
+class Data:
+    """The run's data: one field per flag of train.py (config.py reads the table)."""
+
+    dataset: str = flag("the data set: " + "; ".join(f"{name}, {spec.about}" for name, spec in DATASETS.items()),
+                        default="digits", choices=list(DATASETS))
+    data_dir: str = flag("where cifar is (or goes), or the root holding train/ and val/; an image that cannot be "
+                         "read stops the run with an error naming the file (mnist10k: read from here if it holds "
+                         "mnist10k.npz, else from the repository's data/)", default="data", role=HOW)
+    num_classes_subset: int | None = flag("imagefolder: keep only the first K classes in sorted order (the paper: "
+                                          "100)", default=None, interval="[1, inf)", metavar="K")
+    data_fraction: float = flag("keep a seeded, stratified fraction F in (0, 1] of each training class (Table 2)",
+                                default=1.0, interval="(0, 1]", metavar="F")
+    scale_epochs: bool = flag("multiply the epochs by 1/F, so that a fraction sees as many steps (Table 2); the "
+                              "warmup keeps its epochs, as in the released code (so it spans F times the steps)",
+                              default=False)
+    img_size: int = flag("side of the (square) image", interval="[1, inf)")  # the dataset's
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,7 +177,7 @@ class FirstClassesImageFolder(torchvision.datasets.ImageFolder):
         return classes, {name: index for index, name in enumerate(classes)}
 
 
-def train_transform(args, spec: DatasetDefaults):
+def train_transform(img_size: int, augmentation: Augmentation, spec: DatasetSpec):
     """What the loader does to each training image: only what cannot wait for the batch.
 
     Images held in memory (digits, MNIST-10k, CIFAR, fake) all have one size, so the loader
@@ -134,17 +187,17 @@ def train_transform(args, spec: DatasetDefaults):
     and the rest of the augmentation on the batch."""
     if not spec.crop_in_loader:
         return v2.ToImage()  # PIL image or tensor -> uint8 tensor image (C, H, W)
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(args.img_size, scale=(args.crop_scale, 1.0),
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=(augmentation.crop_scale, 1.0),
                                                           interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.RandomHorizontalFlip(args.hflip)])
+                       v2.RandomHorizontalFlip(augmentation.hflip)])
 
 
-def eval_transform(args, spec: DatasetDefaults) -> v2.Compose:
+def eval_transform(img_size: int, spec: DatasetSpec) -> v2.Compose:
     """Resize to img_size / crop_pct, keep the centre img_size (ImageNet: 256 -> 224)."""
     return v2.Compose([
         v2.ToImage(),
-        v2.Resize(int(args.img_size / spec.crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(args.img_size),
+        v2.Resize(int(img_size / spec.crop_pct), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(spec.mean, spec.std),
     ])
@@ -291,36 +344,44 @@ def load_imagefolder(root: Path, keep: int | None, train_tf, eval_tf):
     return train_set, val_set
 
 
-def build_datasets(args) -> tuple[Dataset, Dataset, int]:
-    """(training set, validation set, number of classes); items are (image tensor, label)."""
-    spec = DATASETS[args.dataset]
-    train_tf, eval_tf = train_transform(args, spec), eval_transform(args, spec)
-    root = Path(args.data_dir)
-    if args.dataset == "digits":
-        train_set, val_set = load_digits(train_tf, eval_tf)
-        num_classes = 10
-    elif args.dataset == "mnist10k":
-        train_set, val_set = load_mnist10k(root, train_tf, eval_tf)
-        num_classes = 10
-    elif args.dataset == "mnist10k-sum":
-        train_set, val_set = load_mnist10k_sum(root, train_tf, eval_tf)
-        num_classes = 19
-    elif args.dataset in ("cifar10", "cifar100"):
-        train_set = load_cifar(args.dataset, root, True, train_tf)
-        val_set = load_cifar(args.dataset, root, False, eval_tf)
-        num_classes = 10 if args.dataset == "cifar10" else 100
-    elif args.dataset == "imagefolder":
-        train_set, val_set = load_imagefolder(root, args.num_classes_subset, train_tf, eval_tf)
-        num_classes = len(train_set.classes)
-    else:  # fake: FakeData draws each image and label from a seed set by its index
-        shape = (spec.in_chans, args.img_size, args.img_size)
-        train_set = torchvision.datasets.FakeData(FAKE_TRAIN_IMAGES, shape, 10, transform=train_tf)
-        val_set = torchvision.datasets.FakeData(FAKE_VAL_IMAGES, shape, 10, transform=eval_tf,
-                                                random_offset=FAKE_TRAIN_IMAGES)
-        num_classes = 10
-    if args.data_fraction < 1.0:
-        train_set = Subset(train_set, stratified_fraction(labels_of(train_set), args.data_fraction, args.seed))
+def load_cifar_splits(name: str, root: Path, train_tf, eval_tf):
+    return load_cifar(name, root, True, train_tf), load_cifar(name, root, False, eval_tf)
+
+
+def load_fake(img_size: int, train_tf, eval_tf):
+    """FakeData draws each image and label from a seed set by its index: the same images every time."""
+    shape = (DATASETS["fake"].in_chans, img_size, img_size)
+    classes = DATASETS["fake"].num_classes
+    return (torchvision.datasets.FakeData(FAKE_TRAIN_IMAGES, shape, classes, transform=train_tf),
+            torchvision.datasets.FakeData(FAKE_VAL_IMAGES, shape, classes, transform=eval_tf,
+                                          random_offset=FAKE_TRAIN_IMAGES))
+
+
+def build_datasets(data: Data, augmentation: Augmentation, seed: int) -> tuple[Dataset, Dataset, int]:
+    """(training set, validation set, number of classes); items are (image tensor, label). `seed`
+    draws the --data-fraction subset; `augmentation` is needed only where the loader crops."""
+    spec = DATASETS[data.dataset]
+    train_set, val_set = spec.load(data, train_transform(data.img_size, augmentation, spec),
+                                   eval_transform(data.img_size, spec))
+    num_classes = spec.num_classes or len(train_set.classes)
+    if data.data_fraction < 1.0:
+        train_set = Subset(train_set, stratified_fraction(labels_of(train_set), data.data_fraction, seed))
     return train_set, val_set, num_classes
+
+
+def check_training_set(data: Data, train_set: Dataset, num_classes: int, global_batch: int):
+    """A training set too small to train on, blamed on the flag that made it so."""
+    fraction = data.data_fraction
+    full = len(train_set.dataset) if isinstance(train_set, Subset) else len(train_set)
+    if fraction < 1 and fraction * full < num_classes:
+        raise DataError(f"--data-fraction {fraction:g} keeps {fraction * full:.2g} of the {full} training images, "
+                        f"less than one per class (each class would keep its one image, {len(train_set)} in all, "
+                        f"not the fraction asked for); the least is {num_classes / full:.2g}")
+    if len(train_set) < global_batch:
+        cause = (f"--data-fraction {fraction:g} keeps {len(train_set)} of the {full} training images" if fraction < 1
+                 else f"the training set has {len(train_set)} images")
+        raise DataError(f"{cause}, fewer than one batch of {global_batch}; lower --batch-size"
+                        + (" or raise --data-fraction" if fraction < 1 else ""))
 
 
 def transformed_once(dataset: Dataset) -> Dataset:

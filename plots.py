@@ -13,7 +13,6 @@ of the program that trains.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import runs
 
 INIT_GATE = 1 / (1 + math.exp(-1))  # sigma(1) = 0.73: every gate at initialisation (lambda = 1)
@@ -110,13 +110,23 @@ def draw_run(run_dir) -> Path:
     return path
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ValueError(f"{message} (see python plots.py --help)")  # one `error:` line, as train.py's
+def figure_of_run(run_dir) -> Path | None:
+    """train.py's call when a run ends (or is interrupted): draw_run, or where matplotlib is
+    missing None and a note. A figure that cannot be written is one ValueError that says the
+    checkpoint and metrics are whole."""
+    try:
+        return draw_run(run_dir)
+    except ImportError as err:  # the run itself is whole: say so rather than fail at its end
+        print(f"note: no {runs.FIGURE} ({err}); pip install matplotlib, then python plots.py {run_dir}")
+        return None
+    except OSError as err:
+        raise runs.RunError(f"could not write {Path(run_dir) / runs.FIGURE} ({runs.os_reason(err)}); the checkpoint "
+                            f"and metrics are whole: draw it later with python plots.py {run_dir}") from None
 
 
 def main(argv: list[str] | None = None):
-    parser = ArgumentParser(description="Draw RUN_DIR/figure.png from the metrics.jsonl of a train.py run.")
+    parser = cli.ArgumentParser(prog="python plots.py",
+                                description="Draw RUN_DIR/figure.png from the metrics.jsonl of a train.py run.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a train.py --output-dir")
     for run_dir in parser.parse_args(argv).run_dirs:
         if not (Path(run_dir) / runs.METRICS).is_file():
@@ -128,6 +138,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    import train  # its one-line error path: `error: ...` and exit code 2
-
-    sys.exit(train.run_reporting_errors(main))
+    sys.exit(cli.run_command(main))

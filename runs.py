@@ -1,4 +1,7 @@
-"""A run's folder and its checkpoints: what train.py writes, and how it keeps them whole.
+"""A run's processes and its folder: who writes, what train.py writes, and how it keeps it whole.
+
+A run is one process, or one per GPU under torchrun (`Process`, `start_process`); rank 0
+alone writes.
 
 A run folder (--output-dir) holds one run:
 
@@ -18,118 +21,113 @@ The rules, and why (docs/runs.md says them for the user):
 - A failed write (a full disk, a read-only folder) is one `error:` line: the temporary file is
   removed and the last good checkpoint stays.
 
-Contents: reading a checkpoint to resume -> random states -> writing atomically -> the run
-folder (`RunFolder`, `claim`) -> the Ctrl-C message (`where_to_continue`).
+Contents: processes -> random states -> writing atomically -> the run folder (`RunFolder`,
+`claim`) -> the Ctrl-C message (`where_to_continue`). Reading a checkpoint back is
+checkpoints.py's; drawing the figure is plots.py's, which train.py calls when a run ends.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import convit
+import cli
+from checkpoints import CHECKPOINT
 
 try:
     import fcntl  # POSIX; on Windows the folder goes unlocked
 except ImportError:  # pragma: no cover
     fcntl = None
 
-CHECKPOINT, METRICS, FIGURE, LOCK = "checkpoint.pth", "metrics.jsonl", "figure.png", "run.lock"
+METRICS, FIGURE, LOCK = "metrics.jsonl", "figure.png", "run.lock"
 
 
 class RunError(ValueError):
     """A problem with the run folder or a checkpoint: reported as one `error:` line, exit code 2
-    (train.run_reporting_errors catches every ValueError)."""
+    (cli.run_command catches every ValueError)."""
 
 
 # ---------------------------------------------------------------------------------------
-# Reading a checkpoint to resume
+# Processes: one, or one per GPU under torchrun
 # ---------------------------------------------------------------------------------------
-# Our checkpoints hold only tensors and plain data (the flags as a dict, the RNG states as
-# tensors and tuples of ints), so they load under weights_only=True with no allow-list at all;
-# convit.read_checkpoint_file reads every file we are given, ours and the released ones alike.
-def find_checkpoint(path: str | None, flag: str) -> str | None:
-    """--resume and --checkpoint take a .pth file, or a run folder for the checkpoint.pth inside it."""
-    if path is None:
-        return None
-    if not Path(path).exists():
-        raise RunError(f"{flag} {path} does not exist")
-    if Path(path).is_dir():
-        if not (Path(path) / CHECKPOINT).is_file():
-            raise RunError(f"{flag} {path} is a folder without a {CHECKPOINT}: give a .pth file, "
-                           "or the --output-dir of a run")
-        return str(Path(path) / CHECKPOINT)
-    return path
+@dataclass
+class Process:
+    """This process of the run: its rank among `world` processes, and its device."""
+
+    rank: int  # 0 .. world - 1; rank 0 logs and saves
+    world: int  # number of processes
+    device: torch.device
+    started_group: bool  # whether we created the process group (and so must destroy it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
 
 
-def read_resumable(path: str) -> dict:
-    """A --resume checkpoint: one of ours, with finite numbers (its flags are checked by train.py)."""
-    checkpoint = convit.read_checkpoint_file(path)  # a ValueError names the path and the problem
-    if not {"cfg", "model", "optimizer", "scheduler", "rng", "args", "epoch"} <= set(checkpoint):
-        raise RunError(f"{path} is not a checkpoint of train.py (a released .pth? use --checkpoint)")
-    if not isinstance(checkpoint["args"], dict) or "epochs" not in checkpoint["args"]:
-        raise RunError(f"{path} has damaged flags (args); it is not a checkpoint of this train.py")
-    broken = convit.non_finite_tensors({key: checkpoint[key] for key in ("model", "optimizer", "ema") if key in checkpoint})
-    if broken:
-        raise RunError(f"{path} holds NaN or inf ({', '.join(broken[:3])}): the run had diverged, so it "
-                       f"cannot be resumed from there; start again, e.g. with a lower --lr or --clip-grad")
-    return checkpoint
+def start_process(device_flag: str) -> Process:
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_flag == "auto":
+        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = cli.torch_device(device_flag)  # a ValueError for a typo or a missing GPU
+    use_cuda = chosen.type == "cuda"
+    if world == 1:
+        return Process(0, 1, chosen, started_group=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if use_cuda else "gloo")  # gloo: CPU processes
+    return Process(dist.get_rank(), world, device, started_group=started)
 
 
-def check_same_model(checkpoint: dict, model: convit.ConViT, path):
-    """Refuse to continue or evaluate a checkpoint of another architecture, naming each difference."""
-    if not isinstance(checkpoint["cfg"], dict) or "img_size" not in checkpoint["cfg"]:
-        raise RunError(f"{path} has a damaged model config (cfg); it is not a checkpoint of this train.py")
-    # A field that an older checkpoint lacks (qkv_bias, class_token_in_pos_embed) had its default then.
-    defaults = {field.name: field.default for field in dataclasses.fields(convit.ConViTConfig)}
-    stored, wanted = {**defaults, **checkpoint["cfg"]}, dataclasses.asdict(model.cfg)
-    stored["img_size"] = tuple(stored["img_size"])
-    differences = [f"{key}={stored[key]} (checkpoint) vs {wanted[key]} (this run)"
-                   for key in wanted if key != "fused" and stored.get(key) != wanted[key]]
-    if differences:
-        raise RunError(f"{path} was saved from another model: {'; '.join(differences)}. "
-                       f"Pass the flags of the run that wrote it.")
+def global_sum(values: torch.Tensor, proc: Process) -> torch.Tensor:
+    if proc.distributed:
+        dist.all_reduce(values)
+    return values
 
 
 # ---------------------------------------------------------------------------------------
 # Random states: what makes a resumed run draw what the uninterrupted one would have
 # ---------------------------------------------------------------------------------------
-def rng_states(loader_generator: torch.Generator, procs) -> list[dict]:
+def rng_states(loader_generator: torch.Generator, proc: Process) -> list[dict]:
     """Every random number generator that training draws from, for each process (rank order):
     torch's (augmentation, drop path, MixUp/CutMix), CUDA's, Python's, and the generator that
     seeds the data-loading workers. The sampler's order needs none: it follows from (seed, epoch)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "loader": loader_generator.get_state()}
-    if procs.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(procs.device)
-    if not procs.distributed:
+    if proc.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(proc.device)
+    if not proc.distributed:
         return [state]
-    states = [None] * procs.world
+    states = [None] * proc.world
     dist.all_gather_object(states, state)
     return states
 
 
-def restore_rng_states(states: list[dict], loader_generator: torch.Generator, procs):
-    if len(states) != procs.world:
-        print(f"note: the checkpoint has RNG states of {len(states)} processes, this run has {procs.world}; "
+def restore_rng_states(states: list[dict], loader_generator: torch.Generator, proc: Process):
+    if len(states) != proc.world:
+        print(f"note: the checkpoint has RNG states of {len(states)} processes, this run has {proc.world}; "
               "the run goes on with fresh seeds (not bit-identical)")
-        torch.manual_seed(torch.seed() + procs.rank)
+        torch.manual_seed(torch.seed() + proc.rank)
         return
-    state = states[procs.rank]
+    state = states[proc.rank]
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]  # random.getstate(): plain ints, stored as they are
     random.setstate((version, tuple(internal), gauss))
     loader_generator.set_state(state["loader"])
-    if "cuda" in state and procs.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], procs.device)
+    if "cuda" in state and proc.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], proc.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,27 +305,16 @@ class RunFolder:
                 raise RunError(f"could not append epoch {record['epoch']} to {self.metrics} ({os_reason(err)}); "
                                f"the checkpoint holds it, and --resume puts it back") from None
 
-    def draw_figure(self) -> Path | None:
-        """The run's own Fig. 5/6 (plots.py), from metrics.jsonl, or None when nothing is logged yet."""
-        if not (self.started and self.metrics.exists() and read_metrics(self.path)):
-            return None
-        import plots  # matplotlib only now: `import train` stays light
-
-        try:
-            return plots.draw_run(self.path)
-        except ImportError as err:  # the run itself is whole: say so rather than fail at its end
-            print(f"note: no {FIGURE} ({err}); pip install matplotlib, then python plots.py {self.path}")
-            return None
-        except OSError as err:
-            raise RunError(f"could not write {self.figure} ({os_reason(err)}); the checkpoint and metrics are "
-                           f"whole: draw it later with python plots.py {self.path}") from None
+    def holds_metrics(self) -> bool:
+        """Whether this run has logged an evaluated epoch, so that it has a figure to draw."""
+        return self.started and self.metrics.exists() and bool(read_metrics(self.path))
 
 
-def claim(output_dir: str, overwrite: bool, resume: str | None, procs) -> RunFolder | None:
+def claim(output_dir: str, overwrite: bool, resume: str | None, proc: Process) -> RunFolder | None:
     """Rank 0 takes the run folder (RunFolder: checked, locked, not another run's) and returns it;
     the other processes write nothing and get None, or under torchrun the same refusal."""
     folder, refusal = None, None
-    if procs.rank == 0:
+    if proc.rank == 0:
         try:
             folder = RunFolder(writable_folder(output_dir, "--output-dir"))
             folder.lock()
@@ -336,7 +323,7 @@ def claim(output_dir: str, overwrite: bool, resume: str | None, procs) -> RunFol
             if folder is not None:
                 folder.release()
             folder, refusal = None, str(err)
-    if procs.distributed:  # one refusal stops every process, not only rank 0
+    if proc.distributed:  # one refusal stops every process, not only rank 0
         message = [refusal]
         dist.broadcast_object_list(message, src=0)
         refusal = message[0]

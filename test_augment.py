@@ -15,11 +15,9 @@ from PIL import Image, ImageEnhance, ImageOps
 
 import augment
 import data
+import runs
 import train
-
-
-def resolved(*argv):
-    return train.resolve_args(train.build_parser().parse_args([*argv, "--quiet"]))
+from conftest import resolved
 
 
 def recorded_ops(monkeypatch) -> dict[str, list[torch.Tensor]]:
@@ -61,8 +59,8 @@ def test_each_randaugment_op_applies_with_probability_half_and_is_drawn_uniforml
     expected = per_op.sum() / 15
     assert ((per_op - expected).abs() < 4 * expected.sqrt()).all(), per_op  # each op 1/15 of the draws
     calls = recorded_ops(monkeypatch)
-    augmentation = augment.BatchAugment(resolved("--dataset", "cifar10", "--randaug-ops", "0"), (0.5,) * 3,
-                                        (0.5,) * 3, crop=True)
+    cfg = resolved("--dataset", "cifar10", "--randaug-ops", "0")
+    augmentation = augment.BatchAugment(cfg.augment, cfg.data.img_size, (0.5,) * 3, (0.5,) * 3, crop=True)
     augmentation(torch.zeros(50, 3, 32, 32, dtype=torch.uint8))
     assert all(not c for c in calls.values())
 
@@ -144,16 +142,16 @@ def test_random_erasing_hits_a_quarter_of_the_images_with_noise_over_2_to_33_per
 
 
 def test_batch_augment_turns_uint8_batches_into_normalised_images():
-    args = resolved("--dataset", "mnist10k", "--randaug-ops", "0")
+    cfg = resolved("--dataset", "mnist10k", "--randaug-ops", "0")
     spec = data.DATASETS["mnist10k"]
-    train_set, _, _ = data.build_datasets(args)
+    train_set, _, _ = data.build_datasets(cfg.data, cfg.augment, cfg.recipe.seed)
     images = torch.stack([train_set[i][0] for i in range(len(train_set))])  # what the loader hands over
     assert images.dtype == torch.uint8 and images.shape == (8000, 1, 28, 28)
-    plain = augment.BatchAugment(args, spec.mean, spec.std, crop=False)(images)  # nothing random left
+    plain = augment.BatchAugment(cfg.augment, 28, spec.mean, spec.std, crop=False)(images)  # nothing random left
     assert plain.dtype == torch.float32 and torch.equal(plain, (images / 255 - spec.mean[0]) / spec.std[0])
     assert abs(plain.mean()) < 0.05 and abs(plain.std() - 1) < 0.05  # MNIST's own mean and std
     torch.manual_seed(0)
-    cropped = augment.BatchAugment(args, spec.mean, spec.std, crop=True)(images)
+    cropped = augment.BatchAugment(cfg.augment, 28, spec.mean, spec.std, crop=True)(images)
     assert cropped.shape == (8000, 1, 28, 28) and not torch.equal(cropped, plain)
 
 
@@ -162,12 +160,12 @@ def test_mixup_partners_are_copies_only_by_chance():
     torchvision mixes image i with image i - 1. Shuffled first, a partner is a copy about as
     often as chance: (copies - 1) / (B - 1)."""
     n, batch = 600, 60
-    args = resolved("--dataset", "fake", "--preset", "paper", "--repeated-aug", "3", "--batch-size", str(batch),
-                    "--cutmix", "0", "--workers", "0")
+    cfg = resolved("--dataset", "fake", "--preset", "paper", "--repeated-aug", "3", "--batch-size", str(batch),
+                   "--cutmix", "0", "--workers", "0")
     identity = data.ArrayImageDataset(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), list(range(n)), lambda x: x.float())
-    procs = train.Processes(0, 1, torch.device("cpu"), started_group=False)
-    sampler, _, loader, _ = train.make_loaders(args, procs, identity, identity)
-    mixer = augment.batch_mixer(args, num_classes=n)  # label = the image's index: a soft target names both images
+    process = runs.Process(0, 1, torch.device("cpu"), started_group=False)
+    sampler, _, loader, _ = train.make_loaders(cfg, process, identity, identity)
+    mixer = augment.batch_mixer(cfg.augment, num_classes=n)  # label = the image's index: a soft target names both images
     torch.manual_seed(0)
     self_pairs = chance = rows = 0
     for epoch in range(5):

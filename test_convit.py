@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import convit
-from convit import GPSA, MHSA, create_model, kernel_centres, load_checkpoint, relative_positions
+from checkpoints import load_checkpoint, model_from_checkpoint
+from convit import GPSA, MHSA, create_model, kernel_centres, relative_positions
 
 
 @pytest.fixture(autouse=True)
@@ -505,20 +506,20 @@ def test_model_from_checkpoint_rebuilds_what_train_py_saved(tmp_path):
     source = perturbed(small(img_size=(32, 48), num_classes=7))
     cfg = dataclasses.asdict(source.cfg)
     torch.save({"cfg": cfg, "model": source.state_dict(), "epoch": 3}, tmp_path / "ours.pth")
-    rebuilt = convit.model_from_checkpoint(tmp_path / "ours.pth")
+    rebuilt = model_from_checkpoint(tmp_path / "ours.pth")
     assert rebuilt.cfg == source.cfg
     images = torch.randn(2, 3, 32, 48)
     assert torch.equal(rebuilt.eval()(images), source.eval()(images))
     # A config saved before DeiT's two fields existed takes their defaults, as it did then.
     old = {key: value for key, value in cfg.items() if key not in ("qkv_bias", "class_token_in_pos_embed")}
     torch.save({"cfg": old, "model": source.state_dict()}, tmp_path / "old.pth")
-    assert convit.model_from_checkpoint(tmp_path / "old.pth").cfg == source.cfg
+    assert model_from_checkpoint(tmp_path / "old.pth").cfg == source.cfg
     torch.save({"cfg": {**cfg, "wings": 2}, "model": source.state_dict()}, tmp_path / "future.pth")
     with pytest.raises(ValueError, match=r"config fields this convit.py does not know: \['wings'\]"):
-        convit.model_from_checkpoint(tmp_path / "future.pth")
+        model_from_checkpoint(tmp_path / "future.pth")
     torch.save({"model": source.state_dict()}, tmp_path / "released.pth")
     with pytest.raises(ValueError, match=r"holds no model config .* load_checkpoint\(create_model\(name\), path\)"):
-        convit.model_from_checkpoint(tmp_path / "released.pth")
+        model_from_checkpoint(tmp_path / "released.pth")
 
 
 @pytest.mark.parametrize("name", ["convit_tiny", "deit_tiny"])

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from lessons._common import cell, mean  # the lessons' own (statistics.mean can round a .x5 the other way)
+from lessons._report import cell, mean  # the lessons' own (statistics.mean can round a .x5 the other way)
 
 ROOT = Path(__file__).resolve().parent
 LESSONS = ROOT / "lessons"
-QUICK_OUT = ROOT / "runs" / "lessons-quick"  # lessons/_common.py's QUICK_FIGURES
+QUICK_OUT = ROOT / "runs" / "lessons-quick"  # lessons/_command.py's QUICK_FIGURES
 FIGURES = {  # script -> the PNG files it writes
     "01_attention_as_convolution.py": ["01_relative_positions.png", "01_heads_as_kernel.png", "01_conv_equality.png"],
     "02_gate.py": ["02_gate_maps.png", "02_gate_curve.png"],
@@ -85,11 +85,12 @@ def test_quick_sweep_writes_its_table_and_leaves_committed_figures():
 def test_a_recorded_command_gives_the_recorded_top1_again(tmp_path):
     """What a lesson records of a run is the train.py command that, run again from the repository
     root in a fresh process, gives the same top-1: each flag once, paths relative to the repository."""
-    from lessons._common import parse, training_parser
+    from lessons._command import parse, training_parser
     from lessons._protocol import QUICK, RECIPE, run_all
 
-    args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path / "runs"), *DIGITS])
-    (result,) = run_all(args, [("t", "DeiT", 0.05, 3, ["--model", "deit_tiny"])], tmp_path / "runs")
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK),
+                 ["--quick", "--run-dir", str(tmp_path / "runs"), *DIGITS])
+    (result,) = run_all(args, [("t", "DeiT", 0.05, 3, {"model": "deit_tiny"})], tmp_path / "runs")
     argv = shlex.split(result["command"])
     assert argv[:2] == ["python", "train.py"]
     flags = [token for token in argv if token.startswith("--")]
@@ -104,30 +105,29 @@ def test_a_recorded_command_gives_the_recorded_top1_again(tmp_path):
 
 
 def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tmp_path):
-    from lessons._common import parse, training_parser
-    from lessons._protocol import QUICK, RECIPE, finished_run, run_all
+    from lessons._command import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, reuse_finished_run, run_all
 
-    args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
     args.quick = False  # whole runs (of 1 x 1/f epochs), which a sweep may read back
-    (first,) = run_all(args, [("t", "DeiT", 0.1, 0, ["--model", "deit_tiny"])], tmp_path, reuse=True)
+    (first,) = run_all(args, [("t", "DeiT", 0.1, 0, {"model": "deit_tiny"})], tmp_path, reuse=True)
     assert not first.get("reused")
-    convit, deit = run_all(args, [("t", "ConViT", 0.1, 0, []), ("t", "DeiT", 0.1, 0, ["--model", "deit_tiny"])],
+    convit, deit = run_all(args, [("t", "ConViT", 0.1, 0, {}), ("t", "DeiT", 0.1, 0, {"model": "deit_tiny"})],
                            tmp_path, reuse=True)
     assert deit["reused"] and deit["val_loss"] == first["val_loss"] and deit["command"] == first["command"]
     assert not convit.get("reused") and convit["val_loss"] != first["val_loss"]
     # Another lesson's run folder: the run is copied, not moved, and it is the same model whether its
     # GPSA blocks were typed or left to the default (QUICK's 3 blocks make 1 GPSA block).
-    (shared,) = run_all(args, [("u", "ConViT", 0.1, 0, ["--local-up-to-layer", "1"])], tmp_path / "other",
+    (shared,) = run_all(args, [("u", "ConViT", 0.1, 0, {"local_up_to_layer": 1})], tmp_path / "other",
                         elsewhere=(tmp_path,))
     assert shared["reused"] and shared["val_loss"] == convit["val_loss"]
-    assert Path(convit["argv"][convit["argv"].index("--output-dir") + 1]).is_dir()
-    other = [*convit["argv"], "--local-up-to-layer", "2"]  # another model: not the same run
-    other[other.index("--output-dir") + 1] = str(tmp_path / "other2" / "run")
-    assert finished_run(other, beside=False, elsewhere=(tmp_path,)) is None
+    assert Path(convit["settings"]["output_dir"]).is_dir()
+    other = {**convit["settings"], "local_up_to_layer": 2, "output_dir": str(tmp_path / "other2" / "run")}
+    assert reuse_finished_run(other, beside=False, elsewhere=(tmp_path,)) is None  # another model: not the same run
 
 
 def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():
-    from lessons._common import convergence
+    from lessons._training import convergence
 
     def records(*top1):
         return [{"epoch": i + 1, "val_top1": t} for i, t in enumerate(top1)]
@@ -139,7 +139,7 @@ def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():
 
 
 def test_training_runs_in_parallel_processes_keep_their_order():
-    from lessons._common import run_parallel
+    from lessons._training import run_parallel
 
     finished = []
     results = run_parallel(math.sqrt, [16.0, 1.0, 9.0, 4.0], workers=2, threads=1,
@@ -207,8 +207,9 @@ def test_lesson5_quotes_its_runs():
             gate = mean(mean(run["records"][-1]["gates"][block]) for run in runs)
             quoted = re.search(r"\| \d\.\d{3} -> (\d\.\d{3}) \|", line)
             assert quoted and rounds_to(quoted[1], gate), f"block {row['block']}: final sigma(lambda) {gate:.3f}: {line}"
-    for run in runs:
-        assert f"{run['val_top1']:.1f}%" in text
+    epochs = runs[0]["records"][-1]["epoch"]
+    quoted = " and ".join(f"{run['val_top1']:.1f}%" for run in runs)
+    assert f"Top-1 after {epochs} epochs: {quoted}." in " ".join(text.split()), f"lesson 5: top-1 {quoted}"
 
 
 def test_lesson6_quotes_its_runs_its_sweep_and_its_budget_check():
@@ -236,8 +237,9 @@ def test_lesson6_quotes_its_runs_its_sweep_and_its_budget_check():
     for key, added in budget["longer_run_adds"].items():
         name, fraction = key.split()
         assert f"{added:+.1f}" in line_of(text, f"| {name} | {float(fraction):.0%} |"), f"lesson 6's budget check, {key}"
-    deit_full = mean(top1["table2", "DeiT", 1.0])
-    assert f"{deit_full:.1f}%" in text  # the sanity check: DeiT at 100%
+    deit_full = top1["table2", "DeiT", 1.0]
+    sanity = line_of(text, "- **The sanity check: DeiT's own network at f = 100% reaches")
+    assert f"reaches {mean(deit_full):.1f}% ({min(deit_full):.1f}-{max(deit_full):.1f})" in sanity, sanity
 
 
 def test_lesson8_quotes_its_runs():
@@ -273,11 +275,11 @@ def test_lesson10_quotes_its_runs_beside_lesson5s():
         assert f"{row['nonlocality_init']:.2f} -> {row['nonlocality_end']:.2f} | {other['nonlocality_end']:.2f}" in line
         if row["kind"] == "GPSA":
             assert f"{row['gate_init']:.3f} -> {row['gate_end']:.3f} | {other['gate_end']:.3f}" in line, line
-    for run in lesson10["runs"]:
-        assert f"{run['val_top1']:.1f}%" in text
-    for shares in lesson10["class_token_split"]:
-        for share in shares:
-            assert f"{share['first_digit']:.2f}" in text and f"{share['second_digit']:.2f}" in text
+    quoted = " and ".join(f"{run['val_top1']:.1f}%" for run in lesson10["runs"])
+    assert f"{quoted} (seeds {' and '.join(map(str, lesson10['seeds']))})" in line_of(text, "Top-1 after"), quoted
+    for seed, shares in zip(lesson10["seeds"], lesson10["class_token_split"]):
+        cells = " | ".join(f"{share['first_digit']:.2f} | {share['second_digit']:.2f}" for share in shares)
+        assert line_of(text, f"| {seed} |") == f"| {seed} | {cells} |", f"lesson 10, the class token of seed {seed}"
 
 
 def test_readme_findings_quote_the_lessons():

@@ -13,7 +13,7 @@ afterwards (which checkpoint epoch, which metrics lines, byte for byte where not
   the folder stays consistent.
 - Values that used to be ignored without a word are refused.
 - Every finished run folder holds its own Fig. 5/6, figure.png.
-The data is test_safety's folder of 24 tiny PNGs; a run of the 3-block model takes about a second.
+The data is conftest's `folder` of 24 tiny PNGs; a run of the 3-block model takes about a second.
 """
 
 import errno
@@ -21,26 +21,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-import convit
+import checkpoints
+import cli
+import config
 import data
 import plots
 import runs
 import train
-from test_safety import TINY, WRAPPER, lesson, metrics_of, one_error_line, small_image_folder
+from conftest import TINY, lesson, metrics_of, one_error_line, run_train, start_stalled
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return small_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def flags(folder: Path, epochs: int = 3, *more: str) -> list[str]:
@@ -55,14 +51,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
 
 
 def checkpoint_epoch(run: Path) -> int:
-    return convit.read_checkpoint_file(run / runs.CHECKPOINT)["epoch"]
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    return checkpoints.read_checkpoint_file(run / checkpoints.CHECKPOINT)["epoch"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,7 +63,7 @@ def test_a_folder_holding_another_run_is_refused_and_left_as_it_was(folder, tmp_
     before = snapshot(run)
     assert {"checkpoint.pth", "metrics.jsonl", "figure.png"} <= set(before)
 
-    one_error_line(train.cli([*flags(folder, 1), "--output-dir", str(run)]), capsys.readouterr().err,
+    one_error_line(run_train([*flags(folder, 1), "--output-dir", str(run)]), capsys.readouterr().err,
                    f"--output-dir {run} holds another run (logged up to epoch 2)", f"--resume {run}", "--overwrite")
     assert snapshot(run) == before
 
@@ -88,9 +77,9 @@ def test_the_shared_default_folder_and_an_empty_output_dir(folder, tmp_path, cap
     train.main(flags(folder, 1))
     default = Path("runs/imagefolder-convit_tiny")
     before = snapshot(default)
-    one_error_line(train.cli([*flags(folder, 1), "--amp"]), capsys.readouterr().err,
+    one_error_line(run_train([*flags(folder, 1), "--amp"]), capsys.readouterr().err,
                    f"--output-dir {default} holds another run", "--overwrite")
-    one_error_line(train.cli([*flags(folder, 1), "--output-dir", ""]), capsys.readouterr().err,
+    one_error_line(run_train([*flags(folder, 1), "--output-dir", ""]), capsys.readouterr().err,
                    "--output-dir is empty: name a folder")
     assert snapshot(default) == before
 
@@ -111,14 +100,14 @@ def test_interrupted_before_the_first_epoch_the_folder_never_disagrees_with_itse
     # Ctrl-C while the data loads: --overwrite has removed nothing yet.
     with monkeypatch.context() as patch:
         patch.setattr(data, "build_datasets", ctrl_c)
-        assert train.cli([*flags(folder, 1), "--output-dir", str(run), "--overwrite"]) == 130
+        assert run_train([*flags(folder, 1), "--output-dir", str(run), "--overwrite"]) == 130
     assert snapshot(run) == before
     assert "no checkpoint written yet" in capsys.readouterr().err
 
     # Ctrl-C at the first step: the old run is gone, checkpoint and metrics together.
     with monkeypatch.context() as patch:
         patch.setattr(torch.amp.GradScaler, "step", ctrl_c)
-        assert train.cli([*flags(folder, 1), "--output-dir", str(run), "--overwrite"]) == 130
+        assert run_train([*flags(folder, 1), "--output-dir", str(run), "--overwrite"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         f"interrupted before the first epoch ended: no checkpoint written yet (to {run.resolve()})"]
     assert not (run / "checkpoint.pth").exists() and not (run / "metrics.jsonl").exists()
@@ -128,21 +117,6 @@ def test_interrupted_before_the_first_epoch_the_folder_never_disagrees_with_itse
 # ---------------------------------------------------------------------------------------
 # 2. One writer at a time; a killed one leaves no lock behind
 # ---------------------------------------------------------------------------------------
-def start_stalled(tmp_path: Path, argv: list[str], moment: str = "mid-epoch") -> subprocess.Popen:
-    """train.py in a subprocess (test_safety's wrapper), stalled at `moment` of epoch 2."""
-    wrapper, here = tmp_path / "wrapper.py", tmp_path / "here"
-    wrapper.write_text(WRAPPER)
-    process = subprocess.Popen([sys.executable, str(wrapper), str(HERE), moment, str(here), *argv],
-                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"), cwd=HERE)
-    deadline = time.monotonic() + 300
-    while not here.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the run never stalled: {(tmp_path / 'stderr').read_text()[-3000:]}")
-        time.sleep(0.02)
-    return process
-
-
 def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(folder, tmp_path, capsys):
     run = tmp_path / "run"
     holder = start_stalled(tmp_path, [*flags(folder, 3), "--output-dir", str(run)])
@@ -150,7 +124,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(folder, tmp_
         for second in ([*flags(folder, 3), "--output-dir", str(run)],  # the same command again
                        [*flags(folder, 3), "--output-dir", str(run), "--overwrite"],
                        ["--resume", str(run)]):
-            one_error_line(train.cli(second), capsys.readouterr().err, f"--output-dir {run} is in use by another run",
+            one_error_line(run_train(second), capsys.readouterr().err, f"--output-dir {run} is in use by another run",
                            f"pid {holder.pid} on ", "wait for it to end")
         assert checkpoint_epoch(run) == 1 and [m["epoch"] for m in metrics_of(run)] == [1]
     finally:
@@ -180,8 +154,8 @@ def test_under_torchrun_every_process_stops_when_the_folder_is_refused(folder, t
 # 3. --resume continues the run as it was started
 # ---------------------------------------------------------------------------------------
 def test_typed_flags_are_read_from_the_command_line_not_from_the_defaults():
-    typed = train.typed_flags(["--epochs=6", "--seed", "0", "--resum", "x", "--no-amp", "--lr", "5e-4"])
-    assert typed == {"epochs", "seed", "resume", "amp", "lr"}  # --seed 0 is the default, yet typed
+    typed = config.parse(["--epochs=6", "--seed", "0", "--resum", "x", "--no-amp", "--lr", "5e-4"])
+    assert typed == {"epochs": 6, "seed": 0, "resume": "x", "amp": False, "lr": 5e-4}  # --seed 0 is the default, yet typed
 
 
 @pytest.fixture(scope="module")
@@ -220,9 +194,9 @@ def test_extending_a_run_whose_warmup_was_capped(folder, tmp_path, capsys):
     train.main([*flags(folder, 1), "--output-dir", str(shortest)])  # ... and to 0
     capsys.readouterr()
     for run, planned, epochs, warmup in ((short, 2, 6, 1), (shortest, 1, 2, 0)):
-        assert train.cli(["--resume", str(run), "--epochs", str(epochs)]) == 0, capsys.readouterr().err
+        assert run_train(["--resume", str(run), "--epochs", str(epochs)]) == 0, capsys.readouterr().err
         assert f"note: --epochs grew from {planned} to {epochs}" in capsys.readouterr().out
-        stored = convit.read_checkpoint_file(run / "checkpoint.pth")["args"]
+        stored = checkpoints.read_checkpoint_file(run / "checkpoint.pth")["args"]
         assert (stored["epochs"], stored["warmup_epochs"]) == (epochs, warmup)
         assert [m["epoch"] for m in metrics_of(run)] == list(range(1, epochs + 1))
 
@@ -230,10 +204,10 @@ def test_extending_a_run_whose_warmup_was_capped(folder, tmp_path, capsys):
 def test_resume_with_fewer_epochs_and_with_changed_typed_flags(folder, uninterrupted, tmp_path, capsys):
     run = tmp_path / "run"
     train.main([*flags(folder, 4), "--output-dir", str(run), "--stop-after", "1"])  # warmup 2: not capped
-    one_error_line(train.cli(["--resume", str(run), "--epochs", "2"]), capsys.readouterr().err,
+    one_error_line(run_train(["--resume", str(run), "--epochs", "2"]), capsys.readouterr().err,
                    "--epochs 2 is fewer than the 4 the run was planned for (1 done)", "--stop-after")
     # A typed flag that changes what the run computes is named, even at its default value (--seed 0).
-    one_error_line(train.cli(["--resume", str(run), "--seed", "3", "--smoothing", "0.1"]), capsys.readouterr().err,
+    one_error_line(run_train(["--resume", str(run), "--seed", "3", "--smoothing", "0.1"]), capsys.readouterr().err,
                    "--seed 3 (checkpoint: 0)")
     assert "--smoothing" not in capsys.readouterr().err  # 0.1 is the run's own value: no difference
     # The full original command plus --resume still works, and where and how it runs may change.
@@ -268,7 +242,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_training(folder,
     cases = {str(a_file): f"--output-dir {a_file} is a file, not a folder",
              str(a_file / "run"): f"--output-dir {a_file / 'run'} cannot be created: {a_file} is a file"}
     for out, says in cases.items():
-        one_error_line(train.cli([*flags(folder, 1), "--output-dir", out]), capsys.readouterr().err, says)
+        one_error_line(run_train([*flags(folder, 1), "--output-dir", out]), capsys.readouterr().err, says)
 
     # A read-only file system (simulated: as root, permissions alone would not stop a write).
     read_only = tmp_path / "read-only"
@@ -281,7 +255,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_training(folder,
 
     with monkeypatch.context() as patch:
         patch.setattr(Path, "mkdir", mkdir)
-        one_error_line(train.cli([*flags(folder, 1), "--output-dir", str(read_only)]), capsys.readouterr().err,
+        one_error_line(run_train([*flags(folder, 1), "--output-dir", str(read_only)]), capsys.readouterr().err,
                        f"--output-dir {read_only} cannot be written (Read-only file system)")
 
 
@@ -289,7 +263,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_training(folder,
 def test_an_output_dir_without_write_permission_is_refused(folder, tmp_path, capsys, no_data):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    one_error_line(train.cli([*flags(folder, 1), "--output-dir", str(locked)]), capsys.readouterr().err,
+    one_error_line(run_train([*flags(folder, 1), "--output-dir", str(locked)]), capsys.readouterr().err,
                    f"--output-dir {locked} cannot be written (Permission denied)")
 
 
@@ -327,7 +301,7 @@ def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(folder, tmp_pat
 
     with monkeypatch.context() as patch:
         patch.setattr(torch, "save", save)
-        one_error_line(train.cli([*flags(folder, 3), "--output-dir", str(run)]), capsys.readouterr().err,
+        one_error_line(run_train([*flags(folder, 3), "--output-dir", str(run)]), capsys.readouterr().err,
                        f"could not write {run / 'checkpoint.pth'} (No space left on device)", "untouched")
     assert checkpoint_epoch(run) == 1 and [m["epoch"] for m in metrics_of(run)] == [1]
     assert not list(run.glob("*.tmp"))
@@ -347,7 +321,7 @@ def test_a_metrics_line_that_cannot_be_written_comes_back_on_resume(folder, unin
 
     with monkeypatch.context() as patch:
         patch.setattr(Path, "open", open_)
-        one_error_line(train.cli([*flags(folder, 3, "--seed", "1", "--lr", "2e-3", "--smoothing", "0.2"),
+        one_error_line(run_train([*flags(folder, 3, "--seed", "1", "--lr", "2e-3", "--smoothing", "0.2"),
                                   "--output-dir", str(run)]), capsys.readouterr().err,
                        f"could not append epoch 2 to {run / 'metrics.jsonl'} (No space left on device)")
     assert checkpoint_epoch(run) == 2 and [m["epoch"] for m in metrics_of(run)] == [1]  # cut back, not torn
@@ -365,36 +339,31 @@ def test_a_metrics_line_that_cannot_be_written_comes_back_on_resume(folder, unin
     (["--quick", "--run-dir", "{file}"], "--run-dir {file} is a file, not a folder"),
 ])
 def test_lesson_output_folders_that_cannot_be_written(argv, says, tmp_path, capsys, no_data):
-    from lessons._common import cli
-
     a_file = tmp_path / "a file"
     a_file.write_text("not a folder")
     argv = [a.replace("{file}", str(a_file)) for a in argv]
     out = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "figures")]
-    one_error_line(cli(lesson("05").main, [*argv, *out]), capsys.readouterr().err, says.replace("{file}", str(a_file)))
+    one_error_line(cli.run_command(lesson("05").main, [*argv, *out]), capsys.readouterr().err,
+                   says.replace("{file}", str(a_file)))
 
 
 def test_a_full_disk_under_a_lessons_figures_is_one_line(tmp_path, capsys, monkeypatch):
     from matplotlib.figure import Figure
 
-    from lessons._common import cli
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Figure, "savefig", full)
-    one_error_line(cli(lesson("03").main, ["--quick", "--out-dir", str(tmp_path)]), capsys.readouterr().err,
+    one_error_line(cli.run_command(lesson("03").main, ["--quick", "--out-dir", str(tmp_path)]), capsys.readouterr().err,
                    f"could not write {tmp_path}/03_", "(No space left on device)")
 
 
 def test_a_lesson_run_again_replaces_its_own_runs(tmp_path, capsys):
     """Lesson 5 --quick into a --run-dir of our choosing, twice: the second run replaces the first
     (the lessons pass --overwrite for their own run folders)."""
-    from lessons._common import cli
-
     argv = ["--quick", "--dataset", "digits", "--run-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "figures")]
     for _ in range(2):
-        assert cli(lesson("05").main, argv) == 0, capsys.readouterr().err
+        assert cli.run_command(lesson("05").main, argv) == 0, capsys.readouterr().err
     assert [m["epoch"] for m in metrics_of(tmp_path / "runs" / "seed0")] == [1, 2]
     assert (tmp_path / "runs" / "seed0" / runs.FIGURE).is_file()
 
@@ -413,13 +382,13 @@ def test_a_lesson_run_again_replaces_its_own_runs(tmp_path, capsys):
                                  "lower --batch-size or raise --data-fraction"),
 ])
 def test_values_that_were_silently_ignored_are_refused(argv, says, folder, tmp_path, capsys):
-    code = train.cli([*flags(folder, 1), "--output-dir", str(tmp_path / "run"), *argv])
+    code = run_train([*flags(folder, 1), "--output-dir", str(tmp_path / "run"), *argv])
     one_error_line(code, capsys.readouterr().err, says)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_help_names_every_dataset_of_each_preset():
-    text = " ".join(train.build_parser().format_help().split())
+    text = " ".join(config.build_parser().format_help().split())
     assert "the default for digits, mnist10k, mnist10k-sum, fake" in text
     assert "the default for cifar10, cifar100, imagefolder" in text
     assert "--overwrite" in text and "is refused" in text
@@ -457,13 +426,14 @@ def test_no_figure_draws_none_and_says_so_and_a_quick_lesson_passes_it_only_for_
     assert "; metrics in " in capsys.readouterr().out
     assert plots.main([str(run)]) is None and is_png(run / runs.FIGURE)  # drawn later from metrics.jsonl
 
-    from lessons._common import parse, run_folder, train_argv, training_parser
+    from lessons._command import parse, run_folder, training_parser
     from lessons._protocol import QUICK, RECIPE
+    from lessons._training import run_settings
 
     for typed, scratch in (([], True), (["--run-dir", str(tmp_path / "mine")], False)):
-        args = parse(training_parser("", "test", RECIPE, QUICK), ["--quick", *typed])
+        args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", *typed])
         with run_folder(args) as run_root:
-            assert ("--no-figure" in train_argv(args, run_root / "r")) is scratch, typed
+            assert run_settings(args, run_root / "r").get("no_figure", False) is scratch, typed
 
 
 def test_the_figure_of_a_deit_run_has_no_gates(folder, tmp_path):

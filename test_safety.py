@@ -10,15 +10,12 @@ under a minute on two CPU cores.
 """
 
 import argparse
-import importlib.util
-import json
 import math
 import os
 import pickle
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,55 +23,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import checkpoints
+import cli
+import config
 import convit
 import data
-import test_train
 import train
+from conftest import TINY, colour_image_folder, lesson, metrics_of, one_error_line, run_train, start_stalled, tiny_model
 
 HERE = Path(__file__).resolve().parent
-cifar_folder = test_train.cifar_folder  # the fixture: a CIFAR-10-format folder of plain pickles
-# The model of test_train.TINY: 16x16 images in 4x4 patches, C = 32, H = 4, 3 blocks (1 GPSA).
-TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "3", "--num-heads", "4",
-        "--preset", "small", "--workers", "0", "--quiet"]
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
-
-
-def tiny_model(**overrides) -> convit.ConViT:
-    return convit.create_model("convit_tiny", img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4,
-                               local_up_to_layer=1, num_classes=3, **overrides)
-
-
-def metrics_of(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def one_error_line(code: int, err: str, *phrases: str):
-    """Exit code 2, exactly one line on stderr, `error: ...` holding every phrase, no traceback."""
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase in lines[0], (phrase, lines[0])
-
-
-def small_image_folder(root: Path, train_count: int = 8, val_count: int = 4) -> Path:
-    """train/ and val/ of three colour classes, 16x16 PNGs: batch 8 makes 3 steps an epoch."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_count), ("val", val_count)):
-        for name, colour in zip(("a_red", "b_green", "c_blue"), COLOURS):
-            (root / split / name).mkdir(parents=True)
-            noise = rng.normal(0, 40, (count, 16, 16, 3))
-            for i, pixels in enumerate(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)):
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return small_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def run_flags(folder: Path, epochs: int = 3) -> list[str]:
@@ -88,14 +46,6 @@ def reference(folder, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("reference")
     result = train.main([*run_flags(folder), "--output-dir", str(out)])
     return {"state": result["model"].state_dict(), "metrics": metrics_of(out), "dir": out}
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """Lessons set torch's thread count for the whole process; put it back after each test."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,7 +62,7 @@ def test_our_checkpoint_loads_with_weights_only_and_no_allow_list(reference):
 def test_released_layout_with_its_args_namespace_loads(tmp_path, capsys):
     """What a released ConViT/DeiT .pth holds: real optimiser, scheduler and scaler states, an
     EMA copy and the training script's argparse.Namespace."""
-    model = tiny_model()
+    model = tiny_model(num_classes=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     optimizer.step()
@@ -125,9 +75,9 @@ def test_released_layout_with_its_args_namespace_loads(tmp_path, capsys):
     path = tmp_path / "convit_tiny.pth"
     torch.save(released, path)
 
-    read = convit.read_checkpoint_file(path)
+    read = checkpoints.read_checkpoint_file(path)
     assert read["args"] == args and read["epoch"] == 299
-    loaded = convit.load_checkpoint(tiny_model(), path, verbose=False)
+    loaded = checkpoints.load_checkpoint(tiny_model(num_classes=3), path, verbose=False)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
@@ -145,7 +95,8 @@ class Evil:
 def evil_files(tmp_path) -> tuple[dict[str, Path], Path]:
     marker = tmp_path / "PWNED"
     files = {"top level": {"model": Evil(marker)},
-             "inside the args Namespace": {"model": tiny_model().state_dict(), "args": argparse.Namespace(x=Evil(marker))}}
+             "inside the args Namespace": {"model": tiny_model(num_classes=3).state_dict(),
+                                           "args": argparse.Namespace(x=Evil(marker))}}
     paths = {}
     for name, content in files.items():
         paths[name] = tmp_path / f"evil {len(paths)}.pth"
@@ -157,11 +108,11 @@ def test_evil_checkpoint_runs_no_code_through_the_library_or_train(evil_files, f
     paths, marker = evil_files
     for path in paths.values():
         with pytest.raises(ValueError, match="posix.system, which is code") as refused:
-            convit.load_checkpoint(tiny_model(), path)
+            checkpoints.load_checkpoint(tiny_model(num_classes=3), path)
         assert str(path) in str(refused.value)
         flags = ["--dataset", "imagefolder", "--data-dir", str(folder), *TINY, "--batch-size", "8"]
         for how in (["--eval-only", "--checkpoint", str(path)], ["--checkpoint", str(path)], ["--resume", str(path)]):
-            one_error_line(train.cli([*flags, *how]), capsys.readouterr().err, str(path), "refused without running it")
+            one_error_line(run_train([*flags, *how]), capsys.readouterr().err, str(path), "refused without running it")
     assert not marker.exists()
 
 
@@ -175,14 +126,14 @@ def test_evil_checkpoint_runs_no_code_from_the_command_line(evil_files):
 
 
 def test_no_load_anywhere_can_run_code():
-    """One torch.load in the code, convit.read_checkpoint_file's, and no file that turns weights_only off."""
+    """One torch.load in the code, checkpoints.read_checkpoint_file's, and no file that turns weights_only off."""
     sources = {path: path.read_text() for path in [*HERE.glob("*.py"), *HERE.glob("lessons/*.py")]}
     unsafe = "weights_only=" + "False"  # spelled apart, so that this file does not match itself
     assert [str(path) for path, text in sources.items() if unsafe in text] == []
     loads = [str(path.name) for path, text in sources.items() for _ in range(text.count("torch.load(")) if
              not path.name.startswith("test_")]
-    assert loads == ["convit.py"]
-    assert "torch.load(path, map_location=\"cpu\", weights_only=True)" in sources[HERE / "convit.py"]
+    assert loads == ["checkpoints.py"]
+    assert "torch.load(path, map_location=\"cpu\", weights_only=True)" in sources[HERE / "checkpoints.py"]
     unpickling = ["pickle." + "load(", "pickle." + "loads(", "allow_pickle=" + "True"]  # data files: no code either
     assert [path.name for path, text in sources.items() for call in unpickling
             if call in text and not path.name.startswith("test_")] == []
@@ -199,7 +150,7 @@ def test_evil_cifar_batch_runs_no_code_and_a_plain_one_still_loads(cifar_folder,
         pickle.dump({"data": Evil(marker), "labels": [0]}, f)
     with pytest.raises(ValueError, match="data_batch_3 .*asks to load posix.system, which is code, not data"):
         data.load_cifar("cifar10", tmp_path / "evil", True, transform=None)
-    one_error_line(train.cli(["--dataset", "cifar10", "--data-dir", str(tmp_path / "evil"), *TINY]),
+    one_error_line(run_train(["--dataset", "cifar10", "--data-dir", str(tmp_path / "evil"), *TINY]),
                    capsys.readouterr().err, "refused without running it")
     assert not marker.exists()
     plain = data.load_cifar("cifar10", cifar_folder, True, transform=None)  # the test's own CIFAR-format files
@@ -247,7 +198,7 @@ def test_bad_checkpoint_file_is_one_clear_refusal(kind, bad_files, folder, capsy
     path = bad_files[kind]
     library_says, train_says = BAD_FILES[kind]
     with pytest.raises(ValueError) as refused:
-        convit.load_checkpoint(tiny_model(), path, verbose=False)
+        checkpoints.load_checkpoint(tiny_model(num_classes=3), path, verbose=False)
     assert str(path) in str(refused.value) and library_says in str(refused.value)
 
     flags = ["--dataset", "imagefolder", "--data-dir", str(folder), *TINY, "--batch-size", "8", "--epochs", "4"]
@@ -257,92 +208,20 @@ def test_bad_checkpoint_file_is_one_clear_refusal(kind, bad_files, folder, capsy
             says = "is not a checkpoint of train.py"  # a bare state dict: nothing to resume
         if how == ["--resume"] and kind == "NaN weights":
             says = "holds NaN or inf (model.blocks.0.attn.qk.weight): the run had diverged, so it cannot be resumed"
-        one_error_line(train.cli([*flags, *how, str(path)]), capsys.readouterr().err, str(path), says)
+        one_error_line(run_train([*flags, *how, str(path)]), capsys.readouterr().err, str(path), says)
 
 
 # ---------------------------------------------------------------------------------------
 # 3. Killed at any moment, nothing lost
 # ---------------------------------------------------------------------------------------
-# The run in a subprocess: train.cli, with torch.save, os.replace or the optimiser step
-# wrapped so that at the chosen moment of epoch 2 it writes a file for the test and stalls
-# until the test kills it. train.py has no hooks for this.
-WRAPPER = '''
-import io, os, signal, sys, time
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-import torch
-import train
-
-# Ctrl-C as a terminal delivers it: a job that a shell started in the background (a CI runner's,
-# say) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
-signal.signal(signal.SIGINT, signal.default_int_handler)
-
-moment, here = sys.argv[2], Path(sys.argv[3])
-saves = []
-
-
-def stall():
-    here.write_text(moment)  # the test waits for this file, then kills us
-    while True:
-        time.sleep(0.01)
-
-
-real_replace, real_save, real_step = os.replace, torch.save, torch.amp.GradScaler.step
-
-
-def replace(src, dst):
-    if not str(dst).endswith("checkpoint.pth"):
-        return real_replace(src, dst)
-    saves.append(dst)
-    if moment == "before the rename" and len(saves) == 2:
-        stall()
-    real_replace(src, dst)
-    if moment == "after the rename" and len(saves) == 2:
-        stall()
-
-
-def save(obj, f, *args, **kwargs):
-    if moment == "half written" and isinstance(obj, dict) and obj.get("epoch") == 2:
-        whole = io.BytesIO()
-        real_save(obj, whole, *args, **kwargs)
-        f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
-        f.flush()
-        stall()
-    return real_save(obj, f, *args, **kwargs)
-
-
-def step(self, optimizer, *args, **kwargs):
-    if moment == "mid-epoch" and saves:
-        saves.append("step")
-        if saves.count("step") == 2:  # the second step of epoch 2
-            stall()
-    return real_step(self, optimizer, *args, **kwargs)
-
-
-os.replace, torch.save, torch.amp.GradScaler.step = replace, save, step
-sys.exit(train.cli(sys.argv[4:]))
-'''
-
-
 def start_and_stop(tmp_path, moment: str, argv: list[str], how: signal.Signals) -> subprocess.CompletedProcess:
-    """Run the wrapper until it reaches `moment`, send it `how`, return what it said."""
-    wrapper, here = tmp_path / "wrapper.py", tmp_path / "here"
-    wrapper.write_text(WRAPPER)
-    out, err = (tmp_path / "stdout").open("w+"), (tmp_path / "stderr").open("w+")
-    process = subprocess.Popen([sys.executable, str(wrapper), str(HERE), moment, str(here), *argv],
-                               stdout=out, stderr=err, text=True, cwd=HERE)
-    deadline = time.monotonic() + 300  # generous: two shared cores may be busy with other work
-    while not here.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            err.seek(0)
-            pytest.fail(f"the run never reached {moment!r}: {err.read()[-3000:]}")
-        time.sleep(0.02)
+    """Run train.py until it reaches `moment` (conftest.start_stalled), send it `how`, return what it said."""
+    out = (tmp_path / "stdout").open("w+")
+    process = start_stalled(tmp_path, argv, moment, stdout=out)
     process.send_signal(how)
     process.wait(timeout=120)
     out.seek(0)
-    err.seek(0)
-    return subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
+    return subprocess.CompletedProcess(process.args, process.returncode, out.read(), (tmp_path / "stderr").read_text())
 
 
 # moment: the epoch of the checkpoint on disk afterwards, the epochs in metrics.jsonl afterwards
@@ -364,7 +243,7 @@ def test_killed_at_any_moment_resumes_to_the_same_weights(moment, folder, refere
     on_disk, epochs_logged = MOMENTS[moment]
     if moment in ("half written", "before the rename"):  # killed with the new checkpoint on its way
         assert (run / "checkpoint.pth.tmp").stat().st_size > 0
-    assert convit.read_checkpoint_file(run / "checkpoint.pth")["epoch"] == on_disk  # it loads: the last whole epoch
+    assert checkpoints.read_checkpoint_file(run / "checkpoint.pth")["epoch"] == on_disk  # it loads: the last whole epoch
     assert [m["epoch"] for m in metrics_of(run)] == epochs_logged
 
     resumed = train.main([*flags, "--resume", str(run)])  # a run folder: its checkpoint.pth
@@ -400,7 +279,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(folder, tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch.amp.GradScaler, "step", ctrl_c)
-    code = train.cli([*run_flags(folder), "--output-dir", str(run), "--overwrite"])
+    code = run_train([*run_flags(folder), "--output-dir", str(run), "--overwrite"])
     err = capsys.readouterr().err
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines() == [
@@ -413,10 +292,10 @@ def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(folder, tmp_pa
 def test_resume_refuses_changed_recipe_flags_and_allows_run_only_ones(folder, reference, tmp_path, capsys):
     checkpoint = str(reference["dir"] / "checkpoint.pth")
     flags = run_flags(folder)
-    lr = convit.read_checkpoint_file(checkpoint)["args"]["lr"]  # 1.6e-2 * 8 / 512 = 2.5e-4
-    one_error_line(train.cli([*flags, "--lr", "0.5", "--depth", "4", "--resume", checkpoint]),
+    lr = checkpoints.read_checkpoint_file(checkpoint)["args"]["lr"]  # 1.6e-2 * 8 / 512 = 2.5e-4
+    one_error_line(run_train([*flags, "--lr", "0.5", "--depth", "4", "--resume", checkpoint]),
                    capsys.readouterr().err, "--depth 4 (checkpoint: 3)", f"--lr 0.5 (checkpoint: {lr})")
-    one_error_line(train.cli([*run_flags(folder, epochs=2), "--resume", checkpoint]), capsys.readouterr().err,
+    one_error_line(run_train([*run_flags(folder, epochs=2), "--resume", checkpoint]), capsys.readouterr().err,
                    "--epochs 2 is fewer than the 3 the run was planned for", "--stop-after")
     # Where and how it runs may change: another output folder, workers, threads, no progress bar.
     moved = train.main([*flags, "--resume", checkpoint, "--output-dir", str(tmp_path), "--workers", "1",
@@ -441,22 +320,13 @@ def test_more_epochs_on_resume_refit_the_rest_of_the_cosine(folder, tmp_path, ca
         expected = low + (lrs[2] - low) * (1 + math.cos(math.pi * (epoch - 2) / 5)) / (1 + math.cos(math.pi / 5))
         assert lrs[epoch - 1] == pytest.approx(expected, rel=1e-9)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # it never rises again
-    final = convit.read_checkpoint_file(tmp_path / "checkpoint.pth")["optimizer"]["param_groups"][0]["lr"]
+    final = checkpoints.read_checkpoint_file(tmp_path / "checkpoint.pth")["optimizer"]["param_groups"][0]["lr"]
     assert final == pytest.approx(low, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------
 # 5. Every other bad input: one `error:` line, exit code 2, never a traceback
 # ---------------------------------------------------------------------------------------
-def lesson(number: str):
-    """A lesson script as a module (their names start with a digit, so no plain import)."""
-    path = next((HERE / "lessons").glob(f"{number}_*.py"))
-    spec = importlib.util.spec_from_file_location(f"lesson_{number}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def offline(*args, **kwargs):
     raise urllib.error.URLError("no network")
 
@@ -497,7 +367,7 @@ BAD_INPUTS = [
 @pytest.fixture(scope="module")
 def corrupt_folder(tmp_path_factory) -> Path:
     """The image folder with one PNG that is not an image."""
-    root = small_image_folder(tmp_path_factory.mktemp("corrupt"))
+    root = colour_image_folder(tmp_path_factory.mktemp("corrupt"), 8, 4)
     (root / "train" / "a_red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of an image")
     return root
 
@@ -515,12 +385,10 @@ def test_bad_input_is_one_error_line(who, argv, says, folder, corrupt_folder, tm
     if who == "train":
         data = ["--dataset", "imagefolder", "--data-dir", str(folder), *TINY, "--batch-size", "8", "--epochs", "1",
                 "--output-dir", str(tmp_path / "run")]
-        code = train.cli([*data, *argv])  # the later flag wins where both give one
+        code = run_train([*data, *argv])  # the later flag wins where both give one
     else:
         module = lesson(who.split()[1])
-        from lessons._common import cli
-
-        code = cli(module.main, [*argv, "--out-dir", str(tmp_path / "figures")])
+        code = cli.run_command(module.main, [*argv, "--out-dir", str(tmp_path / "figures")])
     one_error_line(code, capsys.readouterr().err, says)
 
 
@@ -538,15 +406,15 @@ def test_bad_input_is_one_error_line_from_the_scripts_themselves(script, argv, s
 
 
 def test_quiet_prints_only_the_final_result_line(folder, tmp_path, capsys):
-    assert train.cli([*run_flags(folder, epochs=2), "--output-dir", str(tmp_path)]) == 0
+    assert run_train([*run_flags(folder, epochs=2), "--output-dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("done: val top-1") and "after 2 epochs" in lines[0]
     data = ["--dataset", "imagefolder", "--data-dir", str(folder), *TINY]
-    assert train.cli([*data, "--eval-only", "--checkpoint", str(tmp_path)]) == 0  # a run folder is accepted
+    assert run_train([*data, "--eval-only", "--checkpoint", str(tmp_path)]) == 0  # a run folder is accepted
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and "top-1" in lines[0]
-    assert "--quiet" in train.build_parser().format_help() and "only the final result line" in \
-        train.build_parser().format_help()
+    help_text = config.build_parser().format_help()
+    assert "--quiet" in help_text and "only the final result line" in help_text
 
 
 def test_num_heads_alone_says_that_it_widens_c(folder, tmp_path, capsys):

@@ -7,10 +7,8 @@ with `error: ...` and exit code 2 instead of a traceback.
 """
 
 import dataclasses
-import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 import urllib.error
@@ -20,83 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import checkpoints
+import config
 import convit
 import data
-import runs
 import train
+from conftest import TINY, fails_with, metrics_of, resolved, tiny_model
 
 HERE = Path(__file__).resolve().parent
-
-# A ConViT small enough for a CPU test: 16x16 images in 4x4 patches (a 4x4 grid), C = 32,
-# H = 4 (a 2x2 kernel), 3 blocks of which the first is GPSA.
-TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "3", "--num-heads", "4",
-        "--preset", "small", "--workers", "0", "--quiet"]
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]  # one class per colour: an easy task
-
-
-def tiny_model(**overrides) -> convit.ConViT:
-    """The model that TINY's flags build, straight from convit."""
-    return convit.create_model("convit_tiny", img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4,
-                               local_up_to_layer=1, **overrides)
-
-
-def noisy_images(rng, colour, count, size=16):
-    """Images of one colour plus noise, (count, size, size, 3) uint8."""
-    base = np.array(colour, dtype=np.float32)
-    return np.clip(base + rng.normal(0, 40, (count, size, size, 3)), 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """An ImageFolder tree of PNGs, train/ and val/, three classes told apart by colour."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 32), ("val", 12)):
-        for name, colour in zip(("a_red", "b_green", "c_blue"), COLOURS):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i, pixels in enumerate(noisy_images(rng, colour, count)):
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def cifar_folder(tmp_path_factory):
-    """A CIFAR-10-format folder (cifar-10-batches-py: pickled data_batch_1..5, test_batch,
-    batches.meta) whose ten classes differ in brightness."""
-    root = tmp_path_factory.mktemp("cifar")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-
-    def write_batch(name, count):
-        labels = [i % 10 for i in range(count)]
-        grey = np.array(labels, dtype=np.float32)[:, None] * 25 + rng.normal(0, 8, (count, 3 * 32 * 32))
-        data = np.clip(grey, 0, 255).astype(np.uint8)  # (count, 3072): the red, green, blue planes in a row
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels}, f)
-
-    for i in range(1, 6):
-        write_batch(f"data_batch_{i}", 20)
-    write_batch("test_batch", 40)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"grey{i}" for i in range(10)]}, f)
-    return root
-
-
-def metrics_of(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def fails_with(argv, message, capsys):
-    """Run the command-line entry in-process; it must print `error: <message>` and return 2."""
-    code = train.cli(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: ") and message in err, err
-    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,11 +66,11 @@ def test_data_fraction_is_stratified_and_seeded():
     assert sorted(labels[i] for i in kept) == [0, 1, 1, 2, 2, 2]
     assert kept == data.stratified_fraction(labels, 0.1, seed=0)
     assert kept != data.stratified_fraction(labels, 0.1, seed=1)
-    args = train.resolve_args(train.build_parser().parse_args(["--data-fraction", "0.25", "--scale-epochs"]))
-    small = train.RECIPES["small"]
+    cfg = resolved("--data-fraction", "0.25", "--scale-epochs")
+    small = config.preset_values("small")
     # 1/f times the epochs; the warmup keeps its epochs, as in the released code
-    assert (args.epochs, args.warmup_epochs) == (4 * small.epochs, small.warmup_epochs)
-    assert args.eval_every == 4  # every fraction is evaluated after the same numbers of steps
+    assert (cfg.recipe.epochs, cfg.recipe.warmup_epochs) == (4 * small["epochs"], small["warmup_epochs"])
+    assert cfg.runtime.eval_every == 4  # every fraction is evaluated after the same numbers of steps
 
 
 def test_eval_every_logs_and_saves_every_n_epochs_and_the_last(cifar_folder, tmp_path):
@@ -155,8 +85,8 @@ MNIST10K_VAL_PER_CLASS = [200, 225, 198, 206, 196, 173, 203, 214, 189, 196]  # 2
 
 
 def mnist10k_sets(*flags):
-    args = train.resolve_args(train.build_parser().parse_args(["--dataset", "mnist10k", *flags]))
-    return data.build_datasets(args)
+    cfg = resolved("--dataset", "mnist10k", *flags)
+    return data.build_datasets(cfg.data, cfg.augment, cfg.recipe.seed)
 
 
 def test_mnist10k_split_is_fixed_stratified_and_disjoint(tmp_path):
@@ -178,8 +108,8 @@ def test_mnist10k_split_is_fixed_stratified_and_disjoint(tmp_path):
     assert len(subset) == 800 and set(subset.indices) <= set(range(8000))
     # Grey 28x28, normalised, in 4x4 patches: a 7x7 grid; no horizontal flip.
     image, _ = val_set[0]
-    assert image.shape == (1, 28, 28) and data.DATASETS["mnist10k"].hflip == 0.0
-    assert train.resolve_args(train.build_parser().parse_args(["--dataset", "mnist10k"])).patch_size == 4
+    assert image.shape == (1, 28, 28) and resolved("--dataset", "mnist10k").augment.hflip == 0.0
+    assert resolved("--dataset", "mnist10k").model.patch_size == 4
 
 
 def test_mnist10k_sum_pairs_far_apart_digits_labelled_by_their_sum(tmp_path):
@@ -225,19 +155,18 @@ def test_short_mnist10k_run_learns(tmp_path):
 
 def test_missing_or_damaged_mnist10k_is_one_error_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data, "MNIST10K_FILE", tmp_path / "nowhere" / "mnist10k.npz")
-    fails_with(["--dataset", "mnist10k", "--data-dir", str(tmp_path)], "mnist10k.npz not found", capsys)
+    fails_with(["--dataset", "mnist10k", "--data-dir", str(tmp_path)], capsys, "mnist10k.npz not found")
     (tmp_path / "mnist10k.npz").write_bytes(b"not a zip file")  # --data-dir's copy comes first
-    fails_with(["--dataset", "mnist10k", "--data-dir", str(tmp_path)], "is not a readable MNIST-10k file", capsys)
+    fails_with(["--dataset", "mnist10k", "--data-dir", str(tmp_path)], capsys, "is not a readable MNIST-10k file")
     np.savez(tmp_path / "mnist10k.npz", images=np.zeros((5, 28, 28), np.float32), labels=np.zeros(5, np.uint8))
-    fails_with(["--dataset", "mnist10k", "--data-dir", str(tmp_path)], "holds images float32", capsys)
+    fails_with(["--dataset", "mnist10k", "--data-dir", str(tmp_path)], capsys, "holds images float32")
     np.savez(tmp_path / "mnist10k.npz", pictures=np.zeros((5, 28, 28), np.uint8))
-    fails_with(["--dataset", "mnist10k", "--data-dir", str(tmp_path)], "is not a readable MNIST-10k file", capsys)
+    fails_with(["--dataset", "mnist10k", "--data-dir", str(tmp_path)], capsys, "is not a readable MNIST-10k file")
 
 
 def test_first_k_classes_of_an_image_folder(image_folder, tmp_path):
-    args = train.resolve_args(train.build_parser().parse_args(
-        ["--dataset", "imagefolder", "--data-dir", str(image_folder), "--num-classes-subset", "2", *TINY]))
-    train_set, val_set, num_classes = data.build_datasets(args)
+    cfg = resolved("--dataset", "imagefolder", "--data-dir", str(image_folder), "--num-classes-subset", "2", *TINY)
+    train_set, val_set, num_classes = data.build_datasets(cfg.data, cfg.augment, cfg.recipe.seed)
     assert num_classes == 2 and train_set.classes == val_set.classes == ["a_red", "b_green"]
     assert (len(train_set), len(val_set)) == (2 * 32, 2 * 12)
     # A released checkpoint keeps its wider head, so its class indices still count on the subset.
@@ -257,10 +186,6 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_gates():
             "blocks.0.norm1.weight", "norm.bias"} <= undecayed
     assert all(names[id(p)].endswith("weight") for p in decay["params"]) and decay["weight_decay"] == 0.05
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
-
-
-def resolved(*argv: str):
-    return train.resolve_args(train.build_parser().parse_args(list(argv)))
 
 
 GPSA_ATTENTION = ["qk.weight", "v.weight", "proj.weight", "proj.bias", "pos_proj.weight", "pos_proj.bias",
@@ -331,11 +256,11 @@ def test_row_e_is_deits_own_network_at_the_convits_size(image_folder, tmp_path, 
     assert "gates" not in record and np.array(record["nonlocality"]).shape == (3, 4)
     assert record["lr"] == 2e-3  # one epoch: the warmup is capped to 0, so it trains at the peak lr
     assert result["model"].blocks[0].attn.qkv.bias.abs().sum() > 0
-    fails_with([*TINY, "--model", "deit_tiny", "--local-up-to-layer", "2"],
-               "deit_tiny is DeiT's own network, which has no GPSA block", capsys)
-    fails_with([*TINY, "--model", "deit_tiny", "--freeze-gates"], "--freeze-gates act(s) on GPSA blocks", capsys)
-    fails_with([*TINY, "--local-up-to-layer", "0", "--freeze-gpsa", "--no-conv-init"],
-               "--freeze-gpsa --no-conv-init act(s) on GPSA blocks", capsys)
+    fails_with([*TINY, "--model", "deit_tiny", "--local-up-to-layer", "2"], capsys,
+               "deit_tiny is DeiT's own network, which has no GPSA block")
+    fails_with([*TINY, "--model", "deit_tiny", "--freeze-gates"], capsys, "--freeze-gates act(s) on GPSA blocks")
+    fails_with([*TINY, "--local-up-to-layer", "0", "--freeze-gpsa", "--no-conv-init"], capsys,
+               "--freeze-gpsa --no-conv-init act(s) on GPSA blocks")
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,29 +268,32 @@ def test_row_e_is_deits_own_network_at_the_convits_size(image_folder, tmp_path, 
 # ---------------------------------------------------------------------------------------
 def test_warmup_is_capped_so_that_the_lr_leaves_warmup_lr(capsys):
     def learning_rates(*flags):
-        args = resolved(*flags)
-        args.lr = 1e-3
-        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-        scheduler = train.build_schedule(optimizer, args)
+        cfg, notes = config.resolve(config.parse(list(flags)))
+        recipe = cfg.replace(lr=1e-3).recipe
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.lr)
+        scheduler = train.build_schedule(optimizer, recipe)
         lrs = []
-        for _ in range(args.epochs):
+        for _ in range(recipe.epochs):
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()  # (no gradient: a no-op, in the order train.py steps)
             scheduler.step()
-        return args, lrs
+        return recipe, lrs, notes
 
-    args, lrs = learning_rates("--epochs", "1")  # the small preset's 2 warmup epochs would hold 1e-6
-    assert args.warmup_epochs == 0 and lrs == [1e-3]
-    assert "note: --warmup-epochs 2 capped to 0" in capsys.readouterr().out
-    args, lrs = learning_rates("--epochs", "10", "--warmup-epochs", "8")
-    assert args.warmup_epochs == 5 and lrs[0] == pytest.approx(1e-6) and lrs[5] == pytest.approx(1e-3)
+    recipe, lrs, notes = learning_rates("--epochs", "1")  # the small preset's 2 warmup epochs would hold 1e-6
+    assert recipe.warmup_epochs == 0 and lrs == [1e-3]
+    assert notes == ["note: --warmup-epochs 2 capped to 0, half of the 1 epochs, so that the lr reaches its peak"]
+    recipe, lrs, notes = learning_rates("--epochs", "10", "--warmup-epochs", "8")
+    assert recipe.warmup_epochs == 5 and lrs[0] == pytest.approx(1e-6) and lrs[5] == pytest.approx(1e-3)
     assert lrs[1] == pytest.approx(1e-6 + (1e-3 - 1e-6) / 5) and max(lrs) == pytest.approx(1e-3)
-    assert "note: --warmup-epochs 8 capped to 5" in capsys.readouterr().out
-    args, _ = learning_rates("--epochs", "50")
-    assert args.warmup_epochs == 2 and "capped" not in capsys.readouterr().out  # the preset's own warmup
+    assert notes[0].startswith("note: --warmup-epochs 8 capped to 5")
+    recipe, _, notes = learning_rates("--epochs", "50")
+    assert recipe.warmup_epochs == 2 and notes == []  # the preset's own warmup
+    train.configure(config.parse(["--epochs", "1"]))  # train.py prints the notes of the run it resolves
+    assert "note: --warmup-epochs 2 capped to 0" in capsys.readouterr().out
     paper = resolved("--dataset", "cifar10")
-    assert (paper.warmup_epochs, paper.color_jitter, paper.randaug_magnitude, paper.randaug_magnitude_std) == (5, 0, 9, 0.5)
-    assert not math.isclose(paper.randaug_magnitude, 27)
+    assert (paper.recipe.warmup_epochs, paper.augment.color_jitter, paper.augment.randaug_magnitude,
+            paper.augment.randaug_magnitude_std) == (5, 0, 9, 0.5)
+    assert not math.isclose(paper.augment.randaug_magnitude, 27)
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,7 +324,7 @@ def test_eval_only_reports_our_checkpoint_and_a_released_format(cifar_folder, tm
     trained = train.main([*data, "--epochs", "1", "--output-dir", str(tmp_path)])
     ours = train.main([*data, "--eval-only", "--checkpoint", str(tmp_path / "checkpoint.pth")])
     assert ours["val_top1"] == trained["val_top1"] and ours["val_top5"] == trained["val_top5"]
-    rebuilt = convit.model_from_checkpoint(tmp_path / "checkpoint.pth")  # the README's one call, no flags
+    rebuilt = checkpoints.model_from_checkpoint(tmp_path / "checkpoint.pth")  # the README's one call, no flags
     assert rebuilt.cfg == trained["model"].cfg
     assert all(torch.equal(value, trained["model"].state_dict()[key]) for key, value in rebuilt.state_dict().items())
     torch.save({"model": trained["model"].state_dict()}, tmp_path / "released.pth")  # the released layout
@@ -410,16 +338,21 @@ def test_eval_only_can_mask_the_position_embedding(cifar_folder, tmp_path, capsy
     trained = train.main([*data, "--epochs", "1", "--output-dir", str(tmp_path)])
     with torch.no_grad():
         trained["model"].pos_embed.normal_()  # a trained embedding is far from its init
-    torch.save({"cfg": dataclasses.asdict(trained["model"].cfg), "model": trained["model"].state_dict()},
-               tmp_path / "moved.pth")
+    state = trained["model"].state_dict()
+    for name, pos_embed in (("moved", state["pos_embed"]), ("zeroed", torch.zeros_like(state["pos_embed"]))):
+        torch.save({"cfg": dataclasses.asdict(trained["model"].cfg), "model": {**state, "pos_embed": pos_embed}},
+                   tmp_path / f"{name}.pth")
     argv = [*data, "--eval-only", "--checkpoint", str(tmp_path / "moved.pth")]
     normal, masked = train.main(argv), train.main([*argv, "--mask-pos-embed"])
     assert masked["model"].pos_embed_masked and not normal["model"].pos_embed_masked
-    assert masked["val_loss"] != pytest.approx(normal["val_loss"])
-    fails_with([*data, "--mask-pos-embed"], "use it with --eval-only", capsys)
+    # Masked is exactly the model with no embedding at all, and far from the unmasked one.
+    zeroed = train.main([*data, "--eval-only", "--checkpoint", str(tmp_path / "zeroed.pth")])
+    assert (masked["val_loss"], masked["val_top1"]) == (zeroed["val_loss"], zeroed["val_top1"])
+    assert abs(masked["val_loss"] - normal["val_loss"]) > 0.05, (masked["val_loss"], normal["val_loss"])
+    fails_with([*data, "--mask-pos-embed"], capsys, "use it with --eval-only")
     train.main([*data, "--epochs", "1", "--no-pos-embed", "--output-dir", str(tmp_path / "none")])
     fails_with([*data, "--no-pos-embed", "--eval-only", "--mask-pos-embed", "--checkpoint", str(tmp_path / "none")],
-               "there is no position embedding to mask", capsys)
+               capsys, "there is no position embedding to mask")
 
 
 # ---------------------------------------------------------------------------------------
@@ -462,19 +395,19 @@ def test_bad_input_exits_2_without_traceback_from_the_command_line():
     (["--embed-dim", "30"], "width 30 is not divisible by 4 heads"),  # convit's own ValueError
 ])
 def test_bad_flags_are_rejected(argv, message, capsys):
-    fails_with(argv, message, capsys)
+    fails_with(argv, capsys, message)
 
 
 def test_missing_or_malformed_data_directory(tmp_path, capsys):
-    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere")], "does not exist", capsys)
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nowhere")], capsys, "does not exist")
     (tmp_path / "only_train" / "train" / "cat").mkdir(parents=True)
-    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "only_train")], "val is not a folder", capsys)
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "only_train")], capsys, "val is not a folder")
     (tmp_path / "only_train" / "val" / "cat").mkdir(parents=True)  # class folders without images
-    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "only_train")], "cannot read", capsys)
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "only_train")], capsys, "cannot read")
     broken = tmp_path / "cifar" / "cifar-10-batches-py"
     broken.mkdir(parents=True)
     (broken / "data_batch_1").write_bytes(b"not a pickle")
-    fails_with(["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")], "is not a readable cifar10 batch", capsys)
+    fails_with(["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar")], capsys, "is not a readable cifar10 batch")
 
 
 def test_no_network_for_a_missing_cifar_says_so(tmp_path, capsys, monkeypatch):
@@ -482,28 +415,28 @@ def test_no_network_for_a_missing_cifar_says_so(tmp_path, capsys, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    fails_with(["--dataset", "cifar100", "--data-dir", str(tmp_path)], "could not download cifar100", capsys)
+    fails_with(["--dataset", "cifar100", "--data-dir", str(tmp_path)], capsys, "could not download cifar100")
 
 
 def test_checkpoint_of_another_model_is_refused(image_folder, tmp_path, capsys):
     data = ["--dataset", "imagefolder", "--data-dir", str(image_folder), "--batch-size", "16"]
     train.main([*data, *TINY, "--epochs", "1", "--output-dir", str(tmp_path)])
     other = [*data, *TINY, "--embed-dim", "48", "--epochs", "2"]  # the later flag wins: C = 48
-    fails_with([*other, "--resume", str(tmp_path / "checkpoint.pth")], "--embed-dim 48 (checkpoint: 32)", capsys)
-    fails_with([*other, "--eval-only", "--checkpoint", str(tmp_path / "checkpoint.pth")],
-               "embed_dim=32 (checkpoint) vs 48 (this run)", capsys)
+    fails_with([*other, "--resume", str(tmp_path / "checkpoint.pth")], capsys, "--embed-dim 48 (checkpoint: 32)")
+    fails_with([*other, "--eval-only", "--checkpoint", str(tmp_path / "checkpoint.pth")], capsys,
+               "embed_dim=32 (checkpoint) vs 48 (this run)")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    fails_with([*other, "--eval-only", "--checkpoint", str(tmp_path / "junk.pth")], "truncated or damaged", capsys)
+    fails_with([*other, "--eval-only", "--checkpoint", str(tmp_path / "junk.pth")], capsys, "truncated or damaged")
 
 
 def test_checkpoint_saved_before_the_deit_fields_still_fits():
     model = tiny_model()
     cfg = dataclasses.asdict(model.cfg)
     del cfg["qkv_bias"], cfg["class_token_in_pos_embed"]  # as saved before DeiT's own network existed
-    runs.check_same_model({"cfg": cfg}, model, "old.pth")  # no error: they were False then
-    with pytest.raises(runs.RunError, match="class_token_in_pos_embed=False .checkpoint. vs True"):
-        runs.check_same_model({"cfg": cfg}, convit.create_model("deit_tiny", img_size=16, patch_size=4,
-                                                                embed_dim=32, depth=3, num_heads=4), "old.pth")
+    checkpoints.check_same_model({"cfg": cfg}, model, "old.pth")  # no error: they were False then
+    with pytest.raises(checkpoints.CheckpointError, match="class_token_in_pos_embed=False .checkpoint. vs True"):
+        checkpoints.check_same_model({"cfg": cfg}, convit.create_model("deit_tiny", img_size=16, patch_size=4,
+                                                                       embed_dim=32, depth=3, num_heads=4), "old.pth")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys):
@@ -511,7 +444,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
     # weights up after one step, so that the second step's loss is not finite.
     fails_with(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--batch-size", "16",
                 "--epochs", "2", "--warmup-epochs", "1", "--warmup-lr", "1e-6", "--lr", "1e30",
-                "--output-dir", str(tmp_path)], "non-finite loss", capsys)
+                "--output-dir", str(tmp_path)], capsys, "non-finite loss")
     assert [m["epoch"] for m in metrics_of(tmp_path)] == [1]
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 1

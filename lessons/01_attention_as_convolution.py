@@ -23,9 +23,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
+import cli  # noqa: E402
 import convit  # noqa: E402
-from lessons._common import (Stopwatch, cli, draw_map, head_looking_at, lesson_parser, parse, sample_images,  # noqa: E402
-                             save_figure)
+from lessons._command import lesson_parser, parse  # noqa: E402
+from lessons._draw import draw_map, save_figure  # noqa: E402
+from lessons._images import sample_images  # noqa: E402
+from lessons._report import Stopwatch  # noqa: E402
 
 HARD = 50.0  # alpha (and lambda) so large that softmax and sigmoid round to exactly 0 / 1 in float64
 
@@ -40,7 +43,7 @@ def gpsa_layer(grid: int, patch_size: int = 16, in_chans: int = 3, **overrides) 
 def plot_relative_positions(layer: convit.GPSA, grid: int, args):
     centre = (grid * grid) // 2  # the middle patch is the query
     rel_pos = convit.relative_positions(grid, grid)  # (N, N, 3) as (dx, dy, |delta|^2)
-    right = head_looking_at(layer.num_heads, 1.0, 0.0)  # the head looking one patch to the right
+    right = convit.head_looking_at(layer.num_heads, 1.0, 0.0)  # the head looking one patch to the right
     with torch.no_grad():
         scores = layer.pos_proj(rel_pos)[centre, :, right]  # v_pos^T r_ij for that head, (N,)
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), layout="constrained")
@@ -160,7 +163,7 @@ def init_is_convolution(side: int, args) -> float:
 
 
 def main(argv=None):
-    args = parse(lesson_parser(__doc__), argv)
+    args = parse(lesson_parser(__doc__, __file__), argv)
     clock = Stopwatch("lesson 1")
     grid, side = (5, 16) if args.quick else (7, 32)
     layer = gpsa_layer(grid)
@@ -173,4 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

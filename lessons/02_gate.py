@@ -23,9 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from einops import reduce  # noqa: E402
 
+import cli  # noqa: E402
 import convit  # noqa: E402
-from lessons._common import (Stopwatch, cli, draw_map, head_looking_at, in_chans, lesson_parser, parse,  # noqa: E402
-                             sample_images, save_figure)  # noqa: E402
+from lessons._command import lesson_parser, parse  # noqa: E402
+from lessons._draw import draw_map, save_figure  # noqa: E402
+from lessons._images import in_chans, sample_images  # noqa: E402
+from lessons._report import Stopwatch  # noqa: E402
 
 LAMBDAS = [-30.0, -1.0, 0.0, 1.0, 3.0, 30.0]  # sigma = 0, 0.27, 0.50, 0.73 (the init), 0.95, 1
 
@@ -52,7 +55,7 @@ def set_gate(layer: convit.GPSA, head: int, lam: float):
 
 
 def main(argv=None):
-    args = parse(lesson_parser(__doc__, uses_data=True), argv)
+    args = parse(lesson_parser(__doc__, __file__, uses_data=True), argv)
     clock = Stopwatch("lesson 2")
     img_size, patch_size, batch = (32, 4, 4) if args.quick else (64, 4, 8)
     rows = cols = img_size // patch_size
@@ -64,7 +67,7 @@ def main(argv=None):
     with_meaning.load_state_dict(at_init.state_dict())  # the same weights, apart from W_qry and W_key:
     give_content_meaning(with_meaning.blocks[0].attn)
     models = {"at init (random $W_{qry}, W_{key}$)": at_init, "$W_{qry} = W_{key} = I$ (content has meaning)": with_meaning}
-    head = head_looking_at(9, 1.0, 0.0)  # the head looking one patch to the right
+    head = convit.head_looking_at(9, 1.0, 0.0)  # the head looking one patch to the right
     # The query: the brightest patch away from the edges, so a patch on a stroke of the digit.
     brightness = reduce(images[0], "c (rows p) (cols q) -> rows cols", "mean", p=patch_size, q=patch_size)
     central = torch.zeros_like(brightness, dtype=torch.bool)
@@ -131,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

@@ -22,8 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import convit  # noqa: E402
-from lessons._common import Stopwatch, cli, draw_map, head_looking_at, lesson_parser, parse, save_figure  # noqa: E402
+from lessons._command import lesson_parser, parse  # noqa: E402
+from lessons._draw import draw_map, save_figure  # noqa: E402
+from lessons._report import Stopwatch  # noqa: E402
 
 ALPHAS = (0.1, 1.0, 10.0)
 SQUARE_HEADS = (4, 9, 16)
@@ -66,7 +69,7 @@ def plot_locality_strength(grid: int, args):
         own = position_attn.max(dim=1).values.mean().item()  # each head's peak sits on its own offset
         # the weight within one patch of the offset (its 3x3 neighbourhood), for the head whose offset is 0
         near = convit.relative_positions(grid, grid)[centre, :, :2].abs().amax(dim=-1) <= 1  # (N,)
-        within = position_attn[head_looking_at(9, 0.0, 0.0)].cpu()[near].sum().item()
+        within = position_attn[convit.head_looking_at(9, 0.0, 0.0)].cpu()[near].sum().item()
         nonlocality = positional_nonlocality(model)
         column.suptitle(f"$\\alpha$ = {alpha:g}: {own:.2f} on its offset, {within:.2f} within 1 patch of it\n"
                         f"(centre head), nonlocality {nonlocality:.2f} patches", fontsize=10)
@@ -101,7 +104,7 @@ def plot_head_counts(grid: int, args):
 
 
 def main(argv=None):
-    args = parse(lesson_parser(__doc__), argv)
+    args = parse(lesson_parser(__doc__, __file__), argv)
     clock = Stopwatch("lesson 3")
     grid = 9 if args.quick else 11
     plot_locality_strength(grid, args)
@@ -110,4 +113,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

@@ -23,8 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import convit  # noqa: E402
-from lessons._common import Stopwatch, cli, in_chans, lesson_parser, parse, sample_images, save_figure  # noqa: E402
+from lessons._command import lesson_parser, parse  # noqa: E402
+from lessons._draw import save_figure  # noqa: E402
+from lessons._images import in_chans, sample_images  # noqa: E402
+from lessons._report import Stopwatch  # noqa: E402
 
 
 def plot_layers(ax, nonlocality: torch.Tensor, style: str, colour: str, label: str, heads: bool = False):
@@ -39,7 +43,7 @@ def plot_layers(ax, nonlocality: torch.Tensor, style: str, colour: str, label: s
 
 
 def main(argv=None):
-    args = parse(lesson_parser(__doc__, uses_data=True), argv)
+    args = parse(lesson_parser(__doc__, __file__, uses_data=True), argv)
     clock = Stopwatch("lesson 4")
     img_size, batch = (112, 4) if args.quick else (224, 16)  # 224 / 16 = the paper's 14 x 14 grid
     grid = img_size // 16
@@ -80,4 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

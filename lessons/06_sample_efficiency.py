@@ -5,7 +5,7 @@ every run takes the same number of steps; Table 3 removes ConViT's ingredients o
 on 10% of the data. Here both run on MNIST-10k (real 28x28 digits in 4x4 patches: a 7x7 grid)
 with train.py, for a small ConViT and DeiT's own network at the same width, heads and depth,
 3 seeds each, every run trained until its validation top-1 stops improving (checked, not
-assumed: see `convergence` in lessons/_common.py).
+assumed: see `convergence` in lessons/_training.py).
 
 The recipe was chosen by a sweep of lr and warmup for both models at f = 100% and 10%
 (`--sweep`, its results in 06_sweep.json); every run of the default run uses it.
@@ -23,13 +23,16 @@ Run from the repository root:  python lessons/06_sample_efficiency.py [--quick |
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lessons._common import (Stopwatch, cell, cli, mean, parse, run_folder, save_figure, training_parser,  # noqa: E402
-                             write_summary)
+import cli  # noqa: E402
+from lessons._command import parse, run_folder, training_parser  # noqa: E402
+from lessons._draw import save_figure  # noqa: E402
+from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_keep_finished, convergence_line,  # noqa: E402
                                recipe_line, run_all, run_record)
 
@@ -44,19 +47,30 @@ QUICK_SWEEP = {"lr": (2e-3, 4e-3), "warmup_epochs": (1,)}  # --quick --sweep, at
 COLOURS = {"ConViT": "tab:red", "DeiT": "tab:blue"}
 PAPER_TABLE2 = {0.05: (34.8, 47.8), 0.1: (48.0, 59.6), 0.3: (66.1, 73.7), 0.5: (74.6, 78.2), 1.0: (79.9, 81.4)}
 
-# Table 3 (paper.md): row -> (what, train gating, conv init, train GPSA, use GPSA, train.py flags,
-# the paper's top-1 on full ImageNet and on 10% of it, ConViT-S+). "Train gating: no" freezes
-# every lambda at 0 (sigma = 0.5); "train GPSA: no" freezes the whole attention module of
-# every GPSA layer. Rows a and e are Table 2's ConViT and DeiT runs at f = 10%.
+class Ablation(NamedTuple):
+    """A row of Table 3 (paper.md) and the settings that make it here."""
+
+    what: str
+    train_gating: str  # "no": every lambda frozen at 0 (sigma = 0.5)
+    conv_init: str
+    train_gpsa: str  # "no": the whole attention module of every GPSA layer frozen
+    use_gpsa: str
+    settings: dict  # what the row changes in the recipe's ConViT
+    paper_full: float  # the paper's top-1, ConViT-S+ on full ImageNet ...
+    paper_tenth: float  # ... and on 10% of it
+
+
+# Rows a and e are Table 2's ConViT and DeiT runs at f = 10%.
 TABLE3 = {
-    "a": ("ConViT", "yes", "yes", "yes", "yes", MODELS["ConViT"], 82.2, 59.7),
-    "b": ("gates frozen", "no", "yes", "yes", "yes", ["--freeze-gates"], 82.0, 57.4),
-    "c": ("no conv init", "yes", "no", "yes", "yes", ["--no-conv-init"], 81.4, 56.9),
-    "d": ("both", "no", "no", "yes", "yes", ["--freeze-gates", "--no-conv-init"], 81.6, 54.6),
-    "e": ("DeiT", "no", "no", "no", "no", MODELS["DeiT"], 79.1, 47.8),
-    "f": ("GPSA frozen at conv init", "no", "yes", "no", "yes", ["--freeze-gates", "--freeze-gpsa"], 78.6, 54.3),
-    "g": ("GPSA frozen at random", "no", "no", "no", "yes", ["--freeze-gates", "--freeze-gpsa", "--no-conv-init"],
-          73.7, 44.8),
+    "a": Ablation("ConViT", "yes", "yes", "yes", "yes", MODELS["ConViT"], 82.2, 59.7),
+    "b": Ablation("gates frozen", "no", "yes", "yes", "yes", {"freeze_gates": True}, 82.0, 57.4),
+    "c": Ablation("no conv init", "yes", "no", "yes", "yes", {"no_conv_init": True}, 81.4, 56.9),
+    "d": Ablation("both", "no", "no", "yes", "yes", {"freeze_gates": True, "no_conv_init": True}, 81.6, 54.6),
+    "e": Ablation("DeiT", "no", "no", "no", "no", MODELS["DeiT"], 79.1, 47.8),
+    "f": Ablation("GPSA frozen at conv init", "no", "yes", "no", "yes", {"freeze_gates": True, "freeze_gpsa": True},
+                  78.6, 54.3),
+    "g": Ablation("GPSA frozen at random", "no", "no", "no", "yes",
+                  {"freeze_gates": True, "freeze_gpsa": True, "no_conv_init": True}, 73.7, 44.8),
 }
 SHARED_ROWS = {"a": "ConViT", "e": "DeiT"}  # Table 3 rows that are Table 2 runs
 
@@ -77,7 +91,7 @@ def plot_table2(table2: dict, curves: dict, seeds: list[int], args, settings: st
         paper.plot(paper_f, [PAPER_TABLE2[f][col] for f in paper_f], "s--", color=COLOURS["ConViT" if col else "DeiT"],
                    label=name)
     what = f"mean of {len(seeds)} seeds, bars: min to max" if len(seeds) > 1 else f"seed {seeds[0]}"
-    low = min(min(v) for runs in table2.values() for v in runs.values())
+    low = min(min(v) for by_model in table2.values() for v in by_model.values())
     for ax, title, floor in ((ours, f"ours: {args.dataset}, C = {args.embed_dim}, H = {args.num_heads} ({what})",
                               max(0, 5 * int(low / 5) - 5)), (paper, "paper, Table 2: ImageNet, -S models", 0)):
         ax.set(xscale="log", xlabel="fraction f of the training set (epochs x 1/f)", ylabel="top-1 (%)", title=title,
@@ -95,8 +109,8 @@ def plot_table2(table2: dict, curves: dict, seeds: list[int], args, settings: st
     gain.set(xscale="log", xlabel="fraction f", ylabel="%", title="ConViT's gain over DeiT")
     gain.set_xticks(*ticks)
     gain.legend(fontsize=8)
-    for (name, f), runs in sorted(curves.items()):
-        for i, curve in enumerate(runs):
+    for (name, f), seed_curves in sorted(curves.items()):
+        for i, curve in enumerate(seed_curves):
             last = curve[-1][0]
             curve_ax.plot([e / last for e, _ in curve], [t for _, t in curve], color=COLOURS[name],
                           ls="-" if f == max(fractions) else ":", lw=1, alpha=0.8,
@@ -116,11 +130,11 @@ def plot_table3(table3: dict, seeds: list[int], args, settings: str):
     ours = ax.bar([i - 0.2 for i in x], means, 0.4, yerr=spread, capsize=3, color="tab:red",
                   label=f"ours: {args.dataset}, {ABLATION_FRACTION:.0%} of the data"
                         + (f", mean of {len(seeds)} seeds (bars: min to max)" if len(seeds) > 1 else ""))
-    paper = ax.bar([i + 0.2 for i in x], [TABLE3[r][7] for r in rows], 0.4, color="0.6",
+    paper = ax.bar([i + 0.2 for i in x], [TABLE3[r].paper_tenth for r in rows], 0.4, color="0.6",
                    label="paper: ConViT-S+, 10% of ImageNet")
     for bars in (ours, paper):
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-    ax.set_xticks(x, [f"{r}: {TABLE3[r][0]}" for r in rows], fontsize=8)
+    ax.set_xticks(x, [f"{r}: {TABLE3[r].what}" for r in rows], fontsize=8)
     ax.set(ylabel="top-1 (%)", ylim=(0, 105), title="Table 3: which ingredient matters when data is scarce")
     ax.legend(loc="lower left", fontsize=8)
     save_figure(fig, args.out_dir, "06_ablations.png", settings, args.device)
@@ -132,9 +146,9 @@ def print_tables(table2: dict, table3: dict):
     print("|---|---|---|---|---|---|---|")
     for f in sorted(set(table2) | set(PAPER_TABLE2)):
         if f in table2:
-            runs = table2[f]
-            ours = (f"{cell(runs['DeiT'])} | {cell(runs['ConViT'])} | "
-                    f"{100 * (mean(runs['ConViT']) / mean(runs['DeiT']) - 1):+.1f}%")
+            top1 = table2[f]
+            ours = (f"{cell(top1['DeiT'])} | {cell(top1['ConViT'])} | "
+                    f"{100 * (mean(top1['ConViT']) / mean(top1['DeiT']) - 1):+.1f}%")
         else:
             ours = "- | - | -"
         paper = PAPER_TABLE2.get(f)
@@ -143,7 +157,7 @@ def print_tables(table2: dict, table3: dict):
     print(f"\nTable 3 at f = {ABLATION_FRACTION:.0%}, ours beside the paper's (ConViT-S+ on ImageNet):")
     print("| row | train gating | conv init | train GPSA | use GPSA | ours, 10% | paper, 10% | paper, full |")
     print("|---|---|---|---|---|---|---|---|")
-    for row, (what, gating, init, train_gpsa, use_gpsa, _flags, full, tenth) in TABLE3.items():
+    for row, (what, gating, init, train_gpsa, use_gpsa, _settings, full, tenth) in TABLE3.items():
         print(f"| {row}: {what} | {gating} | {init} | {train_gpsa} | {use_gpsa} | {cell(table3[row])} | {tenth} | {full} |")
 
 
@@ -152,9 +166,9 @@ def sweep(args, run_root: Path, clock: Stopwatch, argv):
     grid, fractions = (QUICK_SWEEP, (0.1,)) if args.quick else (SWEEP, SWEEP_FRACTIONS)
     settings = [(name, f, lr, warmup) for name in MODELS for f in fractions
                 for lr in grid["lr"] for warmup in grid["warmup_epochs"]]
-    runs = [("sweep", name, f, 0, [*MODELS[name], "--lr", f"{lr:g}", "--warmup-lr", f"{lr / 100:g}"], warmup)
+    plan = [("sweep", name, f, 0, {**MODELS[name], "lr": lr, "warmup_lr": lr / 100}, warmup)
             for name, f, lr, warmup in settings]
-    results = list(zip(settings, run_all(args, runs, run_root, reuse=True)))
+    results = list(zip(settings, run_all(args, plan, run_root, reuse=True)))
     fig, axes = plt.subplots(1, len(MODELS) * len(fractions), figsize=(16, 3.6), layout="constrained", squeeze=False)
     cells = {}
     for (name, f, lr, warmup), result in results:
@@ -191,9 +205,9 @@ def budget_check(args, run_root: Path, clock: Stopwatch, argv):
     quarter of one run cannot say this by itself)."""
     fractions = tuple(args.fractions or ((0.1,) if args.quick else SWEEP_FRACTIONS))
     cells = [(name, f, epochs) for name in MODELS for f in fractions for epochs in (args.epochs, 2 * args.epochs)]
-    runs = [("budget", name, f, 0, [*MODELS[name], "--epochs", str(epochs)]) for name, f, epochs in cells]
+    plan = [("budget", name, f, 0, {**MODELS[name], "epochs": epochs}) for name, f, epochs in cells]
     # The runs of the recipe's length are Table 2's: read from the lesson's run folder if it holds them.
-    results = run_all(args, runs, run_root, reuse=True, elsewhere=(run_root.parent,))
+    results = run_all(args, plan, run_root, reuse=True, elsewhere=(run_root.parent,))
     fig, axes = plt.subplots(1, len(MODELS) * len(fractions), figsize=(16, 3.8), layout="constrained", squeeze=False)
     found = dict(zip(cells, results))
     print("\n| model | f | top-1, recipe's epochs | top-1, twice the epochs | the longer run adds |")
@@ -219,7 +233,7 @@ def budget_check(args, run_root: Path, clock: Stopwatch, argv):
 
 
 def main(argv=None):
-    parser = training_parser(__doc__, "06", RECIPE, QUICK)
+    parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
                         help=f"default {' '.join(map(str, FRACTIONS))} (--quick: {' '.join(map(str, QUICK_FRACTIONS))})")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -244,18 +258,18 @@ def main(argv=None):
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     fractions = sorted(set(args.fractions or (QUICK_FRACTIONS if args.quick else FRACTIONS)) | {ABLATION_FRACTION})
     # Every run: (table, row or model, fraction, seed, extra flags). Table 3's rows a and e are Table 2's.
-    runs = [("table2", name, f, seed, flags) for f in fractions for name, flags in MODELS.items() for seed in seeds]
-    runs += [("table3", row, ABLATION_FRACTION, seed, spec[5]) for row, spec in TABLE3.items()
+    plan = [("table2", name, f, seed, changes) for f in fractions for name, changes in MODELS.items() for seed in seeds]
+    plan += [("table3", row, ABLATION_FRACTION, seed, ablation.settings) for row, ablation in TABLE3.items()
              if row not in SHARED_ROWS for seed in seeds]
-    print(f"{len(runs)} training runs, {args.workers} at a time: {args.epochs} epochs x 1/f of {args.dataset}, "
+    print(f"{len(plan)} training runs, {args.workers} at a time: {args.epochs} epochs x 1/f of {args.dataset}, "
           f"C = {args.embed_dim}, H = {args.num_heads}, {args.depth} blocks, batch {args.batch_size}, lr {args.lr:g}")
     with run_folder(args) as run_root:
-        results = run_all(args, runs, run_root, reuse=args.keep_finished)
+        results = run_all(args, plan, run_root, reuse=args.keep_finished)
 
     table2 = {f: {name: [] for name in MODELS} for f in fractions}
     table3 = {row: [] for row in TABLE3}
     curves = {}
-    for (table, name, f, _seed, _flags), result in zip(runs, results):
+    for (table, name, f, _seed, _settings), result in zip(plan, results):
         (table2[f][name] if table == "table2" else table3[name]).append(result["val_top1"])
         if table == "table2" and f in (min(fractions), max(fractions)):
             curves.setdefault((name, f), []).append([[r["epoch"], r["val_top1"]] for r in result["records"]])
@@ -272,13 +286,13 @@ def main(argv=None):
     write_summary(
         args, __file__, "06_sample_efficiency.json", clock, argv, settings=settings, seeds=seeds,
         rule=convergence_line(results),
-        runs=[run_record(table, name, f, seed, result) for (table, name, f, seed, _), result in zip(runs, results)],
+        runs=[run_record(table, name, f, seed, result) for (table, name, f, seed, _), result in zip(plan, results)],
         table2_mean_top1={f"{f:g}": {name: mean(v) for name, v in runs_f.items()} for f, runs_f in table2_shown.items()},
         table3_mean_top1={row: mean(v) for row, v in table3.items()},
         paper={"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
-               "table3": {row: {"full": spec[6], "10%": spec[7]} for row, spec in TABLE3.items()}})
+               "table3": {row: {"full": row_.paper_full, "10%": row_.paper_tenth} for row, row_ in TABLE3.items()}})
     clock.done()
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

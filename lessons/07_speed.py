@@ -27,8 +27,11 @@ import torch  # noqa: E402
 from einops import einsum, rearrange  # noqa: E402
 
 import bench  # noqa: E402
+import cli  # noqa: E402
 import convit  # noqa: E402
-from lessons._common import Stopwatch, cli, lesson_parser, parse, save_figure  # noqa: E402
+from lessons._command import lesson_parser, parse  # noqa: E402
+from lessons._draw import save_figure  # noqa: E402
+from lessons._report import Stopwatch  # noqa: E402
 
 
 @torch.no_grad()
@@ -110,7 +113,7 @@ def plot(bars: dict, sweep: dict, settings: str, args):
 
 
 def main(argv=None):
-    args = parse(lesson_parser(__doc__), argv)
+    args = parse(lesson_parser(__doc__, __file__), argv)
     clock = Stopwatch("lesson 7")
     img_size, batch, rounds = (64, 4, 2) if args.quick else (224, 8, 7)
     sizes = (32, 64) if args.quick else (112, 224, 320)
@@ -129,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

@@ -24,8 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lessons._common import (Stopwatch, at_repository_root, cell, cli, command_line, mean, parse, run_folder,  # noqa: E402
-                             save_figure, training_parser, write_summary)
+import cli  # noqa: E402
+import config  # noqa: E402
+import train  # noqa: E402
+from lessons._command import parse, run_folder, training_parser  # noqa: E402
+from lessons._draw import save_figure  # noqa: E402
+from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
+from lessons._training import at_repository_root  # noqa: E402
 from lessons._protocol import (MODELS, QUICK, RECIPE, add_keep_finished, convergence_line, recipe_line,  # noqa: E402
                                run_all, run_record)
 
@@ -38,15 +43,13 @@ CASES = {  # what each bar shows
 }
 
 
-def masked_evaluation(argv: list[str]) -> tuple[list[str], dict]:
-    """The run's own flags plus --eval-only --mask-pos-embed on its checkpoint: its top-1 without
-    the position embedding, and the command that gives it."""
-    import train
-
-    run_dir = argv[argv.index("--output-dir") + 1]
-    evaluation = [*argv, "--eval-only", "--mask-pos-embed", "--checkpoint", run_dir]
+def masked_evaluation(settings: dict) -> tuple[dict, dict]:
+    """The run's own settings plus --eval-only --mask-pos-embed on its checkpoint: its top-1
+    without the position embedding, and the settings that give it."""
+    evaluation = {**settings, "eval_only": True, "mask_pos_embed": True, "checkpoint": settings["output_dir"]}
     with at_repository_root():
-        result = train.main(evaluation)
+        cfg, _ = config.resolve(evaluation)
+        result = train.run(cfg)
     return evaluation, {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
 
 
@@ -78,34 +81,34 @@ def plot(top1: dict, seeds: list[int], args, settings: str):
 
 
 def main(argv=None):
-    parser = training_parser(__doc__, "08", RECIPE, QUICK)
+    parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     add_keep_finished(parser)
     args = parse(parser, argv)
     clock = Stopwatch("lesson 8")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     fraction = 0.1 if args.quick else 1.0
-    runs = [("table5", name, fraction, seed, [*flags, *extra]) for extra in ([], ["--no-pos-embed"])
-            for name, flags in MODELS.items() for seed in seeds]
-    print(f"{len(runs)} training runs, {args.workers} at a time, then {len(runs) // 2} masked evaluations: "
+    plan = [("table5", name, fraction, seed, {**changes, **extra}) for extra in ({}, {"no_pos_embed": True})
+            for name, changes in MODELS.items() for seed in seeds]
+    print(f"{len(plan)} training runs, {args.workers} at a time, then {len(plan) // 2} masked evaluations: "
           f"{recipe_line(args)}")
     with run_folder(args) as run_root:
         # The runs with the position embedding are lesson 6's at f = 100%: read from its run folder if it holds them.
-        results = run_all(args, runs, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",))
-        masked = [masked_evaluation(result["argv"]) if "--no-pos-embed" not in result["argv"] else None
+        results = run_all(args, plan, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",))
+        masked = [None if result["settings"].get("no_pos_embed") else masked_evaluation(result["settings"])
                   for result in results]
 
     top1 = {name: {case: [] for case in CASES} for name in MODELS}
     records = []
-    for (_table, name, f, seed, flags), result, evaluation in zip(runs, results, masked):
-        case = "trained without" if "--no-pos-embed" in flags else "trained with, tested with"
+    for (_table, name, f, seed, changes), result, evaluation in zip(plan, results, masked):
+        case = "trained without" if changes.get("no_pos_embed") else "trained with, tested with"
         top1[name][case].append(result["val_top1"])
         record = {**run_record(case, name, f, seed, result), "pos_embed": case != "trained without"}
         if evaluation is not None:
-            command, scores = evaluation
+            evaluated, scores = evaluation
             top1[name]["trained with, tested masked"].append(scores["val_top1"])
             record["masked"] = {"top1": scores["val_top1"], "top5": scores["val_top5"],
-                                "command": command_line(command)}
+                                "command": config.command(evaluated)}
         records.append(record)
 
     what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
@@ -129,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

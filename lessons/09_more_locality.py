@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lessons._common import (Stopwatch, cell, cli, mean, parse, run_folder, save_figure, training_parser,  # noqa: E402
-                             write_summary)
+import cli  # noqa: E402
+from lessons._command import parse, run_folder, training_parser  # noqa: E402
+from lessons._draw import save_figure  # noqa: E402
+from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._protocol import (QUICK, RECIPE, add_keep_finished, convergence_line, recipe_line, run_all,  # noqa: E402
                                run_record)
 
@@ -74,19 +76,19 @@ def plot(top1: dict, seeds: list[int], args, settings: str):
 
 
 def main(argv=None):
-    parser = training_parser(__doc__, "09", RECIPE, QUICK)
+    parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
     add_keep_finished(parser)
     args = parse(parser, argv)
     clock = Stopwatch("lesson 9")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     grid = settings_grid(args.quick)
-    runs = [("fig8", f"{n} GPSA, alpha {a:g}", FRACTION, seed,
-             ["--local-up-to-layer", str(n), "--locality-strength", f"{a:g}"]) for n, a in grid for seed in seeds]
-    print(f"{len(runs)} training runs, {args.workers} at a time: {recipe_line(args)}, f = {FRACTION:.0%}")
+    plan = [("fig8", f"{n} GPSA, alpha {a:g}", FRACTION, seed, {"local_up_to_layer": n, "locality_strength": a})
+            for n, a in grid for seed in seeds]
+    print(f"{len(plan)} training runs, {args.workers} at a time: {recipe_line(args)}, f = {FRACTION:.0%}")
     with run_folder(args) as run_root:
         # 2 GPSA blocks at alpha 1 is lesson 6's ConViT at f = 10%: read from its run folder if it holds them.
-        results = run_all(args, runs, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",))
+        results = run_all(args, plan, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",))
     top1 = {setting: [] for setting in grid}
     records = []
     for (n, a), seed, result in zip([s for s in grid for _ in seeds], [s for _ in grid for s in seeds], results):
@@ -110,4 +112,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

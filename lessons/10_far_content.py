@@ -31,16 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
+import config  # noqa: E402
 import convit  # noqa: E402
+import data  # noqa: E402
 import plots  # noqa: E402
-from lessons._common import (FIGURES, Stopwatch, at_repository_root, cli, parse, run_folder, run_parallel,  # noqa: E402
-                             save_figure, train_argv, training_parser, write_summary)
+import train  # noqa: E402
+from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
+from lessons._draw import save_figure  # noqa: E402
+from lessons._report import Stopwatch, write_summary  # noqa: E402
+from lessons._training import at_repository_root, run_parallel, run_settings  # noqa: E402
 
 lesson5 = importlib.import_module("lessons.05_escaping_locality")  # its model, recipe and measurements
 
 RECIPE, QUICK = lesson5.RECIPE, lesson5.QUICK
 # No random crops: a crop of half the image would cut one of the two digits off, and the label with it.
-TASK_FLAGS = ["--crop-scale", "1"]
+TASK_SETTINGS = {"crop_scale": 1.0}
 # A model that reads one digit perfectly and nothing of the other can do no better than adding
 # the other's most frequent class (the pairs are drawn at random, so the two are independent):
 # right as often as that class occurs, 11.25% of the 2,000 validation digits (a 1). Knowing
@@ -55,7 +62,7 @@ def corner_attention(run_dir: Path, images: torch.Tensor) -> list[dict]:
     share on the top-left 3x3 patches (pixels 0-11, the first digit) and on the bottom-right 3x3
     (pixels 16-27, the second), mean of heads and images. A block that combines the digits looks
     at both; uniform attention would give 9/50 = 0.18 to each."""
-    model = convit.model_from_checkpoint(run_dir / "checkpoint.pth").eval()
+    model = checkpoints.model_from_checkpoint(run_dir / "checkpoint.pth").eval()
     rows, cols = model.cfg.grid
     first, second = torch.zeros(rows, cols, dtype=torch.bool), torch.zeros(rows, cols, dtype=torch.bool)
     first[:3, :3], second[-3:, -3:] = True, True
@@ -69,9 +76,9 @@ def corner_attention(run_dir: Path, images: torch.Tensor) -> list[dict]:
     return shares
 
 
-def plot(runs: list[dict], mnist: dict, seeds: list[int], args, settings: str):
+def plot(seed_runs: list[dict], mnist: dict, seeds: list[int], args, settings: str):
     fig, axes = plt.subplots(2, 4, figsize=(22, 9), layout="constrained")
-    for row, (name, these) in zip(axes, (("two digits, their sum", runs), ("MNIST-10k (lesson 5)", mnist["runs"]))):
+    for row, (name, these) in zip(axes, (("two digits, their sum", seed_runs), ("MNIST-10k (lesson 5)", mnist["runs"]))):
         ax_gate, ax_nonlocal, ax_adam, ax_acc = row
         epoch = [r["epoch"] for r in these[0]["records"]]
         gates = torch.tensor([[r["gates"] for r in run["records"]] for run in these])  # (seeds, epochs, n_gpsa, H)
@@ -96,7 +103,7 @@ def plot(runs: list[dict], mnist: dict, seeds: list[int], args, settings: str):
                                           for i, run in enumerate(these)},
                           "validation top-1 (%)", f"{name}: top-1 " + ", ".join(f"{r['val_top1']:.1f}%" for r in these),
                           ylim=(0, 100))
-        if these is runs:
+        if these is seed_runs:
             ax_acc.axhline(CHANCE, color="0.5", ls=":", label=f"chance (most frequent sum), {CHANCE}%")
             ax_acc.axhline(ONE_DIGIT_CEILING, color="tab:red", ls=":", label=f"one digit alone, at most {ONE_DIGIT_CEILING}%")
             ax_acc.legend(fontsize=8)
@@ -104,7 +111,7 @@ def plot(runs: list[dict], mnist: dict, seeds: list[int], args, settings: str):
 
 
 def main(argv=None):
-    parser = training_parser(__doc__, "10", RECIPE, QUICK)
+    parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.set_defaults(dataset="mnist10k-sum")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
     args = parse(parser, argv)
@@ -115,27 +122,24 @@ def main(argv=None):
     print(f"{len(seeds)} run(s), {args.workers} at a time: {args.epochs} epochs of {args.dataset}, "
           f"C = {args.embed_dim}, H = {args.num_heads}, {args.depth} blocks; lambda measured after epochs {stops}")
     with run_folder(args) as run_root:
-        extra = TASK_FLAGS + (lesson5.QUICK_FLAGS if args.quick else [])
-        jobs = [(train_argv(args, Path(run_root) / f"seed{seed}", *extra, seed=seed), stops) for seed in seeds]
-        runs = run_parallel(lesson5.train_and_measure, jobs, args.workers, args.threads,
-                            done=lambda job, run: print(f"  top-1 {run['val_top1']:.1f}% ({run['seconds']:.0f} s)",
-                                                        flush=True))
-        import data
-        import train
-
-        val_args = train.resolve_args(train.build_parser().parse_args(jobs[0][0]))
+        extra = {**TASK_SETTINGS, **(lesson5.QUICK_SETTINGS if args.quick else {})}
+        jobs = [(run_settings(args, Path(run_root) / f"seed{seed}", seed=seed, **extra), stops) for seed in seeds]
+        seed_runs = run_parallel(lesson5.train_and_measure, jobs, args.workers, args.threads,
+                                 done=lambda job, run: print(f"  top-1 {run['val_top1']:.1f}% ({run['seconds']:.0f} s)",
+                                                             flush=True))
         with at_repository_root():
-            _, val_set, _ = data.build_datasets(val_args)
+            cfg, _ = config.resolve(jobs[0][0])
+            _, val_set, _ = data.build_datasets(cfg.data, cfg.augment, cfg.recipe.seed)
             images = train.nonlocality_images(data.transformed_once(val_set))
-            corners = [corner_attention(Path(job[0][job[0].index("--output-dir") + 1]), images) for job in jobs]
+            corners = [corner_attention(Path(settings["output_dir"]), images) for settings, _ in jobs]
     mnist = json.loads(MNIST_RUN.read_text())
     settings = (f"train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, {args.depth} blocks "
                 f"({max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW lr {args.lr:g}, "
                 f"{args.warmup_epochs} warmup epoch(s) from {args.warmup_lr:g}, cosine, {args.epochs} epochs, no crops, "
                 f"seeds {', '.join(map(str, seeds))}; below: lesson 5's committed MNIST-10k run")
-    plot(runs, mnist, seeds, args, settings)
+    plot(seed_runs, mnist, seeds, args, settings)
 
-    rows, mnist_rows = lesson5.summarise(runs), mnist["per_block"]
+    rows, mnist_rows = lesson5.summarise(seed_runs), mnist["per_block"]
     print(f"\nPer block, mean of heads and of {len(seeds)} seed(s), init -> after epoch {args.epochs}; "
           f"lesson 5's MNIST-10k run beside it:")
     print("| block | sigma(lambda), sum | MNIST | nonlocality, sum | MNIST | Adam step / lr, sum | MNIST | "
@@ -152,13 +156,13 @@ def main(argv=None):
     for seed, shares in zip(seeds, corners):
         print(f"  seed {seed}: " + "; ".join(f"block {s['block']}: first digit {s['first_digit']:.2f}, second "
                                              f"{s['second_digit']:.2f}" for s in shares))
-    top1 = ", ".join(f"{run['val_top1']:.1f}%" for run in runs)
+    top1 = ", ".join(f"{run['val_top1']:.1f}%" for run in seed_runs)
     print(f"top-1 {top1} (chance {CHANCE}%, one digit alone at most {ONE_DIGIT_CEILING}%)")
     write_summary(args, __file__, "10_far_content.json", clock, argv, indent=None, settings=settings, seeds=seeds,
                   per_block=rows, mnist_per_block=mnist_rows, class_token_split=corners, chance=CHANCE,
-                  one_digit_ceiling=ONE_DIGIT_CEILING, runs=[lesson5.lesson_record(run) for run in runs])
+                  one_digit_ceiling=ONE_DIGIT_CEILING, runs=[lesson5.lesson_record(run) for run in seed_runs])
     clock.done()
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main))
+    sys.exit(cli.run_command(main))

@@ -4,20 +4,25 @@ lesson 6's sweep for ConViT and DeiT alike, and every run trained until it stops
 A run at fraction f of the training set trains 1/f times the epochs (Table 2's protocol, so
 every run takes the same steps), is evaluated EVALUATIONS times the same steps apart, and is
 judged converged when the last quarter of those evaluations adds less than CONVERGED_WITHIN
-points to its best top-1 (`convergence`, lessons/_common.py). Each run keeps its train.py
+points to its best top-1 (`convergence`, lessons/_training.py). Each run keeps its train.py
 command, relative to the repository root: run from there, it gives the same top-1 again
 (one-thread CPU runs are deterministic).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import shutil
 import time
 from pathlib import Path
 
-from lessons._common import (CONVERGED_WITHIN, LessonRecipe, at_repository_root, command_line,  # noqa: F401
-                             convergence, run_parallel, train_argv, train_one)
+import checkpoints
+import cli
+import config
+import runs
+from lessons._command import LessonRecipe
+from lessons._training import (CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, run_settings,
+                               train_one)
 
 # The recipe (the warmup is in epochs at f = 100% and, like the epochs, multiplied by 1/f; it
 # starts from lr / 100). The rest is train.py's small preset: AdamW, weight decay 0.05, label
@@ -30,50 +35,47 @@ QUICK = LessonRecipe(epochs=1, embed_dim=16, num_heads=4, depth=3, batch_size=64
 QUICK_STOP = 2
 EVALUATIONS = 12  # per run, the same steps apart at every fraction
 
-# The two models every comparison trains: the flags each adds to the recipe's ConViT.
+# The two models every comparison trains: the settings each adds to the recipe's ConViT.
 MODELS = {
-    "ConViT": [],
-    "DeiT": ["--model", "deit_tiny"],  # DeiT's own network at the recipe's C, H and depth: the paper's baseline
+    "ConViT": {},
+    "DeiT": {"model": "deit_tiny"},  # DeiT's own network at the recipe's C, H and depth: the paper's baseline
 }
 
 
-def schedule_flags(args, fraction: float, warmup_epochs: int) -> list[str]:
-    """The flags that make a run at fraction f: the data, 1/f the epochs and the warmup (scaled
+def schedule(args, fraction: float, warmup_epochs: int) -> dict:
+    """The settings that make a run at fraction f: the data, 1/f the epochs and the warmup (scaled
     too, so that it is the same share of every run), and EVALUATIONS evaluations the same steps
     apart (--quick: QUICK_STOP epochs, each evaluated)."""
     every = 1 if args.quick else max(1, round(args.epochs / fraction / EVALUATIONS))
-    flags = ["--data-fraction", f"{fraction:g}", "--scale-epochs", "--warmup-epochs",
-             str(round(warmup_epochs / fraction)), "--eval-every", str(every)]
-    return flags + (["--stop-after", str(QUICK_STOP)] if args.quick else [])
+    settings = {"data_fraction": fraction, "scale_epochs": True, "warmup_epochs": round(warmup_epochs / fraction),
+                "eval_every": every}
+    return {**settings, "stop_after": QUICK_STOP} if args.quick else settings
 
 
-def finished_run(argv: list[str], beside: bool = True, elsewhere: tuple[Path, ...] = ()) -> dict | None:
-    """The result of a run of exactly these flags, trained to its last epoch, that a folder
-    beside this one (if `beside`) or under a folder of `elsewhere` already holds, or None. Moved
-    (from elsewhere: copied) to this run's folder name, it stands for the run: one-thread CPU runs
+def what_defines(cfg: config.RunConfig) -> dict:
+    """The fields that define a run (cli.RUN: not where or how it ran), its GPSA blocks counted the
+    same whether they were typed or left to the model's default."""
+    return {**{name: value for name, value in cfg.flat().items() if config.FIELDS[name].metadata["role"] == cli.RUN},
+            "local_up_to_layer": cfg.model.gpsa_blocks}
+
+
+def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Path, ...] = ()) -> dict | None:
+    """If a folder beside this run's (with `beside`) or under a folder of `elsewhere` holds a run of
+    exactly these settings trained to its last epoch, move it (from elsewhere: copy it) to this
+    run's folder name and return its result; else None. It stands for the run: one-thread CPU runs
     are deterministic, so training it again would give the same numbers."""
-    import shutil
-
-    import convit
-    import runs
-    import train
-
     with at_repository_root():
-        wanted = vars(train.resolve_args(train.build_parser().parse_args(argv)))
-        wanted["local_up_to_layer"] = train.gpsa_blocks(argparse.Namespace(**wanted))
-        folder = Path(wanted["output_dir"])
+        cfg, _ = config.resolve(settings)
+        wanted, folder = what_defines(cfg), Path(cfg.runtime.output_dir)
         for candidate in [path for root in ((folder.parent,) if beside else ()) + tuple(elsewhere)
                           if root.is_dir()
-                          for path in sorted(root.glob("*/" + runs.CHECKPOINT))]:
+                          for path in sorted(root.glob("*/" + checkpoints.CHECKPOINT))]:
             try:
-                checkpoint = convit.read_checkpoint_file(candidate)
-            except ValueError:
+                checkpoint = checkpoints.read_checkpoint_file(candidate)
+                done = what_defines(config.stored(checkpoint["args"]))
+            except (ValueError, KeyError, TypeError):  # not a checkpoint of train.py
                 continue
-            done = checkpoint.get("args", {})
-            if "depth" in done and "model" in done:  # the same model, whether its GPSA blocks were typed or defaulted
-                done = {**done, "local_up_to_layer": train.gpsa_blocks(argparse.Namespace(**done))}
-            same = all(done.get(key) == value for key, value in wanted.items() if key not in train.RUN_ONLY_FLAGS)
-            if not same or checkpoint.get("epoch") != wanted["epochs"]:
+            if done != wanted or checkpoint.get("epoch") != cfg.recipe.epochs:
                 continue
             if candidate.parent != folder:
                 if folder.exists():
@@ -91,27 +93,28 @@ def finished_run(argv: list[str], beside: bool = True, elsewhere: tuple[Path, ..
     return None
 
 
-def run_all(args, runs: list[tuple], run_root: Path, reuse: bool = False, elsewhere: tuple[Path, ...] = ()) -> list[dict]:
-    """Train every (table, name, fraction, seed, flags[, warmup epochs]), args.workers at a
-    time; each result gains its train.py command line. A run that a folder of `elsewhere` (another
-    lesson's) or, with reuse, of run_root already holds, finished with the same flags, is read
-    rather than trained again (`finished_run`): how lessons share runs, a sweep grows, and an
-    interrupted lesson goes on, without training what they have."""
+def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewhere: tuple[Path, ...] = ()) -> list[dict]:
+    """Train every (table, name, fraction, seed, settings[, warmup epochs]) of `plan`, args.workers
+    at a time; each result gains its settings and its train.py command. A run that a folder of
+    `elsewhere` (another lesson's) or, with reuse, of run_root already holds, finished with the same
+    settings, is read rather than trained again (`reuse_finished_run`): how lessons share runs, a
+    sweep grows, and an interrupted lesson goes on, without training what they have."""
     jobs = []
-    for table, name, f, seed, flags, *rest in runs:
-        run_flags = [*flags, *schedule_flags(args, f, (*rest, args.warmup_epochs)[0])]
+    for table, name, f, seed, changes, *rest in plan:
+        changes = {**changes, **schedule(args, f, (*rest, args.warmup_epochs)[0])}
         # The folder is named after the run's flags, so that the same run keeps its folder when a sweep grows.
-        digest = hashlib.sha1(" ".join(train_argv(args, Path("."), *run_flags, seed=seed)).encode()).hexdigest()[:8]
-        jobs.append(train_argv(args, Path(run_root) / f"{table}-{name.replace(' ', '_')}-{f:g}-seed{seed}-{digest}",
-                               *run_flags, seed=seed))
+        flags = config.command_line(run_settings(args, Path("."), seed=seed, **changes))
+        digest = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
+        folder = Path(run_root) / f"{table}-{name.replace(' ', '_')}-{f:g}-seed{seed}-{digest}"
+        jobs.append(run_settings(args, folder, seed=seed, **changes))
     started = time.perf_counter()
-    found = {i: finished_run(job, reuse, elsewhere) for i, job in enumerate(jobs)} if reuse or elsewhere else {}
+    found = {i: reuse_finished_run(job, reuse, elsewhere) for i, job in enumerate(jobs)} if reuse or elsewhere else {}
     found = {i: result for i, result in found.items() if result is not None}
     if found:
         print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders")
 
     def report(job, result):
-        _table, name, f, seed, *_ = runs[jobs.index(job)]
+        _table, name, f, seed, *_ = plan[jobs.index(job)]
         gain = result["last_quarter_gain"]
         print(f"  [{time.perf_counter() - started:5.0f} s] {name:<26} f = {f:<5g} seed {seed}: top-1 "
               f"{result['val_top1']:5.1f}%, the last quarter added {gain if gain is None else f'{gain:+.2f}'} "
@@ -120,7 +123,7 @@ def run_all(args, runs: list[tuple], run_root: Path, reuse: bool = False, elsewh
     todo = [job for i, job in enumerate(jobs) if i not in found]
     trained = iter(run_parallel(train_one, todo, args.workers, args.threads, done=report))
     results = [found[i] if i in found else next(trained) for i in range(len(jobs))]
-    return [{**result, "argv": job, "command": command_line(job)} for job, result in zip(jobs, results)]
+    return [{**result, "settings": job, "command": config.command(job)} for job, result in zip(jobs, results)]
 
 
 def run_record(table: str, name: str, fraction: float, seed: int, result: dict) -> dict:

@@ -29,7 +29,6 @@ the order they run in -> the command line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -53,6 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # convit.py and bench.py live in the repository root
 
 import bench  # noqa: E402
+import cli  # noqa: E402
 from convit import create_model, explicit_twin  # noqa: E402
 
 
@@ -888,16 +888,9 @@ CHECKS = [
 ]
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """Bad flags: one line and exit code 2, as every entry point of the project (no usage block)."""
-        print(f"error: {message} (see python tools/gpu_check.py --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="checks, in order: " + ", ".join(check.name for check in CHECKS))
+    parser = cli.ArgumentParser(prog="python tools/gpu_check.py", description=__doc__.split("\n\n")[0],
+                                epilog="checks, in order: " + ", ".join(check.name for check in CHECKS))
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the report (gpu_check.json), the runs and their logs "
                              "(default: a new temporary folder, printed)")
@@ -953,4 +946,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_command(main))
