@@ -4,6 +4,8 @@
     python bench.py --sizes tiny --rounds 1 --batch-size 2     # one pair, in seconds
     python bench.py --compare          # ConViT-Ti (fused, explicit) against the same-size baseline:
                                        # inference, a training step, and the activations kept for backward
+    python bench.py --small            # lesson 6's ConViT and DeiT (28x28 digits, a 7x7 grid): train.py's step
+    python bench.py --small --before /tmp/old   # ... and the same models built by an older checkout's convit.py
 
 The model lives in convit.py; this file only times it. docs/speed.md holds what it measured here
 and how to read it.
@@ -20,16 +22,20 @@ Contents, in file order:
     inference_job, training_job    what is timed: a forward pass, or forward + backward + AdamW
     activation_memory              the bytes autograd keeps for backward, counted exactly
     BASELINE, comparison_models    ConViT-Ti on both paths and the same-size baseline
+    SMALL, small_models, code_from lesson 6's models, built by this convit.py or an older one
     PAPER_SPEED                    Table 1's img/s of the paper (the one copy in the project)
-    print_table1, print_comparison, __main__
+    print_table1, print_comparison, print_small, __main__
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
+import sys
 import time
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -58,6 +64,12 @@ def count_macs(model: ConViT) -> int:
 class Timing(NamedTuple):
     seconds: float  # median seconds per call
     speed_ratio: float  # median over rounds of (baseline's seconds / this job's seconds); 1.0 for the baseline
+    times: tuple[float, ...]  # seconds of each round, for ratios between any two jobs (speed_ratio_between)
+
+
+def speed_ratio_between(job: Timing, reference: Timing) -> float:
+    """Median over rounds of reference's seconds / job's seconds, each pair timed in the same round."""
+    return statistics.median(r / t for r, t in zip(reference.times, job.times))
 
 
 def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu",
@@ -89,7 +101,7 @@ def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, de
             sync()
             times[name].append(clock() - start)
     baseline = times[names[0]]
-    return {name: Timing(statistics.median(ts), statistics.median(b / t for b, t in zip(baseline, ts)))
+    return {name: Timing(statistics.median(ts), statistics.median(b / t for b, t in zip(baseline, ts)), tuple(ts))
             for name, ts in times.items()}
 
 
@@ -104,18 +116,24 @@ def inference_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype
     return run
 
 
-def training_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None):
-    """Forward, backward and one AdamW step, in fp32 or (amp_dtype) under autocast."""
+def training_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None,
+                 as_train_py: bool = False):
+    """Forward, backward and one AdamW step, in fp32 or (amp_dtype) under autocast. as_train_py:
+    the step as train.py runs it, with its label smoothing (0.1), its fused AdamW, and the loss
+    read back as a number (which waits for a GPU)."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=as_train_py or None)
     labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
 
     def run():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-        F.cross_entropy(logits.float(), labels).backward()
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1 if as_train_py else 0.0)
+        loss.backward()
         optimizer.step()
+        if as_train_py:
+            loss.item()
 
     return run
 
@@ -154,6 +172,29 @@ def comparison_models(img_size: int | tuple[int, int] = 224) -> dict[str, ConViT
             "convit fused": fused, "convit explicit": explicit_twin(fused)}
 
 
+# Lesson 6's models (lessons/_protocol.py's RECIPE on train.py's small preset): MNIST-10k's 28x28
+# grey digits in 4x4 patches (a 7x7 grid; 2x2 patches make it 14x14), C 48, H 4, 4 blocks, batch 64.
+# DeiT is DeiT's own network at that size; the ConViT makes all blocks GPSA but the last two.
+SMALL = dict(img_size=28, in_chans=1, num_classes=10, embed_dim=48, num_heads=4, depth=4)
+SMALL_MODELS = {"deit_tiny": {}, "convit_tiny": {"local_up_to_layer": 2}}
+
+
+def small_models(patch_size: int = 4, model_code=None) -> dict[str, ConViT]:
+    """Lesson 6's DeiT and ConViT, built by `model_code` (a convit module; default this one)."""
+    build = (model_code.create_model if model_code else create_model)
+    return {name: build(name, patch_size=patch_size, **SMALL, **extra) for name, extra in SMALL_MODELS.items()}
+
+
+def code_from(folder) -> object:
+    """The convit.py of another checkout (e.g. `git worktree add /tmp/old main`), imported under
+    its own name, so that models built by the old and the new code can be timed side by side."""
+    spec = importlib.util.spec_from_file_location("convit_before", os.path.join(folder, "convit.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 # Table 1's pairs, and the paper's throughput: img/s, fp32, batch 128, on a Quadro GP100.
 TABLE1_SIZES = ["tiny", "tiny_plus", "small", "small_plus", "base", "base_plus"]
 PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "convit_tiny_plus": 625,
@@ -166,19 +207,24 @@ def markdown_row(cells: list, widths: list[int]) -> str:
     return "| " + " | ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
 
+def markdown_header(cells: list, widths: list[int]) -> str:
+    """A markdown table's header row and the rule under it."""
+    return markdown_row(cells, widths) + "\n|" + "|".join("-" * (w + 2) for w in widths) + "|"
+
+
 def clock(args):
     """--cpu-time: the main thread's CPU time, which one thread makes the whole job's."""
     return time.thread_time if getattr(args, "cpu_time", False) else time.perf_counter
 
 
-def settings(args, batch: int) -> str:
+def settings(args, batch: int, side: int | None = None) -> str:
     """What every measured ratio depends on, printed beside it."""
     precision = "bf16 autocast" if getattr(args, "amp", False) else "fp32"
     precision += ", torch.compile" if getattr(args, "compile", False) else ""
     timed = "CPU time of the thread" if getattr(args, "cpu_time", False) else "wall clock"
     # Above the number of cores, other programs were waiting for them: the figures are noisier.
     load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
-    side = getattr(args, "img_size", 224)
+    side = side or getattr(args, "img_size", 224)
     return (f"{args.device}, {precision}, batch {batch}, {side}x{side}, {torch.get_num_threads()} thread(s), {timed}, "
             f"{args.rounds} rounds, order rotated every round{load}")
 
@@ -199,8 +245,7 @@ def print_table1(args):
     print(f"vs DeiT: speed / the DeiT's speed, median of {args.rounds} per-round ratios")
     header = ["model", "heads", "C", "params", "GMACs", "img/s", "vs DeiT", "paper img/s", "paper vs DeiT"]
     widths = [28, 5, 5, 7, 6, 8, 7, 11, 13]
-    print(markdown_row(header, widths))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print(markdown_header(header, widths))
     for size in args.sizes:
         deit_name, convit_name = f"deit_{size}", f"convit_{size}"
         fused = create_model(convit_name, img_size=side)
@@ -244,12 +289,44 @@ def print_comparison(args):
         print(f"  {name:<18} {activation_memory(model, memory_images):8.0f} MiB")
 
 
+def print_small(args):
+    """Lesson 6's DeiT and ConViT: train.py's training step and an evaluation pass (batch 2 x 64, as
+    train.py's validation loader); with --before, the same models (same weights) built by another
+    checkout's convit.py, timed in the same rounds, and the speed-up now / before."""
+    side = SMALL["img_size"]
+    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
+    models = small_models(args.patch_size)
+    before = small_models(args.patch_size, code_from(args.before)) if args.before else {}
+    for name, model in before.items():
+        model.load_state_dict(models[name].state_dict())
+    grid = side // args.patch_size
+    for what, make_job, batch in (("training step", partial(training_job, as_train_py=True), args.train_batch_size),
+                                  ("evaluation", inference_job, 2 * args.train_batch_size)):
+        images = torch.randn(batch, SMALL["in_chans"], side, side, device=args.device)
+        jobs = {}
+        for name, model in models.items():
+            if name in before:
+                jobs[name + " before"] = make_job(prepared(before[name], args), images, amp_dtype)
+            jobs[name] = make_job(prepared(model, args), images, amp_dtype)
+        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))
+        print(f"lesson 6's models, {what}, {grid}x{grid} grid (patch {args.patch_size}): {settings(args, batch, side)}")
+        columns = ["model", "img/s"] + (["before img/s", "now / before"] if before else [])
+        widths = [11, 7, 12, 12][: len(columns)]
+        print(markdown_header(columns, widths))
+        for name in models:
+            cells = [name, f"{batch / timings[name].seconds:.0f}"]
+            if before:
+                old = timings[name + " before"]
+                cells += [f"{batch / old.seconds:.0f}", f"{speed_ratio_between(timings[name], old):.3f}x"]
+            print(markdown_row(cells, widths), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
     parser.add_argument("--sizes", nargs="*", default=TABLE1_SIZES, choices=TABLE1_SIZES,
                         help="which DeiT/ConViT pairs of Table 1 (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
-    parser.add_argument("--train-batch-size", type=int, default=32, help="training-step batch (with --compare)")
+    parser.add_argument("--train-batch-size", type=int, help="training-step batch (--compare: default 32; --small: 64)")
     parser.add_argument("--memory-batch-size", type=int, default=64,
                         help="batch of the activation-memory count (with --compare)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
@@ -260,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="instead: ConViT-Ti fused/explicit vs the same-size baseline: inference, training, memory")
     parser.add_argument("--inference-only", action="store_true", help="with --compare: skip training and memory")
+    parser.add_argument("--small", action="store_true",
+                        help="instead: lesson 6's DeiT and ConViT (28x28, C 48, H 4, 4 blocks), train.py's training "
+                             "step at --train-batch-size (64, the lesson's) and an evaluation pass at twice that")
+    parser.add_argument("--patch-size", type=int, default=4, choices=[2, 4, 7, 14],
+                        help="with --small: 4 makes the 7x7 grid of lesson 6, 2 a 14x14 grid")
+    parser.add_argument("--before", metavar="DIR",
+                        help="with --small: also time the models built by DIR/convit.py (an older checkout), in the "
+                             "same rounds, and print now / before")
     parser.add_argument("--amp", action="store_true", help="time under bf16 autocast instead of fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model first (at the warm-up call)")
     parser.add_argument("--cpu-time", action="store_true",
@@ -277,5 +362,10 @@ if __name__ == "__main__":
         torch_device(cli.device, "--device")  # a typo or a missing GPU: one line, before any model is built
     except ValueError as err:
         parser.error(str(err))
+    if cli.before and not cli.small:
+        parser.error("--before compares lesson 6's models: add --small")
+    if cli.before and not os.path.isfile(os.path.join(cli.before, "convit.py")):
+        parser.error(f"--before {cli.before}: no convit.py there; give the root of a checkout of this project")
+    cli.train_batch_size = cli.train_batch_size or (64 if cli.small else 32)
     torch.set_num_threads(cli.threads)
-    print_comparison(cli) if cli.compare else print_table1(cli)
+    print_small(cli) if cli.small else print_comparison(cli) if cli.compare else print_table1(cli)
