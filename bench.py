@@ -5,7 +5,8 @@
     python bench.py --compare          # ConViT-Ti (fused, explicit) against the same-size baseline:
                                        # inference, a training step, and the activations kept for backward
     python bench.py --small            # lesson 6's ConViT and DeiT (28x28 digits, a 7x7 grid): train.py's step
-    python bench.py --small --before /tmp/old   # ... and the same models built by an older checkout's convit.py
+    python bench.py --small --before /tmp/old   # ... beside the same models built by an older checkout's convit.py
+    python bench.py --small --compile  # ... compiled, beside the same models left eager
 
 The model lives in convit.py; this file only times it. docs/speed.md holds what it measured here
 and how to read it.
@@ -30,6 +31,7 @@ Contents, in file order:
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import statistics
@@ -291,33 +293,45 @@ def print_comparison(args):
 
 def print_small(args):
     """Lesson 6's DeiT and ConViT: train.py's training step and an evaluation pass (batch 2 x 64, as
-    train.py's validation loader); with --before, the same models (same weights) built by another
-    checkout's convit.py, timed in the same rounds, and the speed-up now / before."""
+    train.py's validation loader). Each model runs in the same rounds as a reference twin with the
+    same weights, and the speed-up is printed: with --before, the model as another checkout's
+    convit.py builds it; else with --compile, the model left eager (the compiling time is printed)."""
     side = SMALL["img_size"]
-    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
-    models = small_models(args.patch_size)
-    before = small_models(args.patch_size, code_from(args.before)) if args.before else {}
-    for name, model in before.items():
-        model.load_state_dict(models[name].state_dict())
     grid = side // args.patch_size
+    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
+    compiling = getattr(args, "compile", False)
+    models = small_models(args.patch_size)
+    reference, twins = None, {}
+    if args.before:
+        reference, twins = "before", small_models(args.patch_size, code_from(args.before))
+        for name, twin in twins.items():
+            twin.load_state_dict(models[name].state_dict())
+    elif compiling:
+        reference, twins = "eager", {name: copy.deepcopy(model) for name, model in models.items()}
     for what, make_job, batch in (("training step", partial(training_job, as_train_py=True), args.train_batch_size),
                                   ("evaluation", inference_job, 2 * args.train_batch_size)):
         images = torch.randn(batch, SMALL["in_chans"], side, side, device=args.device)
+        print(f"lesson 6's models, {what}, {grid}x{grid} grid (patch {args.patch_size}): {settings(args, batch, side)}")
         jobs = {}
         for name, model in models.items():
-            if name in before:
-                jobs[name + " before"] = make_job(prepared(before[name], args), images, amp_dtype)
+            if name in twins:
+                twin = twins[name].to(args.device) if reference == "eager" else prepared(twins[name], args)
+                jobs[f"{name} {reference}"] = make_job(twin, images, amp_dtype)
             jobs[name] = make_job(prepared(model, args), images, amp_dtype)
+            if compiling:  # compiling happens at the first call
+                started = time.perf_counter()
+                jobs[name]()
+                print(f"  {name}: first call, compiling, {time.perf_counter() - started:.0f} s", flush=True)
         timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))
-        print(f"lesson 6's models, {what}, {grid}x{grid} grid (patch {args.patch_size}): {settings(args, batch, side)}")
-        columns = ["model", "img/s"] + (["before img/s", "now / before"] if before else [])
-        widths = [11, 7, 12, 12][: len(columns)]
+        this = "compiled" if reference == "eager" else "now"
+        columns = ["model", "img/s"] + ([f"{reference} img/s", f"{this} / {reference}"] if reference else [])
+        widths = [11, 7, 12, 17][: len(columns)]
         print(markdown_header(columns, widths))
         for name in models:
             cells = [name, f"{batch / timings[name].seconds:.0f}"]
-            if before:
-                old = timings[name + " before"]
-                cells += [f"{batch / old.seconds:.0f}", f"{speed_ratio_between(timings[name], old):.3f}x"]
+            if reference:
+                twin = timings[f"{name} {reference}"]
+                cells += [f"{batch / twin.seconds:.0f}", f"{speed_ratio_between(timings[name], twin):.3f}x"]
             print(markdown_row(cells, widths), flush=True)
 
 
@@ -344,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --small: 4 makes the 7x7 grid of lesson 6, 2 a 14x14 grid")
     parser.add_argument("--before", metavar="DIR",
                         help="with --small: also time the models built by DIR/convit.py (an older checkout), in the "
-                             "same rounds, and print now / before")
+                             "same rounds, and print now / before (--small --compile alone: compiled / eager)")
     parser.add_argument("--amp", action="store_true", help="time under bf16 autocast instead of fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model first (at the warm-up call)")
     parser.add_argument("--cpu-time", action="store_true",
