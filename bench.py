@@ -7,6 +7,7 @@
     python bench.py --small            # lesson 6's ConViT and DeiT (28x28 digits, a 7x7 grid): train.py's step
     python bench.py --small --before /tmp/old   # ... beside the same models built by an older checkout's convit.py
     python bench.py --small --compile  # ... compiled, beside the same models left eager
+    python bench.py --small --profile  # where the time of that step goes, by kind of work (torch.profiler)
 
 The model lives in convit.py; this file only times it. docs/speed.md holds what it measured here
 and how to read it.
@@ -25,7 +26,9 @@ Contents, in file order:
     BASELINE, comparison_models    ConViT-Ti on both paths and the same-size baseline
     SMALL, small_models, code_from lesson 6's models, built by this convit.py or an older one
     PAPER_SPEED                    Table 1's img/s of the paper (the one copy in the project)
-    print_table1, print_comparison, print_small, __main__
+    print_table1, print_comparison, print_small
+    PROFILE_KINDS, profile_shares, print_small_profile   --small --profile
+    build_parser, __main__
 """
 
 from __future__ import annotations
@@ -219,13 +222,18 @@ def clock(args):
     return time.thread_time if getattr(args, "cpu_time", False) else time.perf_counter
 
 
+def load_average() -> str:
+    """The machine's load, printed beside every figure: above the number of cores, other programs
+    were waiting for them, and the figures are noisier."""
+    return f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+
+
 def settings(args, batch: int, side: int | None = None) -> str:
     """What every measured ratio depends on, printed beside it."""
     precision = "bf16 autocast" if getattr(args, "amp", False) else "fp32"
     precision += ", torch.compile" if getattr(args, "compile", False) else ""
     timed = "CPU time of the thread" if getattr(args, "cpu_time", False) else "wall clock"
-    # Above the number of cores, other programs were waiting for them: the figures are noisier.
-    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+    load = load_average()
     side = side or getattr(args, "img_size", 224)
     return (f"{args.device}, {precision}, batch {batch}, {side}x{side}, {torch.get_num_threads()} thread(s), {timed}, "
             f"{args.rounds} rounds, order rotated every round{load}")
@@ -335,6 +343,50 @@ def print_small(args):
             print(markdown_row(cells, widths), flush=True)
 
 
+# What --small --profile sorts torch.profiler's operations into (their self time, on a CPU).
+PROFILE_KINDS = {
+    "matrix products (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention kernel, forward": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "attention kernel, backward": ("aten::_scaled_dot_product_flash_attention_for_cpu_backward",),
+    "GELU, forward and backward": ("aten::gelu", "aten::gelu_backward"),
+    "LayerNorm, forward and backward": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+    "copies (copy_, cat)": ("aten::copy_", "aten::cat"),
+}
+PROFILE_REST = "everything else: elementwise ops, Python, dispatch, autograd"
+
+
+def profile_shares(job: callable, steps: int) -> tuple[float, dict[str, float]]:
+    """Milliseconds per call under torch.profiler, and each PROFILE_KINDS' share of the self time."""
+    from torch.profiler import profile
+
+    job()
+    with profile() as prof:
+        for _ in range(steps):
+            job()
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    shares = {kind: sum(event.self_cpu_time_total for event in events if event.key in names) / total
+              for kind, names in PROFILE_KINDS.items()}
+    return total / steps / 1000, {**shares, PROFILE_REST: 1 - sum(shares.values())}
+
+
+def print_small_profile(args):
+    """--small --profile: where the time of lesson 6's training step goes, by kind of work."""
+    side = SMALL["img_size"]
+    images = torch.randn(args.train_batch_size, SMALL["in_chans"], side, side)
+    profiles = {name: profile_shares(training_job(model, images, as_train_py=True), args.rounds)
+                for name, model in small_models(args.patch_size).items()}
+    grid = side // args.patch_size
+    load = load_average()
+    print(f"lesson 6's models, training step, {grid}x{grid} grid (patch {args.patch_size}), torch.profiler over "
+          f"{args.rounds} steps: cpu, fp32, batch {args.train_batch_size}, {torch.get_num_threads()} thread(s){load}")
+    widths = [60] + [11] * len(profiles)
+    print(markdown_header(["share of the self time", *profiles], widths))
+    for kind in [*PROFILE_KINDS, PROFILE_REST]:
+        print(markdown_row([kind, *(f"{shares[kind]:.0%}" for _, shares in profiles.values())], widths))
+    print(markdown_row(["ms per step (the profiler adds some)", *(f"{ms:.1f}" for ms, _ in profiles.values())], widths))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
     parser.add_argument("--sizes", nargs="*", default=TABLE1_SIZES, choices=TABLE1_SIZES,
@@ -356,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "step at --train-batch-size (64, the lesson's) and an evaluation pass at twice that")
     parser.add_argument("--patch-size", type=int, default=4, choices=[2, 4, 7, 14],
                         help="with --small: 4 makes the 7x7 grid of lesson 6, 2 a 14x14 grid")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --small, on a CPU: instead of timing, torch.profiler's op time by kind, over --rounds steps")
     parser.add_argument("--before", metavar="DIR",
                         help="with --small: also time the models built by DIR/convit.py (an older checkout), in the "
                              "same rounds, and print now / before (--small --compile alone: compiled / eager)")
@@ -376,10 +430,17 @@ if __name__ == "__main__":
         torch_device(cli.device, "--device")  # a typo or a missing GPU: one line, before any model is built
     except ValueError as err:
         parser.error(str(err))
-    if cli.before and not cli.small:
-        parser.error("--before compares lesson 6's models: add --small")
+    if (cli.before or cli.profile) and not cli.small:
+        parser.error("--before and --profile work on lesson 6's models: add --small")
+    if cli.profile and (cli.before or cli.compile or cli.amp):
+        parser.error("--profile profiles lesson 6's eager fp32 step: leave out --before, --compile and --amp")
+    if cli.profile and cli.device != "cpu":
+        parser.error("--profile sorts the CPU's operations: add --device cpu")
     if cli.before and not os.path.isfile(os.path.join(cli.before, "convit.py")):
         parser.error(f"--before {cli.before}: no convit.py there; give the root of a checkout of this project")
     cli.train_batch_size = cli.train_batch_size or (64 if cli.small else 32)
     torch.set_num_threads(cli.threads)
-    print_small(cli) if cli.small else print_comparison(cli) if cli.compare else print_table1(cli)
+    if cli.small:
+        print_small_profile(cli) if cli.profile else print_small(cli)
+    else:
+        print_comparison(cli) if cli.compare else print_table1(cli)
