@@ -180,7 +180,7 @@ def check_field(field: dataclasses.Field, value):
         check_range(field.name, value, field.metadata["interval"])
     choices = field.metadata["choices"]
     if choices and value not in choices:
-        raise ValueError(f"--{field.name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
+        raise ValueError(f"--{field.name.replace('_', '-')} {value!r}: choose one of {', '.join(map(str, choices))}")
 
 
 def check_range(name: str, value, interval: str):
