@@ -86,10 +86,10 @@ def plot(seed_runs: list[dict], mnist: dict, seeds: list[int], args, settings: s
         n_gpsa, depth = gates.shape[2], nonlocality.shape[2]
         colours = plots.layer_colours(depth)
         plots.draw_gates(ax_gate, epoch, gates, colours, over="heads and seeds")
-        ax_gate.set_title(f"{name}: gates (Fig. 5)")
+        ax_gate.set_title(f"{name}: gates (Fig. 6)")
         uniform = convit.relative_positions(7, 7)[..., 2].sqrt().mean().item()
         plots.draw_nonlocality(ax_nonlocal, epoch, nonlocality, n_gpsa, colours, uniform, over="heads and seeds")
-        ax_nonlocal.set_title(f"{name}: nonlocality (Fig. 6)")
+        ax_nonlocal.set_title(f"{name}: nonlocality (Fig. 5)")
         measured = [m["epoch"] for m in these[0]["measurements"]]
         ratio = torch.tensor([[m["adam_step_over_lr"] for m in run["measurements"]] for run in these])
         for layer in range(n_gpsa):
