@@ -172,9 +172,11 @@ def save_atomically(obj, path: Path):
             os.close(folder)
 
 
-def writable_folder(path, flag: str) -> Path:
+def writable_folder(path, flag: str, create: bool = True) -> Path:
     """Create the folder `path` if needed and prove that a file can be written in it, before any
-    work starts; anything in the way is one RunError naming `flag` and the real problem."""
+    work starts; anything in the way is one RunError naming `flag` and the real problem.
+    create=False checks the same and makes nothing: a folder that does not exist yet is judged by
+    its nearest existing parent, so that a command refused later leaves no empty folder behind."""
     path = Path(path)
     if str(path) == "":
         raise RunError(f"{flag} is empty: name a folder")
@@ -183,6 +185,11 @@ def writable_folder(path, flag: str) -> Path:
     blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
         raise RunError(f"{flag} {path} cannot be created: {blocker} is a file, not a folder")
+    if not create and not path.exists():
+        parent = next(parent for parent in path.parents if parent.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunError(f"{flag} {path} cannot be created ({parent} is not writable)")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
