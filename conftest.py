@@ -231,7 +231,7 @@ real_replace, real_save, real_step = os.replace, torch.save, torch.amp.GradScale
 
 
 def replace(src, dst):
-    if not str(dst).endswith("checkpoint.pth"):
+    if not str(dst).endswith("checkpoint.pth") or ".before-overwrite" in str(dst):  # an old run moved aside
         return real_replace(src, dst)
     saves.append(dst)
     if moment == "before the rename" and len(saves) == 2:

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import checkout_status
+from lessons._command import QUICK_FOLDER  # --quick writes there, under the system's temporary folder
 from lessons._report import cell, mean  # the lessons' own (statistics.mean can round a .x5 the other way)
 
 ROOT = Path(__file__).resolve().parent
 LESSONS = ROOT / "lessons"
-QUICK_FOLDER = "convit-lessons-quick"  # lessons/_command.py's, under the system's temporary folder
 FIGURES = {  # script -> the PNG files it writes
     "01_attention_as_convolution.py": ["01_relative_positions.png", "01_heads_as_kernel.png", "01_conv_equality.png"],
     "02_gate.py": ["02_gate_maps.png", "02_gate_curve.png"],
@@ -54,14 +55,6 @@ SUMMARIES = {  # script -> the machine-readable results it writes beside its fig
 # The protocol's tests train on sklearn's 8x8 digits (2x2 patches): what they check does not need
 # MNIST-10k's 28x28 images, and each run takes a fraction of the time.
 DIGITS = ["--dataset", "digits"]
-
-
-def checkout_status() -> list[str]:
-    """What git sees changed in the checkout, ignored files included (a run folder under runs/ is
-    ignored by git, but it is still a write into the checkout); the interpreter's caches aside."""
-    from conftest import checkout_status as status
-
-    return status()
 
 
 def committed_figures() -> dict[str, str]:
@@ -373,10 +366,11 @@ def readme_paragraphs() -> list[str]:
 def test_readme_bench_figures_name_the_batch_their_command_uses():
     """Each `python bench.py` command the README quotes figures of types its batch, and the
     paragraph states that batch: bench's defaults are not what was measured."""
-    quoted = 0
-    for paragraph in readme_paragraphs():
+    quoted, paragraphs = 0, readme_paragraphs()
+    for paragraph, after in zip(paragraphs, [*paragraphs[1:], ""]):
+        table = after if after.startswith("|") else ""  # a table's figures belong to the paragraph above it
         for command in re.findall(r"`(python bench\.py[^`]*)`", paragraph):
-            if not re.search(r"\d\.\d+x", paragraph):
+            if not re.search(r"\d\.\d+x", paragraph + table):
                 continue  # a command named without figures
             quoted += 1
             argv = shlex.split(command)

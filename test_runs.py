@@ -21,6 +21,7 @@ The data is conftest's `folder` of 24 tiny PNGs; a run of the 3-block model take
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,8 +159,10 @@ def test_under_torchrun_every_process_stops_when_the_folder_is_refused(folder, t
 # 3. --resume continues the run as it was started
 # ---------------------------------------------------------------------------------------
 def test_typed_flags_are_read_from_the_command_line_not_from_the_defaults():
-    typed = config.parse(["--epochs=6", "--seed", "0", "--resum", "x", "--no-amp", "--lr", "5e-4"])
+    typed = config.parse(["--epochs=6", "--seed", "0", "--resume", "x", "--no-amp", "--lr", "5e-4"])
     assert typed == {"epochs": 6, "seed": 0, "resume": "x", "amp": False, "lr": 5e-4}  # --seed 0 is the default, yet typed
+    with pytest.raises(ValueError, match=r"unrecognized arguments: --epoch 3 \(did you mean --epochs\?\)"):
+        config.parse(["--epoch", "3"])  # argparse's prefix matching would take it for --epochs 3
 
 
 @pytest.fixture(scope="module")
@@ -440,6 +443,10 @@ def test_no_figure_draws_none_and_says_so_and_a_quick_lesson_passes_it_only_for_
             assert run_settings(args, run_root / "r").get("no_figure", False) is scratch, typed
 
 
+def figure_numbers(title: str) -> list[str]:
+    return re.findall(r"Fig\. (\d+)", title)
+
+
 def test_the_run_figure_fits_its_gates_and_tells_layers_and_heads_apart():
     """The gates of a short run move a few hundredths from sigma(1) = 0.73: on a 0-1 axis four
     layers would be one thick line. The axis fits the data (the 0-1 range and the init value
@@ -463,11 +470,11 @@ def test_the_run_figure_fits_its_gates_and_tells_layers_and_heads_apart():
     rgb = torch.tensor([to_rgb(colour) for colour in colours])
     apart = torch.cdist(rgb, rgb) + torch.eye(len(rgb)) * 10
     assert apart.min() > 0.25, "two layers share nearly one colour"
-    assert "Fig. 6" in ax.get_title() and "Fig. 5" not in ax.get_title()  # the gates
+    assert figure_numbers(ax.get_title()) == ["6"]  # the gates are the paper's Fig. 6
 
     nonlocal_ax = Figure().subplots()
     plots.draw_nonlocality(nonlocal_ax, epochs, torch.rand(1, 10, 6, 4) + 1, 4, colours)
-    assert "Fig. 5" in nonlocal_ax.get_title() and "Fig. 6" not in nonlocal_ax.get_title()  # the nonlocality
+    assert figure_numbers(nonlocal_ax.get_title()) == ["5"]  # and the nonlocality its Fig. 5
     many = torch.tensor([to_rgb(colour) for colour in plots.layer_colours(12)])  # the paper's 12 blocks
     assert (torch.cdist(many, many) + torch.eye(12) * 10).min() > 0.1
 

@@ -10,7 +10,6 @@ under a minute on two CPU cores.
 """
 
 import argparse
-import importlib.util
 import math
 import os
 import pickle
@@ -284,7 +283,9 @@ def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(folder, tmp_pa
     err = capsys.readouterr().err
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines() == [
-        f"interrupted before the first epoch ended: no checkpoint written yet (to {run.resolve()})"]
+        f"interrupted before the first epoch ended: no checkpoint written yet (to {run.resolve()}); "
+        f"the run that --overwrite was replacing is back in {run}"]
+    assert (run / "checkpoint.pth").read_bytes() == b"an earlier run's"  # the older run's file, back in place
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,16 +449,15 @@ def test_readme_lists_every_overridable_field():
 # Every entry point: no prefix matching, and the lessons' own flags checked before anything is written
 # ---------------------------------------------------------------------------------------
 def entry_points() -> dict:
-    """Every command of the project, by name: its main(argv), and a flag it has with a value that
-    would be accepted (or refused for its own reason) if a prefix of it were taken for it."""
+    """Every command of the project, by name: its main(argv), and a flag it has with a value (for
+    plots.py, which has no flag of its own, the run folder it needs) that would be accepted, or
+    refused for its own reason, if a prefix of the flag were taken for it."""
     import bench
     import plots
+    from tools import gpu_check
 
-    spec = importlib.util.spec_from_file_location("gpu_check", HERE / "tools" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
     points = {"train.py": (train.main, "--epochs", "0"), "bench.py": (bench.main, "--device", "foo"),
-              "plots.py": (plots.main, "--help", None), "tools/gpu_check.py": (gpu_check.main, "--budget", "-1")}
+              "plots.py": (plots.main, "--help", "RUN_DIR"), "tools/gpu_check.py": (gpu_check.main, "--budget", "-1")}
     for path in sorted((HERE / "lessons").glob("[0-9][0-9]_*.py")):
         points[f"lessons/{path.name}"] = (lesson(path.name[:2]).main, "--threads", "-1")
     return points
