@@ -435,7 +435,7 @@ def test_no_figure_draws_none_and_says_so_and_a_quick_lesson_passes_it_only_for_
 
     from lessons._command import parse, run_folder, training_parser
     from lessons._protocol import QUICK, RECIPE
-    from lessons._training import run_settings
+    from lessons._command import run_settings
 
     for typed, scratch in (([], True), (["--run-dir", str(tmp_path / "mine")], False)):
         args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", *typed])

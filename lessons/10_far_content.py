@@ -38,10 +38,10 @@ import convit  # noqa: E402
 import data  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
-from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
+from lessons._command import FIGURES, parse, run_folder, run_settings, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, write_summary  # noqa: E402
-from lessons._training import at_repository_root, run_parallel, run_settings  # noqa: E402
+from lessons._training import at_repository_root, run_parallel  # noqa: E402
 
 lesson5 = importlib.import_module("lessons.05_escaping_locality")  # its model, recipe and measurements
 

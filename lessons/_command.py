@@ -1,5 +1,6 @@
 """A lesson's command line: the options every lesson shares, the recipe flags of the lessons that
-train, the folders a lesson writes, and one way to fail (cli.run_command: one `error:` line).
+train and the settings of one run they make (run_settings), the folders a lesson writes, and one
+way to fail (cli.run_command: one `error:` line).
 
 Every lesson runs as `python lessons/NN_name.py [--quick]` and ends with sys.exit(cli.run_command(main)).
 Its flags are checked as train.py checks its own: a recipe flag (--epochs, --lr ...) against the
@@ -131,7 +132,6 @@ def check_training_flags(args):
     named once, and the run they make accepted by train.py's own checks (config.resolve: the
     network's shape above all), so that no run fails after the lesson has started writing."""
     import config
-    from lessons._training import run_settings
 
     recipe = args.recipes[1] if args.quick else args.recipes[0]
     for field in dataclasses.fields(LessonRecipe):
@@ -149,10 +149,43 @@ def check_training_flags(args):
     config.resolve(run_settings(args, args.run_dir or Path(tempfile.gettempdir()) / "unused"))
 
 
+def repo_path(path) -> str:
+    """`path` as a recorded command should name it: relative to the repository when inside it, so
+    that the command runs on any machine from the repository root."""
+    absolute = Path(path).resolve()
+    return str(absolute.relative_to(REPO_ROOT)) if absolute.is_relative_to(REPO_ROOT) else str(absolute)
+
+
+def run_settings(args, out_dir: Path, seed: int = 0, **changes) -> dict:
+    """The settings (train.py's flags by field name) of one run of the lesson's recipe: `changes`
+    (data_fraction, the ablations, model="deit_tiny" ...) replace the recipe's values. Paths are
+    relative to the repository root, where train_one runs it.
+
+    With overwrite: a lesson's run folders are its own, and running the lesson again replaces them
+    (train.py refuses a folder that holds another run unless told so; its lock still stops two
+    lessons writing one folder at once).
+
+    A convit_tiny shrunk to the recipe's C, H and depth, on train.py's image and patch size
+    (mnist10k: 28x28 in 4x4 patches, a 7x7 grid). On the 8x8 sklearn digits the image is cut
+    into 2x2 patches instead (a 4x4 grid), which keeps each run to seconds."""
+    settings = {"dataset": args.dataset, "data_dir": repo_path(args.data_dir), "device": args.device,
+                "model": "convit_tiny", "embed_dim": args.embed_dim, "num_heads": args.num_heads, "depth": args.depth,
+                "batch_size": args.batch_size, "lr": args.lr, "epochs": args.epochs,
+                "warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr, "randaug_ops": 0, "seed": seed,
+                "output_dir": repo_path(out_dir), "overwrite": True, "no_progress": True, "quiet": True}
+    if args.threads:
+        settings["threads"] = args.threads
+    if args.run_dir is None:  # run_folder's temporary folder, removed at the end: a figure there is wasted time
+        settings["no_figure"] = True
+    if args.dataset == "digits":
+        settings.update({"img_size": 8, "patch_size": 2})
+    return {**settings, **changes}
+
+
 @contextmanager
 def run_folder(args):
     """Where train.py should write: --run-dir, or with --quick (and no --run-dir) a temporary
-    folder removed afterwards, whose runs draw no figure.png (lessons._training.run_settings:
+    folder removed afterwards, whose runs draw no figure.png (run_settings:
     --no-figure). parse() leaves --run-dir unset only in that case."""
     if args.run_dir is not None:
         yield args.run_dir
