@@ -27,9 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
+import cli
 from cli import flag
+
+cli.require_torchvision()  # one line, not a traceback, when torchvision was built for another torch
+from torchvision.transforms import v2  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,17 +28,19 @@ Contents, in file order:
     PAPER_SPEED                    Table 1's img/s of the paper (the one copy in the project)
     print_table1, print_comparison, print_small
     PROFILE_KINDS, profile_shares, print_small_profile   --small --profile
-    build_parser, main
+    Settings, build_parser, check, main   the flags, each with its range, checked first
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cli
-from convit import ConViT, count_parameters, create_model, explicit_twin
+from convit import ConViT, ConViTConfig, count_parameters, create_model, explicit_twin
 
 
 def count_macs(model: ConViT) -> int:
@@ -387,43 +389,53 @@ def print_small_profile(args):
     print(markdown_row(["ms per step (the profiler adds some)", *(f"{ms:.1f}" for ms, _ in profiles.values())], widths))
 
 
+@dataclass
+class Settings:
+    """bench.py's flags (but --sizes), each with its range: checked as train.py checks its own
+    (cli.check_field), so that no measurement of nothing (a median of 0 rounds, img/s of empty
+    batches) is ever printed."""
+
+    batch_size: int = cli.flag("inference batch", 16, interval="[1, inf)")
+    train_batch_size: int | None = cli.flag("training-step batch (--compare: default 32; --small: 64)",
+                                            interval="[1, inf)")
+    memory_batch_size: int = cli.flag("batch of the activation-memory count (with --compare)", 64, interval="[1, inf)")
+    rounds: int = cli.flag("timed rounds per model (--profile: profiled steps)", 5, interval="[1, inf)")
+    img_size: int = cli.flag("image side in pixels (the paper's Table 1: 224, 14 x 14 patches of 16); its "
+                             "models and --compare's cut it into patches of 16", 224, interval="[1, inf)")
+    device: str = cli.flag("torch device, e.g. cpu or cuda", "cuda" if torch.cuda.is_available() else "cpu")
+    threads: int = cli.flag("CPU threads for torch", torch.get_num_threads(), interval="[1, inf)")
+    compare: bool = cli.flag("instead: ConViT-Ti fused/explicit vs the same-size baseline: inference, training, memory",
+                             False)
+    inference_only: bool = cli.flag("with --compare: skip training and memory", False)
+    small: bool = cli.flag("instead: lesson 6's DeiT and ConViT (28x28, C 48, H 4, 4 blocks), train.py's training "
+                           "step at --train-batch-size (64, the lesson's) and an evaluation pass at twice that", False)
+    patch_size: int = cli.flag("with --small: 4 makes the 7x7 grid of lesson 6, 2 a 14x14 grid", 4, choices=[2, 4, 7, 14])
+    profile: bool = cli.flag("with --small, on a CPU: instead of timing, torch.profiler's op time by kind, over "
+                             "--rounds steps", False)
+    before: str | None = cli.flag("with --small: also time the models built by DIR/convit.py (an older checkout), in "
+                                  "the same rounds, and print now / before (--small --compile alone: compiled / eager)",
+                                  metavar="DIR")
+    amp: bool = cli.flag("time under bf16 autocast instead of fp32", False)
+    compile: bool = cli.flag("torch.compile every model first (at the warm-up call)", False)
+    cpu_time: bool = cli.flag("with --threads 1: time the thread's CPU time, not the wall clock, so that time other "
+                              "programs take from the core does not count (their use of caches and memory still does)",
+                              False)
+
+
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python bench.py",
                                 description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
     parser.add_argument("--sizes", nargs="*", default=TABLE1_SIZES, choices=TABLE1_SIZES,
                         help="which DeiT/ConViT pairs of Table 1 (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
-    parser.add_argument("--train-batch-size", type=int, help="training-step batch (--compare: default 32; --small: 64)")
-    parser.add_argument("--memory-batch-size", type=int, default=64,
-                        help="batch of the activation-memory count (with --compare)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
-    parser.add_argument("--img-size", type=int, default=224,
-                        help="image side in pixels (the paper's Table 1: 224, 14 x 14 patches of 16)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")
-    parser.add_argument("--compare", action="store_true",
-                        help="instead: ConViT-Ti fused/explicit vs the same-size baseline: inference, training, memory")
-    parser.add_argument("--inference-only", action="store_true", help="with --compare: skip training and memory")
-    parser.add_argument("--small", action="store_true",
-                        help="instead: lesson 6's DeiT and ConViT (28x28, C 48, H 4, 4 blocks), train.py's training "
-                             "step at --train-batch-size (64, the lesson's) and an evaluation pass at twice that")
-    parser.add_argument("--patch-size", type=int, default=4, choices=[2, 4, 7, 14],
-                        help="with --small: 4 makes the 7x7 grid of lesson 6, 2 a 14x14 grid")
-    parser.add_argument("--profile", action="store_true",
-                        help="with --small, on a CPU: instead of timing, torch.profiler's op time by kind, over --rounds steps")
-    parser.add_argument("--before", metavar="DIR",
-                        help="with --small: also time the models built by DIR/convit.py (an older checkout), in the "
-                             "same rounds, and print now / before (--small --compile alone: compiled / eager)")
-    parser.add_argument("--amp", action="store_true", help="time under bf16 autocast instead of fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model first (at the warm-up call)")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="with --threads 1: time the thread's CPU time, not the wall clock, so that time other "
-                             "programs take from the core does not count (their use of caches and memory still does)")
+    cli.add_flags(parser, Settings)
     return parser
 
 
-def main(argv: list[str] | None = None):
-    args = build_parser().parse_args(argv)
+def check(args):
+    """Every flag in its range, the flags that contradict each other, and the image the models
+    must tile: one line each, before anything is built, timed or printed."""
+    for field in dataclasses.fields(Settings):
+        cli.check_field(field, getattr(args, field.name))
     if args.cpu_time and args.threads != 1:
         raise ValueError("--cpu-time measures one thread: add --threads 1")
     cli.torch_device(args.device)  # a typo or a missing GPU: one line, before any model is built
@@ -435,6 +447,16 @@ def main(argv: list[str] | None = None):
         raise ValueError("--profile sorts the CPU's operations: add --device cpu")
     if args.before and not os.path.isfile(os.path.join(args.before, "convit.py")):
         raise ValueError(f"--before {args.before}: no convit.py there; give the root of a checkout of this project")
+    if not args.small:  # Table 1's models and --compare's: ConViTConfig's own check, named by the flag
+        try:
+            ConViTConfig(img_size=args.img_size)
+        except ValueError as err:
+            raise ValueError(f"--img-size {args.img_size}: {err}") from None
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    check(args)
     args.train_batch_size = args.train_batch_size or (64 if args.small else 32)
     torch.set_num_threads(args.threads)
     if args.small:

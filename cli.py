@@ -10,14 +10,21 @@ what its command-line flag is: its help, the interval its values must lie in, it
 preset recipe, and its role (does it define the run, or only how or where this command runs it).
 It lives here, at the bottom, because data.py and augment.py declare their own fields with it.
 
-Contents: ArgumentParser, one_line, run_command, torch_device, flag (RUN, HOW, COMMAND), check_range.
+The same goes for the install: torchvision built for another torch fails at import with an
+error that names neither (`require_torchvision` makes it one line that names both, and the fix).
+
+Contents: ArgumentParser, one_line, run_command, torch_device, require_torchvision, flag (RUN,
+HOW, COMMAND), and the flags of a dataclass: argument_kind, add_flags, check_field, check_range.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib.metadata
 import math
+import re
 import sys
 
 import torch
@@ -25,10 +32,26 @@ import torch
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, except that a bad flag raises a ValueError naming it: main() must never
-    exit the interpreter (lessons and tests call it in-process), and run_command prints it in one line."""
+    exit the interpreter (lessons and tests call it in-process), and run_command prints it in one line.
+    A flag must be typed whole: argparse would take `--epoch 3` for `--epochs 3` (and `--lr` for
+    whichever flag it prefixes), so a typo could silently mean another flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        raise ValueError(f"{message} (see {self.prog} --help)")
+        raise ValueError(f"{message}{self.suggestion(message)} (see {self.prog} --help)")
+
+    def suggestion(self, message: str) -> str:
+        """For an unknown flag, the flag it abbreviates or most resembles: ' (did you mean --epochs?)'."""
+        if not message.startswith("unrecognized arguments"):
+            return ""
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        meant = []
+        for typed in re.findall(r"(--[\w-]+)", message):
+            meant += [option for option in known if option.startswith(typed)] or \
+                difflib.get_close_matches(typed, known, n=1)
+        return f" (did you mean {' or '.join(dict.fromkeys(meant))}?)" if meant else ""
 
 
 def one_line(err: Exception) -> str:
@@ -76,6 +99,37 @@ def torch_device(name: str, flag_name: str = "--device") -> torch.device:
     return device
 
 
+def require_torchvision():
+    """Import torchvision, or end the program with one line naming both versions and the fix.
+
+    torchvision's compiled operators are built against one torch: a CUDA torchvision beside a CPU
+    torch (two installs from different indexes) fails at import with "operator torchvision::nms
+    does not exist", which names neither package. Called before the first torchvision import of
+    data.py and augment.py, and by conftest.py before any test."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as err:
+        print(f"error: {torchvision_problem(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def torchvision_problem(err: Exception) -> str:
+    """The one line for a torchvision that cannot be imported beside this torch."""
+    try:
+        installed = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        return f"torchvision is not installed (torch {torch.__version__} is): pip install -r requirements.txt"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    version = re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__)
+    build = torch.__version__.partition("+")[2]  # cpu, cu130 ... (empty: PyPI's default build)
+    # torchvision 0.(minor + 15) is the release made for torch 2.minor (0.15 for 2.0 ... 0.29 for 2.14)
+    pair = (f"torch=={version[0]} torchvision==0.{int(version[2]) + 15}.{version[3]}" if version and version[1] == "2"
+            else "torch torchvision")
+    index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+    return (f"torch {torch.__version__} and torchvision {installed} are builds that do not work together "
+            f"({reason}): install both from one place, e.g. pip install --force-reinstall {pair}{index}")
+
+
 # ---------------------------------------------------------------------------------------
 # A configuration field that is also a flag
 # ---------------------------------------------------------------------------------------
@@ -96,6 +150,37 @@ def flag(help: str, default=None, *, interval: str | None = None, choices=None, 
     return dataclasses.field(default=default, metadata={
         "help": help, "interval": interval, "choices": choices, "metavar": metavar, "role": role, "typed": typed,
         "presets": presets})
+
+
+def argument_kind(field: dataclasses.Field) -> dict:
+    """argparse's options for a field, from its annotation: a bool is a switch, `bool | None` a
+    --x / --no-x pair, int, float and str a value."""
+    kind, optional = field.type.split("|")[0].strip(), "None" in field.type
+    if kind == "bool":
+        return {"action": argparse.BooleanOptionalAction if optional else "store_true"}
+    options = {"type": {"int": int, "float": float, "str": str}[kind]}
+    options.update({key: field.metadata[key] for key in ("choices", "metavar") if field.metadata[key]})
+    return options
+
+
+def add_flags(parser, section) -> None:
+    """The flags of a dataclass of cli.flag fields (bench.py's settings), each with its default
+    and, in its help, that default."""
+    for field in dataclasses.fields(section):
+        default = "" if field.default in (None, False) else f" (default {field.default})"
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=field.default,
+                            help=(field.metadata["help"] + default).replace("%", "%%"), **argument_kind(field))
+
+
+def check_field(field: dataclasses.Field, value):
+    """Refuse a value outside its field's interval or choices, in one line naming the flag."""
+    if value is None:
+        return
+    if field.metadata["interval"]:
+        check_range(field.name, value, field.metadata["interval"])
+    choices = field.metadata["choices"]
+    if choices and value not in choices:
+        raise ValueError(f"--{field.name.replace('_', '-')} {value!r}: choose one of {', '.join(map(str, choices))}")
 
 
 def check_range(name: str, value, interval: str):

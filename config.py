@@ -95,6 +95,17 @@ class Model:
         return convit.MODEL_PRESETS[self.model].get("class_token_in_pos_embed", False)
 
     @property
+    def heads(self) -> int:
+        """H: --num-heads, or the model's."""
+        return self.num_heads or convit.MODEL_PRESETS[self.model]["num_heads"]
+
+    @property
+    def width(self) -> int:
+        """C: --embed-dim, or H heads of --preset small's 24 dims, or the model's."""
+        return self.embed_dim or (self.heads * self.head_width if self.head_width else
+                                  convit.MODEL_PRESETS[self.model]["embed_dim"])
+
+    @property
     def gpsa_blocks(self) -> int:
         """--local-up-to-layer, or by default: a ConViT makes all blocks GPSA but the last two (10
         of 12 in the paper); DeiT none."""
@@ -258,17 +269,6 @@ def help_of(field: dataclasses.Field) -> str:
     return text
 
 
-def argument_kind(field: dataclasses.Field) -> dict:
-    """argparse's options for a field, from its annotation: a bool is a switch, `bool | None` a
-    --x / --no-x pair, int, float and str a value."""
-    kind, optional = field.type.split("|")[0].strip(), "None" in field.type
-    if kind == "bool":
-        return {"action": argparse.BooleanOptionalAction if optional else "store_true"}
-    options = {"type": {"int": int, "float": float, "str": str}[kind]}
-    options.update({key: field.metadata[key] for key in ("choices", "metavar") if field.metadata[key]})
-    return options
-
-
 def build_parser() -> argparse.ArgumentParser:
     """train.py's command line. Every flag's default is argparse.SUPPRESS, so that parsing returns
     exactly the flags typed: --resume tells a typed --seed 0 from an unset one."""
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         for field in dataclasses.fields(section):
             if field.metadata["typed"]:
                 group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=argparse.SUPPRESS,
-                                   help=help_of(field).replace("%", "%%"), **argument_kind(field))
+                                   help=help_of(field).replace("%", "%%"), **cli.argument_kind(field))
     return parser
 
 
@@ -321,7 +321,7 @@ def fill_unset(values: dict) -> dict:
     for name in ("dataset", "preset", "model", *FIELDS):  # the dataset, preset and model decide the others
         if values.get(name) is None:
             values[name] = default_of(name, values)
-        check_choice(name, values[name])
+        cli.check_field(FIELDS[name], values[name])  # a choice argparse would refuse, in a lesson's settings
     return values
 
 
@@ -352,12 +352,10 @@ def resolve(settings: dict) -> tuple[RunConfig, list[str]]:
 # The checks: values that no run can use, each one line naming the flag
 # ---------------------------------------------------------------------------------------
 def check(values: dict):
-    """Every value in its field's range and choices, and the flags that contradict each other."""
+    """Every value in its field's range and choices, the flags that contradict each other, and the
+    shape of the model: all before the run reads its data or writes anything."""
     for name, field in FIELDS.items():
-        value, interval = values.get(name), field.metadata["interval"]
-        if value is not None and interval:
-            cli.check_range(name, value, interval)
-        check_choice(name, value)
+        cli.check_field(field, values.get(name))
     if values["mask_pos_embed"] and not values["eval_only"]:
         raise ValueError("--mask-pos-embed masks the position embedding at test time: use it with --eval-only")
     if values["eval_only"] and not values["checkpoint"]:
@@ -368,13 +366,23 @@ def check(values: dict):
     if values["output_dir"] == "":
         raise ValueError("--output-dir is empty: name a folder (or leave the flag out for runs/<dataset>-<model>)")
     check_table3_switches(values)
+    check_model_shape(values)
 
 
-def check_choice(name: str, value):
-    """A value that argparse's choices would refuse, in settings that did not come through it (a lesson's)."""
-    choices = FIELDS[name].metadata["choices"]
-    if value is not None and choices and value not in choices:
-        raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
+def check_model_shape(values: dict):
+    """The network these flags build, checked as convit.ConViTConfig checks it (an image the
+    patches do not tile, a width the heads do not divide, no MHSA block after the GPSA ones), and
+    named by its flags: now, not after the data has loaded."""
+    model = Model(**{field.name: values[field.name] for field in dataclasses.fields(Model)})
+    preset = convit.MODEL_PRESETS[model.model]
+    try:
+        convit.ConViTConfig(**{**preset, "img_size": values["img_size"], "patch_size": model.patch_size,
+                               "embed_dim": model.width, "num_heads": model.heads, "depth": model.depth,
+                               "local_up_to_layer": model.gpsa_blocks})
+    except ValueError as err:
+        raise ValueError(f"{err} (the network of these flags: --model {model.model}, --img-size {values['img_size']}, "
+                         f"--patch-size {model.patch_size}, C = {model.width}, H = {model.heads}, --depth {model.depth}, "
+                         f"GPSA blocks {model.gpsa_blocks})") from None
 
 
 def check_table3_switches(values: dict):

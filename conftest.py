@@ -2,7 +2,11 @@
 `error:` line is checked, and a wrapper that stops a train.py process at a chosen moment.
 
 Test files import these helpers (`from conftest import TINY, metrics_of`) and get the fixtures
-(image_folder, folder, cifar_folder) by name; no test file imports another.
+(image_folder, folder, cifar_folder ...) by name; no test file imports another.
+
+The session itself checks two things: torch and torchvision can work together (else one line
+naming both, before any test), and the tests wrote nothing into the checkout (`git status`,
+ignored files included, is the same at the end as at the start; else the session fails).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import torch
 from PIL import Image
 
 import cli
-import config
-import convit
-import train
+
+cli.require_torchvision()  # a torchvision built for another torch: one line, before any test
+import config  # noqa: E402
+import convit  # noqa: E402
+import train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,6 +85,37 @@ def lesson(number: str):
     return module
 
 
+def checkout_status() -> list[str]:
+    """What git sees in the checkout that is not committed, ignored files too (runs/ is ignored,
+    yet a run folder there is a write into the checkout); the interpreter's caches aside. Empty
+    outside a git checkout."""
+    done = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=HERE,
+                          capture_output=True, text=True)
+    return sorted(line for line in done.stdout.splitlines()
+                  if "__pycache__/" not in line and ".pytest_cache/" not in line) if done.returncode == 0 else []
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or the only process), not an xdist worker
+        session.config.checkout_before = checkout_status()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if its tests left anything in the checkout: they must write into tmp_path."""
+    before = getattr(session.config, "checkout_before", None)
+    if before is None:
+        return
+    written = sorted(set(checkout_status()) - set(before))
+    if written:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the tests wrote into the checkout (use tmp_path): {', '.join(written[:10])}"
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        else:
+            print(message, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
     """train.py and the lessons set torch's thread count in-process; put it back after each test."""
@@ -90,11 +127,11 @@ def keep_torch_threads():
 # ---------------------------------------------------------------------------------------
 # Data the tests write themselves
 # ---------------------------------------------------------------------------------------
-def colour_image_folder(root: Path, train_count: int, val_count: int) -> Path:
-    """train/ and val/ of three classes told apart by colour, 16x16 PNGs of one colour plus noise."""
+def colour_image_folder(root: Path, train_count: int, val_count: int, classes: int = 3) -> Path:
+    """train/ and val/ of (up to) three classes told apart by colour, 16x16 PNGs of one colour plus noise."""
     rng = np.random.default_rng(0)
     for split, count in (("train", train_count), ("val", val_count)):
-        for name, colour in zip(("a_red", "b_green", "c_blue"), COLOURS):
+        for name, colour in list(zip(("a_red", "b_green", "c_blue"), COLOURS))[:classes]:
             (root / split / name).mkdir(parents=True)
             noise = rng.normal(0, 40, (count, 16, 16, 3))
             for i, pixels in enumerate(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)):
@@ -112,6 +149,30 @@ def image_folder(tmp_path_factory) -> Path:
 def folder(tmp_path_factory) -> Path:
     """24 training and 12 validation images: batch 8 makes 3 steps an epoch, a run of the tiny model a second."""
     return colour_image_folder(tmp_path_factory.mktemp("images"), 8, 4)
+
+
+def truncated_png(path: Path):
+    """A PNG cut off halfway, as a full disk or an interrupted copy leaves one: its header reads,
+    its pixels do not."""
+    whole = path.with_name("whole.png")
+    Image.fromarray(np.full((16, 16, 3), 128, dtype=np.uint8)).save(whole)
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    whole.unlink()
+
+
+@pytest.fixture(scope="session")
+def truncated_folder(tmp_path_factory) -> Path:
+    """conftest's `folder` with one truncated PNG more in train/: 25 images, so batches of 5 read
+    them all in the first epoch."""
+    root = colour_image_folder(tmp_path_factory.mktemp("truncated"), 8, 4)
+    truncated_png(root / "train" / "a_red" / "truncated.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def one_class_folder(tmp_path_factory) -> Path:
+    """An image folder of one class: every prediction is right, so top-1 means nothing."""
+    return colour_image_folder(tmp_path_factory.mktemp("one-class"), 8, 4, classes=1)
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +231,7 @@ real_replace, real_save, real_step = os.replace, torch.save, torch.amp.GradScale
 
 
 def replace(src, dst):
-    if not str(dst).endswith("checkpoint.pth"):
+    if not str(dst).endswith("checkpoint.pth") or ".before-overwrite" in str(dst):  # an old run moved aside
         return real_replace(src, dst)
     saves.append(dst)
     if moment == "before the rename" and len(saves) == 2:
@@ -191,6 +252,8 @@ def save(obj, f, *args, **kwargs):
 
 
 def step(self, optimizer, *args, **kwargs):
+    if moment == "first step" and not saves:  # epoch 1, before any checkpoint
+        stall()
     if moment == "mid-epoch" and saves:
         saves.append("step")
         if saves.count("step") == 2:  # the second step of epoch 2
@@ -205,7 +268,8 @@ sys.exit(cli.run_command(train.main, sys.argv[4:]))
 
 def start_stalled(tmp_path: Path, argv: list[str], moment: str = "mid-epoch", stdout=subprocess.DEVNULL
                   ) -> subprocess.Popen:
-    """train.py in a subprocess, stalled at `moment` of epoch 2; its stderr goes to tmp_path/stderr."""
+    """train.py in a subprocess, stalled at `moment` of epoch 2 (or at the first step of epoch 1);
+    its stderr goes to tmp_path/stderr."""
     wrapper, here = tmp_path / "wrapper.py", tmp_path / "here"
     wrapper.write_text(WRAPPER)
     process = subprocess.Popen([sys.executable, str(wrapper), str(HERE), moment, str(here), *argv],

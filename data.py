@@ -28,14 +28,17 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from einops import rearrange
 from torch.utils.data import Dataset, DistributedSampler, Subset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
+import cli
 from augment import Augmentation
 from cli import HOW, flag
+
+cli.require_torchvision()  # one line, not a traceback, when torchvision was built for another torch
+import torchvision  # noqa: E402
+from torchvision import tv_tensors  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
 
 
 class DataError(ValueError):
@@ -125,7 +128,7 @@ class Data:
                          "read stops the run with an error naming the file (mnist10k: read from here if it holds "
                          "mnist10k.npz, else from the repository's data/)", default="data", role=HOW)
     num_classes_subset: int | None = flag("imagefolder: keep only the first K classes in sorted order (the paper: "
-                                          "100)", default=None, interval="[1, inf)", metavar="K")
+                                          "100); at least 2, or top-1 means nothing", default=None, interval="[2, inf)", metavar="K")
     data_fraction: float = flag("keep a seeded, stratified fraction F in (0, 1] of each training class (Table 2)",
                                 default=1.0, interval="(0, 1]", metavar="F")
     scale_epochs: bool = flag("multiply the epochs by 1/F, so that a fraction sees as many steps (Table 2); the "
@@ -370,9 +373,15 @@ def build_datasets(data: Data, augmentation: Augmentation, seed: int) -> tuple[D
 
 
 def check_training_set(data: Data, train_set: Dataset, num_classes: int, global_batch: int):
-    """A training set too small to train on, blamed on the flag that made it so."""
+    """A training set too small to train on, blamed on the flag that made it so; and one class,
+    with which every prediction is right and top-1 is 100% whatever the model learns."""
     fraction = data.data_fraction
-    full = len(train_set.dataset) if isinstance(train_set, Subset) else len(train_set)
+    whole = train_set.dataset if isinstance(train_set, Subset) else train_set
+    full = len(whole)
+    if num_classes < 2:  # only an image folder can have fewer (--num-classes-subset is at least 2)
+        names = ", ".join(getattr(whole, "classes", []))
+        raise DataError(f"{data.data_dir}/train holds {num_classes} class ({names}): every prediction would be right, "
+                        f"and top-1 100% whatever the model learns; a classifier needs at least two classes")
     if fraction < 1 and fraction * full < num_classes:
         raise DataError(f"--data-fraction {fraction:g} keeps {fraction * full:.2g} of the {full} training images, "
                         f"less than one per class (each class would keep its one image, {len(train_set)} in all, "

@@ -1,4 +1,4 @@
-"""A run's own Fig. 5/6: accuracy, loss, the gates and the nonlocality of every layer, per epoch.
+"""A run's own figure: accuracy, loss, the nonlocality (Fig. 5) and the gates (Fig. 6) of every layer, per epoch.
 
     python plots.py RUN_DIR [RUN_DIR ...]   # writes RUN_DIR/figure.png from RUN_DIR/metrics.jsonl
 
@@ -27,28 +27,40 @@ INIT_GATE = 1 / (1 + math.exp(-1))  # sigma(1) = 0.73: every gate at initialisat
 
 
 def layer_colours(count: int) -> list:
-    """One colour per block, from the first (dark) to the last (light)."""
+    """One clearly distinct colour per block (matplotlib's qualitative tab10, or tab20 past ten
+    blocks): a sequential colour map makes neighbouring layers near twins."""
     import matplotlib
 
-    return matplotlib.colormaps["viridis"](torch.linspace(0, 0.9, count).tolist())
+    palette = matplotlib.colormaps["tab10" if count <= 10 else "tab20"].colors
+    return [palette[i % len(palette)] for i in range(count)]
 
 
 def draw_gates(ax, epochs: list, gates: torch.Tensor, colours: list, over: str = "heads"):
-    """Fig. 5: sigma(lambda) of each GPSA layer against the epoch. gates is (runs, epochs, GPSA
-    layers, H): the thick line is the mean of the heads and runs, each thin line one head of one run."""
+    """Fig. 6: sigma(lambda) of each GPSA layer against the epoch. gates is (runs, epochs, GPSA
+    layers, H): the thick line is the mean of the heads and runs, each thin line one head of one run.
+
+    The axis fits the gates, not their whole [0, 1] range: a short run moves them a few hundredths
+    from 0.73, which on a 0-1 axis would squeeze every layer into one thick line. The label says
+    the range, and its ends are drawn when the data reach near them."""
     for layer in range(gates.shape[2]):
-        ax.plot(epochs, gates[:, :, layer].mean((0, 2)), color=colours[layer], lw=2, label=f"GPSA {layer + 1}")
         for run in range(gates.shape[0]):
-            ax.plot(epochs, gates[run, :, layer], color=colours[layer], lw=0.5, alpha=0.3)  # each head
-    ax.axhline(INIT_GATE, color="0.5", ls=":", label="init, $\\sigma(1)$ = 0.73")
-    ax.set(xlabel="epoch", ylabel="$\\sigma(\\lambda)$ (1 = positional, 0 = content)", ylim=(0, 1),
-           title=f"gates (Fig. 5): mean of {over} (thick), each head (thin)")
+            ax.plot(epochs, gates[run, :, layer], color=colours[layer], lw=0.8, alpha=0.5)  # (epochs, H): each head
+        ax.plot(epochs, gates[:, :, layer].mean((0, 2)), color=colours[layer], lw=2.5, label=f"GPSA {layer + 1}")
+    ax.axhline(INIT_GATE, color="0.3", ls=":", label="init, $\\sigma(1)$ = 0.73")
+    low, high = min(gates.min().item(), INIT_GATE), max(gates.max().item(), INIT_GATE)
+    pad = max(0.1 * (high - low), 0.005)
+    low, high = max(low - pad, 0.0), min(high + pad, 1.0)
+    for end in (0.0, 1.0):  # the ends of the range, where the axis reaches them
+        if low <= end <= high:
+            ax.axhline(end, color="k", lw=0.8)
+    ax.set(xlabel="epoch", ylabel="$\\sigma(\\lambda)$ in [0, 1] (1 = positional, 0 = content)", ylim=(low, high),
+           title=f"gates (Fig. 6): mean of {over} (thick), each head (thin)")
     ax.legend(fontsize=7, ncol=2)
 
 
 def draw_nonlocality(ax, epochs: list, nonlocality: torch.Tensor, n_gpsa: int, colours: list,
                      uniform: float | None = None, over: str = "heads"):
-    """Fig. 6: the nonlocality of Eq. 8 of each block against the epoch, GPSA solid, MHSA dashed.
+    """Fig. 5: the nonlocality of Eq. 8 of each block against the epoch, GPSA solid, MHSA dashed.
     nonlocality is (runs, epochs, blocks, H); `uniform` marks what uniform attention would give."""
     for layer in range(nonlocality.shape[2]):
         kind = "GPSA" if layer < n_gpsa else "MHSA"
@@ -56,7 +68,7 @@ def draw_nonlocality(ax, epochs: list, nonlocality: torch.Tensor, n_gpsa: int, c
                 ls="-" if kind == "GPSA" else "--", label=f"{layer + 1} ({kind})")
     if uniform is not None:
         ax.axhline(uniform, color="0.5", ls=":", label=f"uniform, {uniform:.2f}")
-    ax.set(xlabel="epoch", ylabel="nonlocality (Eq. 8), patches", title=f"nonlocality (Fig. 6), mean of {over}")
+    ax.set(xlabel="epoch", ylabel="nonlocality (Eq. 8), patches", title=f"nonlocality (Fig. 5), mean of {over}")
     ax.legend(fontsize=7, ncol=2)
 
 

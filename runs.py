@@ -7,13 +7,19 @@ A run folder (--output-dir) holds one run:
 
     checkpoint.pth   everything --resume needs, replaced atomically after each evaluation
     metrics.jsonl    one JSON line per evaluated epoch; never ahead of checkpoint.pth
-    figure.png       the run's own Fig. 5/6, drawn from metrics.jsonl (plots.py)
+    figure.png       the run's own figure: nonlocality (Fig. 5) and gates (Fig. 6), from metrics.jsonl
     run.lock         held by the one process that writes the folder; empty when none does
+    .before-overwrite/   only while an --overwrite run has no checkpoint yet: the run it replaces
 
 The rules, and why (docs/runs.md says them for the user):
 - A folder that holds another run is refused: `--resume` continues that run, `--overwrite`
-  replaces it. Nothing is removed before the new run has loaded its data and built its model,
-  so a refused or failed start leaves the old run as it was.
+  replaces it. The old run's files are moved aside (into .before-overwrite/, a rename, so whole)
+  when the new run has its data and model, and removed only once the new run has written its
+  first checkpoint. A run that fails or is interrupted before then puts them back; one killed
+  outright (kill -9, a power cut) leaves them aside, and the next train.py that takes the folder
+  puts them back, or removes them if the new run had written its checkpoint.
+- A run refused, or failing before its first checkpoint, leaves nothing behind: the folders and
+  the run.lock that claim() created are removed again.
 - One writer: an flock on run.lock. The operating system drops it when its process dies,
   even by SIGKILL, so a killed run never leaves the folder locked.
 - The checkpoint is written first, then its metrics line. A run killed between the two has
@@ -31,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -49,6 +56,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 METRICS, FIGURE, LOCK = "metrics.jsonl", "figure.png", "run.lock"
+REPLACED = ".before-overwrite"  # inside the run folder: the run --overwrite replaces, until the new one has a checkpoint
 
 
 class RunError(ValueError):
@@ -154,7 +162,8 @@ def save_atomically(obj, path: Path):
         os.replace(tmp, path)  # atomic on POSIX and Windows
     except (OSError, RuntimeError) as err:
         tmp.unlink(missing_ok=True)
-        raise RunError(f"could not write {path} ({os_reason(err)}); the last good checkpoint is untouched") from None
+        kept = "the last good checkpoint is untouched" if path.exists() else "no checkpoint was written"
+        raise RunError(f"could not write {path} ({os_reason(err)}); {kept}") from None
     if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power cut (POSIX)
         folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -163,9 +172,11 @@ def save_atomically(obj, path: Path):
             os.close(folder)
 
 
-def writable_folder(path, flag: str) -> Path:
+def writable_folder(path, flag: str, create: bool = True) -> Path:
     """Create the folder `path` if needed and prove that a file can be written in it, before any
-    work starts; anything in the way is one RunError naming `flag` and the real problem."""
+    work starts; anything in the way is one RunError naming `flag` and the real problem.
+    create=False checks the same and makes nothing: a folder that does not exist yet is judged by
+    its nearest existing parent, so that a command refused later leaves no empty folder behind."""
     path = Path(path)
     if str(path) == "":
         raise RunError(f"{flag} is empty: name a folder")
@@ -174,6 +185,11 @@ def writable_folder(path, flag: str) -> Path:
     blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
         raise RunError(f"{flag} {path} cannot be created: {blocker} is a file, not a folder")
+    if not create and not path.exists():
+        parent = next(parent for parent in path.parents if parent.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunError(f"{flag} {path} cannot be created ({parent} is not writable)")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -204,24 +220,38 @@ def read_metrics(run_dir) -> list[dict]:
 class RunFolder:
     """The --output-dir of a training run, held by this process (rank 0) from claim() to release().
 
-    claim():    (the function below) checks that the folder can be written, takes its lock, and
-                refuses another run's folder (unless resuming that very run, or told to --overwrite).
-                It changes nothing.
-    start():    the run has its data and model: now it may remove an overwritten run's files,
-                or cut metrics.jsonl back to the epoch it resumes from.
-    save():     the checkpoint, then its metrics line.
+    claim():    (the function below) checks that the folder can be written, takes its lock, settles
+                an --overwrite that was killed, and refuses another run's folder (unless resuming
+                that very run, or told to --overwrite). It changes nothing of a run.
+    start():    the run has its data and model: now it moves an overwritten run aside, or cuts
+                metrics.jsonl back to the epoch it resumes from.
+    save():     the checkpoint, then its metrics line; after the first checkpoint, the run moved
+                aside is removed.
+    give_up():  the run stopped before its first checkpoint: the folder as claim() found it.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path):
         self.path = Path(path)
         self.checkpoint, self.metrics, self.figure = self.path / CHECKPOINT, self.path / METRICS, self.path / FIGURE
+        self.replaced = self.path / REPLACED
         self.lock_file = None
-        self.started = False  # start() has run: the folder's files are this run's
+        self.made: list[Path] = []  # the folders claim() created, innermost first
+        self.made_lock = False  # whether claim() created run.lock
+        self.started = False  # start() has run: the folder's run files are this run's
+        self.same_run = False  # it resumes the checkpoint of this very folder
+        self.saved = False  # this run has written a checkpoint: from then on the folder is its own
+
+    def create(self, flag: str):
+        """The folder and its parents, made and proved writable (writable_folder), remembering which
+        of them did not exist, so that a refused run can remove them again."""
+        self.made = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
+        writable_folder(self.path, flag)
 
     def lock(self):
         """Take run.lock, or name the process that holds it. flock, not a file that exists or not:
         the lock dies with its process, so a killed run leaves nothing to clean up."""
         lock_path = self.path / LOCK
+        self.made_lock = not lock_path.exists()
         try:
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
@@ -234,7 +264,7 @@ class RunFolder:
         except OSError:
             holder = lock_path.read_text().strip() or "another process"
             self.lock_file.close()
-            self.lock_file = None
+            self.lock_file, self.made_lock = None, False  # the holder's file, not ours
             raise RunError(f"--output-dir {self.path} is in use by another run ({holder}); wait for it to end, "
                            f"or choose another --output-dir") from None
         command = " ".join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "train.main"
@@ -252,6 +282,27 @@ class RunFolder:
     def holds_a_run(self) -> bool:
         return self.checkpoint.exists() or (self.metrics.exists() and self.metrics.stat().st_size > 0)
 
+    def settle(self):
+        """Under the lock: an --overwrite killed outright left the run it was replacing in
+        REPLACED. If the new run wrote no checkpoint, the old run comes back (the checkpoint is the
+        first file moved aside, so a folder without one never holds a mix of the two runs); if it
+        did, the new run is the one that was asked for, and the old one goes."""
+        if not self.replaced.is_dir():
+            return
+        if self.checkpoint.exists():
+            shutil.rmtree(self.replaced, ignore_errors=True)
+        else:
+            self.put_back()
+
+    def put_back(self):
+        try:
+            for path in sorted(self.replaced.iterdir()):
+                os.replace(path, self.path / path.name)
+            self.replaced.rmdir()
+        except OSError as err:
+            raise RunError(f"could not put back the run that --overwrite was replacing, in {self.replaced} "
+                           f"({os_reason(err)}): move its files back into {self.path} by hand") from None
+
     def refuse_another_run(self, overwrite: bool, resume: str | None):
         resuming_here = resume is not None and Path(resume).resolve().parent == self.path.resolve()
         if resuming_here or overwrite or not self.holds_a_run():
@@ -262,12 +313,13 @@ class RunFolder:
                        f"with --overwrite, or choose another --output-dir")
 
     def start(self, epochs_done: int, resumed_from: str | None = None, last_record: dict | None = None):
-        """Make the folder this run's. A fresh run starts with no checkpoint and no metrics (an
-        overwritten run's are removed now, not at claim(): a start that fails earlier leaves
-        them). A resumed one keeps the metrics lines of the epochs its checkpoint holds, read
-        from the folder it resumes from: lines after the checkpoint (or torn by a crash) are
+        """Make the folder this run's. A run resumed in its own folder keeps the metrics lines of
+        the epochs its checkpoint holds: lines after the checkpoint (or torn by a crash) are
         dropped, and the checkpoint's own line (`last_record`) is put back if a crash came
-        between the checkpoint and its line."""
+        between the checkpoint and its line. Any other run moves the folder's run files aside
+        (an overwritten run, kept whole until save() has written this run's first checkpoint),
+        and a run resumed from another folder starts with that folder's metrics lines."""
+        self.same_run = resumed_from is not None and Path(resumed_from).resolve() == self.checkpoint.resolve()
         lines = []
         if resumed_from is not None:
             source = Path(resumed_from).parent
@@ -275,25 +327,37 @@ class RunFolder:
             if isinstance(last_record, dict) and last_record.get("epoch") == epochs_done and \
                     (not lines or lines[-1]["epoch"] < epochs_done):
                 lines.append(last_record)
+        self.started = True
         try:
-            for stale in (self.figure, self.checkpoint.with_name(CHECKPOINT + ".tmp")):
-                stale.unlink(missing_ok=True)
-            if resumed_from is None or Path(resumed_from).resolve() != self.checkpoint.resolve():
-                self.checkpoint.unlink(missing_ok=True)  # not this run's: it would disagree with the metrics
-            if resumed_from is None:
-                self.metrics.unlink(missing_ok=True)
+            self.checkpoint.with_name(CHECKPOINT + ".tmp").unlink(missing_ok=True)
+            if self.same_run:
+                self.figure.unlink(missing_ok=True)  # drawn again when the run ends
             else:
+                self.move_aside()
+            if resumed_from is not None:
                 tmp = self.metrics.with_name(METRICS + ".tmp")  # rewritten by a rename, so a kill now loses no line
                 tmp.write_text("".join(json.dumps(record) + "\n" for record in lines))
                 os.replace(tmp, self.metrics)
         except OSError as err:
             raise RunError(f"could not write {self.metrics} ({os_reason(err)})") from None
-        self.started = True
+
+    def move_aside(self):
+        """The folder's run files into REPLACED, each by a rename (whole, and never copied): the
+        checkpoint first, so that settle() can tell which run a folder holds."""
+        present = [path for path in (self.checkpoint, self.metrics, self.figure) if path.exists()]
+        if present:
+            self.replaced.mkdir(exist_ok=True)
+            for path in present:
+                os.replace(path, self.replaced / path.name)
 
     def save(self, checkpoint: dict, record: dict):
         """The checkpoint first, then its metrics line: metrics.jsonl never runs ahead of the
-        checkpoint. A line that cannot be written whole is cut off again."""
+        checkpoint. A line that cannot be written whole is cut off again. After the first
+        checkpoint, the run that --overwrite replaced is removed: the new one now has a checkpoint."""
         save_atomically(checkpoint, self.checkpoint)
+        if not self.saved:
+            self.saved = True
+            shutil.rmtree(self.replaced, ignore_errors=True)  # what is left of it, settle() removes later
         line = (json.dumps(record) + "\n").encode()
         with self.metrics.open("ab") as f:
             size = f.tell()
@@ -309,19 +373,47 @@ class RunFolder:
         """Whether this run has logged an evaluated epoch, so that it has a figure to draw."""
         return self.started and self.metrics.exists() and bool(read_metrics(self.path))
 
+    def give_up(self) -> str:
+        """The run stopped (an error, Ctrl-C) before its first checkpoint: leave the folder as
+        claim() found it. What this run wrote goes (a metrics file that --resume copied, a
+        figure of it), the run that --overwrite was replacing comes back, and so do the folders
+        and the run.lock that claim() created. Returns what the error line should add."""
+        if self.saved:
+            return ""
+        if self.started and not self.same_run:
+            for path in (self.metrics, self.figure, self.checkpoint.with_name(CHECKPOINT + ".tmp")):
+                path.unlink(missing_ok=True)
+        back = ""
+        if self.replaced.is_dir():
+            self.put_back()
+            back = f"; the run that --overwrite was replacing is back in {self.path}"
+        if self.made_lock:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self.made_lock = False
+        for folder in self.made:  # innermost first; one that holds anything now stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.made = []
+        return back
+
 
 def claim(output_dir: str, overwrite: bool, resume: str | None, proc: Process) -> RunFolder | None:
     """Rank 0 takes the run folder (RunFolder: checked, locked, not another run's) and returns it;
-    the other processes write nothing and get None, or under torchrun the same refusal."""
+    the other processes write nothing and get None, or under torchrun the same refusal. A refused
+    run leaves no trace: what was created to check the folder is removed again."""
     folder, refusal = None, None
     if proc.rank == 0:
+        folder = RunFolder(output_dir)
         try:
-            folder = RunFolder(writable_folder(output_dir, "--output-dir"))
+            folder.create("--output-dir")
             folder.lock()
+            folder.settle()
             folder.refuse_another_run(overwrite, resume)
         except RunError as err:
-            if folder is not None:
-                folder.release()
+            folder.give_up()
+            folder.release()
             folder, refusal = None, str(err)
     if proc.distributed:  # one refusal stops every process, not only rank 0
         message = [refusal]
@@ -330,6 +422,19 @@ def claim(output_dir: str, overwrite: bool, resume: str | None, proc: Process) -
     if refusal is not None:
         raise RunError(refusal)
     return folder
+
+
+def settle(output_dir) -> None:
+    """Before --resume reads a folder's checkpoint: settle an --overwrite of it that was killed
+    (RunFolder.settle), under its lock, so that the run being resumed is the one the folder held."""
+    folder = RunFolder(output_dir)
+    if not folder.replaced.is_dir():
+        return
+    folder.lock()
+    try:
+        folder.settle()
+    finally:
+        folder.release()
 
 
 def where_to_continue(output_dir: str | None, resume: str | None, started: float) -> str:

@@ -6,14 +6,17 @@ the order of the jobs) is exact.
 """
 
 import argparse
+import dataclasses
 import os
 
 import pytest
 import torch
 
 import bench
+import cli
 import config
 import train
+from conftest import one_error_line
 from convit import create_model
 
 
@@ -154,3 +157,31 @@ def test_small_profile_finds_every_kind_of_work_it_names(capsys):
     rows = table_rows("\n".join(lines[3:]), ("|",))
     assert [row[0] for row in rows] == [*bench.PROFILE_KINDS, bench.PROFILE_REST, "ms per step (the profiler adds some)"]
     assert [len(row) for row in rows] == [3] * len(rows)  # a column for each model
+# bench.py refuses what no measurement can mean, in one line and before it prints or times anything.
+BAD_BENCH_INPUTS = [
+    (["--rounds", "0"], "--rounds must be at least 1, got 0"),  # a median of no rounds
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),  # 0 img/s and ratios of nothing
+    (["--compare", "--inference-only", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--compare", "--train-batch-size", "0"], "--train-batch-size must be at least 1, got 0"),
+    (["--compare", "--memory-batch-size", "-1"], "--memory-batch-size must be at least 1, got -1"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--img-size", "20"], "--img-size 20: image 20x20 is not divisible by patch 16"),
+    (["--compare", "--img-size", "0"], "--img-size must be at least 1, got 0"),
+    (["--cpu-time", "--threads", "2"], "--cpu-time measures one thread: add --threads 1"),
+]
+
+
+@pytest.mark.parametrize("argv, says", BAD_BENCH_INPUTS, ids=[" ".join(argv) for argv, _ in BAD_BENCH_INPUTS])
+def test_bad_input_is_one_line_before_anything_is_timed(argv, says, capsys):
+    code = cli.run_command(bench.main, ["--sizes", "tiny", "--rounds", "1", *argv])
+    captured = capsys.readouterr()
+    one_error_line(code, captured.err, says)
+    assert captured.out == ""  # no table header before the error
+
+
+def test_bench_flags_have_their_ranges_in_one_table():
+    """Every numeric flag of bench.py is a field with a range (cli.flag), as train.py's are."""
+    ranged = {field.name for field in dataclasses.fields(bench.Settings) if field.metadata["interval"]}
+    assert ranged == {"batch_size", "train_batch_size", "memory_batch_size", "rounds", "img_size", "threads"}
+    help_text = bench.build_parser().format_help()
+    assert "--batch-size" in help_text and "(default 16)" in help_text

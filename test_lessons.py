@@ -1,16 +1,19 @@
 """The lessons run, and their texts show what their scripts draw.
 
 Each lesson script runs with --quick in a fresh process, exactly as the README shows it (no
---out-dir), and must exit 0, write every figure it promises into the scratch folder
-runs/lessons-quick/, and leave every committed figure byte for byte as it was. Each text must
+--out-dir), and must exit 0, write every figure it promises into the scratch folder it prints
+(convit-lessons-quick in the system's temporary folder, never inside the checkout), and leave the
+checkout as it was: every committed figure byte for byte, and nothing new. Each text must
 embed every figure its script writes, and every figure a text embeds must be committed under
-lessons/figures.
+lessons/figures. No text calls the gates Fig. 5 or the nonlocality Fig. 6 (the paper's are the
+other way round), and the README names the batch and the machine of what it measured.
 """
 
 import collections
 import hashlib
 import json
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -20,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import checkout_status
+from lessons._command import QUICK_FOLDER  # --quick writes there, under the system's temporary folder
 from lessons._report import cell, mean  # the lessons' own (statistics.mean can round a .x5 the other way)
 
 ROOT = Path(__file__).resolve().parent
 LESSONS = ROOT / "lessons"
-QUICK_OUT = ROOT / "runs" / "lessons-quick"  # lessons/_command.py's QUICK_FIGURES
 FIGURES = {  # script -> the PNG files it writes
     "01_attention_as_convolution.py": ["01_relative_positions.png", "01_heads_as_kernel.png", "01_conv_equality.png"],
     "02_gate.py": ["02_gate_maps.png", "02_gate_curve.png"],
@@ -58,28 +62,36 @@ def committed_figures() -> dict[str, str]:
             for path in sorted((LESSONS / "figures").rglob("*")) if path.is_file()}
 
 
+def quick(tmp_path: Path, *argv: str) -> Path:
+    """`python lessons/SCRIPT --quick ARGV` from the repository root, in a fresh process whose
+    temporary folder is tmp_path; returns the folder it says it wrote its figures into."""
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, f"{argv} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    out = tmp_path / QUICK_FOLDER
+    assert f"--quick: the figures go to {out}" in done.stdout, done.stdout[:2000]
+    return out
+
+
 @pytest.mark.parametrize("script", sorted(FIGURES))
-def test_quick_run_as_the_readme_shows_writes_to_scratch_and_leaves_committed_figures(script):
-    before, started = committed_figures(), time.time()
-    done = subprocess.run([sys.executable, str(LESSONS / script), "--quick"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+def test_quick_run_as_the_readme_shows_writes_to_scratch_and_leaves_the_checkout(script, tmp_path):
+    before, checkout, started = committed_figures(), checkout_status(), time.time()
+    out = quick(tmp_path, str(LESSONS / script), "--quick")
     for name in FIGURES[script] + SUMMARIES.get(script, []):
-        written = QUICK_OUT / name
+        written = out / name
         assert written.is_file() and written.stat().st_size > 200, f"{script} did not write {name}"
         assert written.stat().st_mtime >= started - 1, f"{script} left an old {written}"
     assert committed_figures() == before, f"{script} --quick changed committed files under lessons/figures"
+    assert checkout_status() == checkout, f"{script} --quick wrote into the checkout"
 
 
-def test_quick_sweep_writes_its_table_and_leaves_committed_figures():
-    before, started = committed_figures(), time.time()
-    done = subprocess.run([sys.executable, str(LESSONS / "06_sample_efficiency.py"), "--quick", "--sweep", *DIGITS],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    sweep = json.loads((QUICK_OUT / "06_sweep.json").read_text())
-    assert (QUICK_OUT / "06_sweep.json").stat().st_mtime >= started - 1
+def test_quick_sweep_writes_its_table_and_leaves_the_checkout(tmp_path):
+    before, checkout, started = committed_figures(), checkout_status(), time.time()
+    out = quick(tmp_path, str(LESSONS / "06_sample_efficiency.py"), "--quick", "--sweep", *DIGITS)
+    sweep = json.loads((out / "06_sweep.json").read_text())
+    assert (out / "06_sweep.json").stat().st_mtime >= started - 1
     assert {(run["name"], run["lr"]) for run in sweep["runs"]} == {(m, lr) for m in ("ConViT", "DeiT") for lr in (2e-3, 4e-3)}
-    assert committed_figures() == before
+    assert committed_figures() == before and checkout_status() == checkout
 
 
 def test_a_recorded_command_gives_the_recorded_top1_again(tmp_path):
@@ -307,3 +319,79 @@ def test_ci_runs_the_readmes_test_command():
     readme = [line.split("#")[0].strip() for line in setup.splitlines() if "pytest" in line and line.startswith("python")]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m pytest")]
     assert len(readme) == 1 and ci == readme, (readme, ci)
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's numbering: Fig. 5 is the nonlocality, Fig. 6 the gates
+# ---------------------------------------------------------------------------------------
+def wrong_figure_labels(text: str) -> list[str]:
+    """Lines that name the gates Fig. 5 or the nonlocality Fig. 6: a "Fig. N" (not "Figs. 5/6",
+    "Fig. 5 and 6") with the wrong quantity and not the right one within 40 characters of it."""
+    wrong = []
+    for line in text.splitlines():
+        for match in re.finditer(r"Fig(?:ure|\.)? ?([56])(?![0-9]|\s*(?:/|and|,|-)\s*[56])", line, re.IGNORECASE):
+            near = line[max(0, match.start() - 40): match.end() + 40].lower()
+            mislabelled, labelled = ("gate", "nonlocal") if match[1] == "5" else ("nonlocal", "gate")
+            if mislabelled in near and labelled not in near:
+                wrong.append(line.strip())
+    return wrong
+
+
+def test_the_figure_label_check_finds_a_wrong_pairing_and_passes_the_right_one():
+    five, six = "Fig" + ". 5", "Fig" + ". 6"  # spelt apart, so that this file holds no wrong pairing itself
+    assert wrong_figure_labels(f'title="gates ({five})"') and wrong_figure_labels(f"the nonlocality of Eq. 8 ({six})")
+    assert not wrong_figure_labels(f"gates ({six}) and nonlocality ({five})")
+    assert not wrong_figure_labels(f"the run's own {five}/6: gates and nonlocality")
+
+
+def test_no_tracked_text_calls_the_gates_fig5_or_the_nonlocality_fig6():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    wrong = {}
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in (".py", ".md", ".txt", ".json", ".toml", ".cfg", ".yml", ".yaml") or name == ".ci/run":
+            found = wrong_figure_labels(path.read_text())
+            if found:
+                wrong[name] = found
+    assert wrong == {}
+
+
+# ---------------------------------------------------------------------------------------
+# The README says what a newcomer can reproduce
+# ---------------------------------------------------------------------------------------
+def readme_paragraphs() -> list[str]:
+    return [" ".join(paragraph.split()) for paragraph in (ROOT / "README.md").read_text().split("\n\n")]
+
+
+def test_readme_bench_figures_name_the_batch_their_command_uses():
+    """Each `python bench.py` command the README quotes figures of types its batch, and the
+    paragraph states that batch: bench's defaults are not what was measured."""
+    quoted, paragraphs = 0, readme_paragraphs()
+    for paragraph, after in zip(paragraphs, [*paragraphs[1:], ""]):
+        table = after if after.startswith("|") else ""  # a table's figures belong to the paragraph above it
+        for command in re.findall(r"`(python bench\.py[^`]*)`", paragraph):
+            if not re.search(r"\d\.\d+x", paragraph + table):
+                continue  # a command named without figures
+            quoted += 1
+            argv = shlex.split(command)
+            assert "--batch-size" in argv, f"{command}: the figures' batch is bench's default, unstated"
+            batch = argv[argv.index("--batch-size") + 1]
+            assert f"batch {batch}" in paragraph, f"{command}: the paragraph does not say batch {batch}"
+            stated = set(re.findall(r"\bbatch (\d+)", paragraph))
+            if "--compare" in argv and "--inference-only" not in argv:
+                stated -= {argv[argv.index("--train-batch-size") + 1]} if "--train-batch-size" in argv else set()
+            assert stated == {batch}, f"{command}: the paragraph names batches {sorted(stated)}"
+    assert quoted >= 2  # Table 1 and the comparison with the same-size baseline
+
+
+def test_readme_keeps_no_history_and_names_one_machine_per_figure():
+    """History (dated runs, what an earlier version did) lives in docs/; each measured figure names
+    its machine, and a paragraph does not mix two machines' figures."""
+    months = "January|February|March|April|May|June|July|August|September|October|November|December"
+    for paragraph in readme_paragraphs():
+        assert not re.search(rf"\b\d{{1,2}} ({months})\b|\b({months}) \d{{4}}\b", paragraph), paragraph[:300]
+        machines = {name for name in ("Intel Xeon", "AMD EPYC") if name in paragraph}
+        assert len(machines) <= 1, f"two machines in one paragraph: {paragraph[:300]}"
+        if re.search(r"\b\d+ min \d+ s\b|img/s|\d\.\d+x\b", paragraph) and "paper" not in paragraph[:40]:
+            assert machines or "table" in paragraph.lower() or "lesson" in paragraph.lower(), \
+                f"a measured figure without its machine: {paragraph[:300]}"

@@ -12,12 +12,16 @@ afterwards (which checkpoint epoch, which metrics lines, byte for byte where not
 - Output failures (a file in the way, a read-only folder, a full disk) are one line each, and
   the folder stays consistent.
 - Values that used to be ignored without a word are refused.
-- Every finished run folder holds its own Fig. 5/6, figure.png.
+- Every finished run folder holds its own figure.png: nonlocality (Fig. 5), gates (Fig. 6).
+- --overwrite never leaves less than there was: the old run stays whole until the new one has
+  written its first checkpoint, whatever stops it first (bad data, Ctrl-C, a full disk, kill -9).
+- A refused run writes nothing and prints one line: the reason, and no note before it.
 The data is conftest's `folder` of 24 tiny PNGs; a run of the 3-block model takes about a second.
 """
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +38,8 @@ import data
 import plots
 import runs
 import train
-from conftest import TINY, lesson, metrics_of, one_error_line, run_train, start_stalled
+from conftest import (TINY, colour_image_folder, lesson, metrics_of, one_error_line, run_train, start_stalled,
+                      truncated_png)
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,14 +109,14 @@ def test_interrupted_before_the_first_epoch_the_folder_never_disagrees_with_itse
     assert snapshot(run) == before
     assert "no checkpoint written yet" in capsys.readouterr().err
 
-    # Ctrl-C at the first step: the old run is gone, checkpoint and metrics together.
+    # Ctrl-C at the first step of a new run into an empty folder: nothing to continue, and the folder is free.
+    fresh = tmp_path / "fresh"
     with monkeypatch.context() as patch:
         patch.setattr(torch.amp.GradScaler, "step", ctrl_c)
-        assert run_train([*flags(folder, 1), "--output-dir", str(run), "--overwrite"]) == 130
+        assert run_train([*flags(folder, 1), "--output-dir", str(fresh)]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"interrupted before the first epoch ended: no checkpoint written yet (to {run.resolve()})"]
-    assert not (run / "checkpoint.pth").exists() and not (run / "metrics.jsonl").exists()
-    assert train.main([*flags(folder, 1), "--output-dir", str(run)])["epoch"] == 1  # an empty folder is free
+        f"interrupted before the first epoch ended: no checkpoint written yet (to {fresh.resolve()})"]
+    assert train.main([*flags(folder, 1), "--output-dir", str(fresh)])["epoch"] == 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,8 +159,10 @@ def test_under_torchrun_every_process_stops_when_the_folder_is_refused(folder, t
 # 3. --resume continues the run as it was started
 # ---------------------------------------------------------------------------------------
 def test_typed_flags_are_read_from_the_command_line_not_from_the_defaults():
-    typed = config.parse(["--epochs=6", "--seed", "0", "--resum", "x", "--no-amp", "--lr", "5e-4"])
+    typed = config.parse(["--epochs=6", "--seed", "0", "--resume", "x", "--no-amp", "--lr", "5e-4"])
     assert typed == {"epochs": 6, "seed": 0, "resume": "x", "amp": False, "lr": 5e-4}  # --seed 0 is the default, yet typed
+    with pytest.raises(ValueError, match=r"unrecognized arguments: --epoch 3 \(did you mean --epochs\?\)"):
+        config.parse(["--epoch", "3"])  # argparse's prefix matching would take it for --epochs 3
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +402,7 @@ def test_help_names_every_dataset_of_each_preset():
 
 
 # ---------------------------------------------------------------------------------------
-# 6. Every run's own Fig. 5/6
+# 6. Every run's own figure: the nonlocality (Fig. 5) and the gates (Fig. 6)
 # ---------------------------------------------------------------------------------------
 def is_png(path: Path) -> bool:
     with Image.open(path) as image:
@@ -428,7 +435,7 @@ def test_no_figure_draws_none_and_says_so_and_a_quick_lesson_passes_it_only_for_
 
     from lessons._command import parse, run_folder, training_parser
     from lessons._protocol import QUICK, RECIPE
-    from lessons._training import run_settings
+    from lessons._command import run_settings
 
     for typed, scratch in (([], True), (["--run-dir", str(tmp_path / "mine")], False)):
         args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", *typed])
@@ -436,7 +443,197 @@ def test_no_figure_draws_none_and_says_so_and_a_quick_lesson_passes_it_only_for_
             assert run_settings(args, run_root / "r").get("no_figure", False) is scratch, typed
 
 
+def figure_numbers(title: str) -> list[str]:
+    return re.findall(r"Fig\. (\d+)", title)
+
+
+def test_the_run_figure_fits_its_gates_and_tells_layers_and_heads_apart():
+    """The gates of a short run move a few hundredths from sigma(1) = 0.73: on a 0-1 axis four
+    layers would be one thick line. The axis fits the data (the 0-1 range and the init value
+    marked), each head's line can be seen, each layer has its own colour, and the panels carry
+    the paper's numbers: Fig. 5 the nonlocality, Fig. 6 the gates."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+
+    epochs = list(range(1, 11))
+    rise = torch.linspace(0, 1, 10)[None, :, None, None]  # (1, epochs, 1, 1)
+    spread = torch.tensor([0.0, 0.01, 0.02, 0.03])[None, None, None, :]  # (1, 1, 1, H): four heads apart
+    gates = plots.INIT_GATE + rise * (0.02 + 0.01 * torch.arange(4.0)[None, None, :, None] + spread)  # (1, 10, 4, 4)
+    colours = plots.layer_colours(6)
+    ax = Figure().subplots()
+    plots.draw_gates(ax, epochs, gates, colours)
+    low, high = ax.get_ylim()
+    assert low <= plots.INIT_GATE and high >= gates.max() and high - low < 3 * (gates.max() - plots.INIT_GATE)
+    assert "[0, 1]" in ax.get_ylabel() and any("0.73" in line.get_label() for line in ax.lines)
+    heads = [line for line in ax.lines if line.get_label().startswith("_")]  # unlabelled: one per head
+    assert len(heads) == 16 and all(line.get_alpha() >= 0.5 and line.get_linewidth() >= 0.8 for line in heads)
+    rgb = torch.tensor([to_rgb(colour) for colour in colours])
+    apart = torch.cdist(rgb, rgb) + torch.eye(len(rgb)) * 10
+    assert apart.min() > 0.25, "two layers share nearly one colour"
+    assert figure_numbers(ax.get_title()) == ["6"]  # the gates are the paper's Fig. 6
+
+    nonlocal_ax = Figure().subplots()
+    plots.draw_nonlocality(nonlocal_ax, epochs, torch.rand(1, 10, 6, 4) + 1, 4, colours)
+    assert figure_numbers(nonlocal_ax.get_title()) == ["5"]  # and the nonlocality its Fig. 5
+    many = torch.tensor([to_rgb(colour) for colour in plots.layer_colours(12)])  # the paper's 12 blocks
+    assert (torch.cdist(many, many) + torch.eye(12) * 10).min() > 0.1
+
+
 def test_the_figure_of_a_deit_run_has_no_gates(folder, tmp_path):
     run = tmp_path / "deit"
     train.main([*flags(folder, 1), "--model", "deit_tiny", "--output-dir", str(run)])
     assert "gates" not in metrics_of(run)[0] and is_png(run / runs.FIGURE)
+
+
+# ---------------------------------------------------------------------------------------
+# 7. --overwrite loses nothing: the old run stays whole until the new one has a checkpoint
+# ---------------------------------------------------------------------------------------
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("failure", ["bad data", "Ctrl-C", "a full disk"])
+def test_overwrite_puts_the_old_run_back_when_the_new_one_fails_before_its_first_checkpoint(
+        failure, folder, truncated_folder, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "ow"
+    train.main([*flags(folder, 2), "--output-dir", str(run)])
+    before = snapshot(run)
+    argv = [*flags(folder, 1), "--output-dir", str(run), "--overwrite"]
+    real_save = torch.save
+    with monkeypatch.context() as patch:
+        if failure == "bad data":  # a truncated PNG, read in the first epoch (batches of 5 read all 25)
+            argv = [*flags(truncated_folder, 1, "--batch-size", "5"), "--output-dir", str(run), "--overwrite"]
+        elif failure == "Ctrl-C":  # at the first optimiser step
+            patch.setattr(torch.amp.GradScaler, "step", ctrl_c)
+        else:  # the first checkpoint meets a full disk halfway
+            patch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, DiskFullAt(f, 20_000), *a, **k))
+        code = run_train(argv)
+    err = capsys.readouterr().err
+    back = f"the run that --overwrite was replacing is back in {run}"
+    if failure == "Ctrl-C":
+        assert code == 130 and err.strip().splitlines() == [
+            f"interrupted before the first epoch ended: no checkpoint written yet (to {run.resolve()}); {back}"]
+    else:
+        one_error_line(code, err, "truncated.png cannot be read" if failure == "bad data" else
+                       f"could not write {run / 'checkpoint.pth'} (No space left on device)", back)
+    assert snapshot(run) == before  # checkpoint, metrics and figure, byte for byte
+    assert sorted(path.name for path in run.iterdir()) == sorted([*before, runs.LOCK])  # nothing aside is left
+
+
+def test_overwrite_removes_the_old_run_once_the_new_one_has_its_first_checkpoint(folder, tmp_path, monkeypatch):
+    run = tmp_path / "ow"
+    train.main([*flags(folder, 2), "--output-dir", str(run)])
+    real_save, seen = torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # what the folder holds while the first checkpoint is written
+        seen.append({path.name for path in run.iterdir()} - {"checkpoint.pth.tmp"})
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    train.main([*flags(folder, 1), "--output-dir", str(run), "--overwrite"])
+    monkeypatch.undo()
+    assert seen[0] == {runs.LOCK, runs.REPLACED}  # the old run aside, whole, until then
+    assert sorted(path.name for path in run.iterdir()) == sorted([runs.LOCK, "checkpoint.pth", "metrics.jsonl",
+                                                                   "figure.png"])
+    assert [m["epoch"] for m in metrics_of(run)] == [1]
+
+
+def test_a_killed_overwrite_leaves_the_old_run_for_the_next_command_to_put_back(folder, tmp_path, capsys):
+    """kill -9 (or a power cut) gives the run no moment to put anything back: the old run waits,
+    whole, in the hidden folder, and the next train.py that names the folder puts it back."""
+    run = tmp_path / "ow"
+    train.main([*flags(folder, 2), "--output-dir", str(run)])
+    before = snapshot(run)
+    for next_command in ("a new run", "--resume"):
+        (tmp_path / "here").unlink(missing_ok=True)  # start_stalled's signal that the run has stalled
+        holder = start_stalled(tmp_path, [*flags(folder, 1), "--output-dir", str(run), "--overwrite"], "first step")
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        if next_command == "a new run":  # refused as the old run's folder again, and nothing lost
+            one_error_line(run_train([*flags(folder, 1), "--output-dir", str(run)]), capsys.readouterr().err,
+                           f"--output-dir {run} holds another run (logged up to epoch 2)")
+            assert snapshot(run) == before
+        else:  # or the old run goes on where it stopped
+            assert train.main(["--resume", str(run), "--epochs", "3", "--quiet"])["epoch"] == 3
+            assert [m["epoch"] for m in metrics_of(run)] == [1, 2, 3]
+        assert not (run / runs.REPLACED).exists()
+
+
+def test_a_run_killed_after_its_first_checkpoint_keeps_it_and_the_old_run_goes(folder, tmp_path):
+    """The other moment kill -9 can hit: the new run has written its checkpoint but not yet removed
+    the old run. The new run is the one asked for: the next command removes the old one."""
+    run, old = tmp_path / "ow", tmp_path / "old"
+    train.main([*flags(folder, 1), "--output-dir", str(run)])
+    train.main([*flags(folder, 2), "--output-dir", str(old)])
+    (run / runs.REPLACED).mkdir()
+    for name in ("checkpoint.pth", "metrics.jsonl"):
+        (old / name).rename(run / runs.REPLACED / name)
+    assert train.main(["--resume", str(run), "--epochs", "2", "--quiet"])["epoch"] == 2
+    assert not (run / runs.REPLACED).exists() and [m["epoch"] for m in metrics_of(run)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------
+# 8. A refused run writes nothing, and prints only why
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["an image the patches do not tile", "one class", "fewer images than a batch",
+                                  "another run's folder"])
+def test_a_refused_run_writes_nothing(case, folder, one_class_folder, tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    argv, says = {
+        "an image the patches do not tile": ([*flags(folder, 1), "--img-size", "18"],
+                                             "image 18x18 is not divisible by patch 4"),
+        "one class": (flags(one_class_folder, 1, "--batch-size", "4"), "1 class"),
+        "fewer images than a batch": ([*flags(folder, 1), "--data-fraction", "0.2"], "fewer than one batch of 8"),
+        "another run's folder": (flags(folder, 1), "holds another run"),
+    }[case]
+    if case == "another run's folder":  # a finished run, copied without its lock file
+        train.main([*flags(folder, 1), "--output-dir", str(out)])
+        (out / runs.LOCK).unlink()
+        before = snapshot(out)
+    one_error_line(run_train([*argv, "--output-dir", str(out)]), capsys.readouterr().err, says)
+    if case == "another run's folder":
+        assert snapshot(out) == before and not (out / runs.LOCK).exists()
+    else:
+        assert not (tmp_path / "new").exists()  # neither the folder nor its parent
+
+
+def test_fewer_than_two_classes_are_refused(folder, one_class_folder, tmp_path, capsys):
+    """One class makes every prediction right: top-1 would read 100% whatever the model learnt."""
+    one_error_line(run_train([*flags(one_class_folder, 1, "--batch-size", "4"), "--output-dir", str(tmp_path / "a")]),
+                   capsys.readouterr().err, f"{one_class_folder}/train holds 1 class (a_red)", "at least two")
+    one_error_line(run_train([*flags(folder, 1), "--num-classes-subset", "1", "--output-dir", str(tmp_path / "b")]),
+                   capsys.readouterr().err, "--num-classes-subset must be at least 2, got 1")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("case", ["an image the patches do not tile", "another run's folder",
+                                  "a read-only output folder", "a truncated validation image"])
+def test_a_refused_run_prints_its_reason_and_no_note(case, folder, tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """--epochs 1 caps the recipe's 2 warmup epochs to 0: a note, but only for a run that goes ahead."""
+    out = tmp_path / "run"
+    data_dir = folder
+    if case == "another run's folder":
+        train.main([*flags(folder, 1), "--output-dir", str(out)])
+    elif case == "a read-only output folder":
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if self == out:
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+    elif case == "a truncated validation image":  # read while the run is set up
+        data_dir = colour_image_folder(tmp_path_factory.mktemp("bad-val"), 8, 4)
+        truncated_png(data_dir / "val" / "a_red" / "0.png")
+    capsys.readouterr()
+    extra = ["--img-size", "18"] if case == "an image the patches do not tile" else []
+    loud = [flag for flag in flags(data_dir, 1) if flag != "--quiet"] + ["--no-progress"]
+    code = run_train([*loud, "--output-dir", str(out), *extra])
+    captured = capsys.readouterr()
+    assert captured.out == "", captured.out  # refused before the run's first line: no note either
+    one_error_line(code, captured.err)
+
+    loud = [flag for flag in flags(folder, 1) if flag != "--quiet"] + ["--no-progress"]
+    assert run_train([*loud, "--output-dir", str(tmp_path / "goes-ahead")]) == 0
+    assert "note: --warmup-epochs 2 capped to 0" in capsys.readouterr().out

@@ -283,7 +283,9 @@ def test_ctrl_c_before_the_first_checkpoint_says_none_was_written(folder, tmp_pa
     err = capsys.readouterr().err
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines() == [
-        f"interrupted before the first epoch ended: no checkpoint written yet (to {run.resolve()})"]
+        f"interrupted before the first epoch ended: no checkpoint written yet (to {run.resolve()}); "
+        f"the run that --overwrite was replacing is back in {run}"]
+    assert (run / "checkpoint.pth").read_bytes() == b"an earlier run's"  # the older run's file, back in place
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,3 +443,82 @@ def test_readme_lists_every_overridable_field():
     paragraph = paragraph[: paragraph.index("\n\n")]
     missing = [f.name for f in convit.fields(convit.ConViTConfig) if f"`{f.name}`" not in paragraph]
     assert missing == []
+
+
+# ---------------------------------------------------------------------------------------
+# Every entry point: no prefix matching, and the lessons' own flags checked before anything is written
+# ---------------------------------------------------------------------------------------
+def entry_points() -> dict:
+    """Every command of the project, by name: its main(argv), and a flag it has with a value (for
+    plots.py, which has no flag of its own, the run folder it needs) that would be accepted, or
+    refused for its own reason, if a prefix of the flag were taken for it."""
+    import bench
+    import plots
+    from tools import gpu_check
+
+    points = {"train.py": (train.main, "--epochs", "0"), "bench.py": (bench.main, "--device", "foo"),
+              "plots.py": (plots.main, "--help", "RUN_DIR"), "tools/gpu_check.py": (gpu_check.main, "--budget", "-1")}
+    for path in sorted((HERE / "lessons").glob("[0-9][0-9]_*.py")):
+        points[f"lessons/{path.name}"] = (lesson(path.name[:2]).main, "--threads", "-1")
+    return points
+
+
+@pytest.mark.parametrize("script", ["train.py", "bench.py", "plots.py", "tools/gpu_check.py",
+                                    *[f"lessons/{path.name}" for path in sorted((HERE / "lessons").glob("[0-9][0-9]_*.py"))]])
+def test_an_abbreviated_flag_is_refused_by_every_entry_point(script, capsys):
+    """argparse takes a unique prefix for the whole flag (`--epoch 3` for --epochs 3) unless told not
+    to: a typo then silently means something else. Every parser refuses it and names the flag meant."""
+    main, option, value = entry_points()[script]
+    typed = option[:-2]  # --epochs -> --epoc, --help -> --he
+    code = cli.run_command(main, [typed] + ([value] if value else []))
+    one_error_line(code, capsys.readouterr().err, f"unrecognized arguments: {typed}", f"did you mean {option}?")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--quick", "--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--quick", "--seeds", "0", "0"], "--seeds 0 0 names a seed twice"),
+    (["--quick", "--embed-dim", "10"], "width 10 is not divisible by 4 heads"),
+    (["--quick", "--depth", "1"], "--depth 1"),
+])
+def test_a_lessons_bad_flags_are_refused_before_it_writes(argv, says, tmp_path, capsys):
+    out, runs_at = tmp_path / "figures", tmp_path / "runs"
+    code = cli.run_command(lesson("05").main, [*argv, "--out-dir", str(out), "--run-dir", str(runs_at)])
+    one_error_line(code, capsys.readouterr().err, says)
+    assert not out.exists() and not runs_at.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# torch and torchvision from different builds: one line naming both, at import and in the suite
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def mismatched_torchvision(tmp_path) -> dict:
+    """The environment of a process whose torchvision fails at import the way a torchvision built
+    for another torch does (a fake package first on the path: nothing is installed)."""
+    fake = tmp_path / "fake" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    return {**os.environ, "PYTHONPATH": str(fake.parent)}
+
+
+def versions_line(text: str) -> str:
+    from importlib.metadata import version
+
+    lines = [line for line in text.splitlines() if f"torch {torch.__version__}" in line]
+    assert len(lines) == 1, text[-3000:]
+    assert f"torchvision {version('torchvision')}" in lines[0] and "pip install" in lines[0], lines[0]
+    assert "Traceback" not in text, text[-3000:]
+    return lines[0]
+
+
+def test_a_mismatched_torchvision_is_one_line_at_import_of_train_py(mismatched_torchvision):
+    done = subprocess.run([sys.executable, str(HERE / "train.py"), "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=HERE, env=mismatched_torchvision)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == versions_line(done.stderr) and done.stderr.startswith("error: ")
+
+
+def test_a_mismatched_torchvision_stops_the_test_session_in_one_line(mismatched_torchvision):
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_layout.py"],
+                          capture_output=True, text=True, timeout=120, cwd=HERE, env=mismatched_torchvision)
+    assert done.returncode != 0
+    versions_line(done.stdout + done.stderr)

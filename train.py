@@ -66,13 +66,11 @@ class TrainError(ValueError):
 # ---------------------------------------------------------------------------------------
 def build_model(cfg: RunConfig, num_classes: int) -> convit.ConViT:
     """The --model preset, resized by the flags and the recipe, with Table 3's switches applied."""
-    settings, preset = cfg.model, convit.MODEL_PRESETS[cfg.model.model]
-    num_heads = settings.num_heads or preset["num_heads"]
-    width = settings.embed_dim or (num_heads * settings.head_width if settings.head_width else preset["embed_dim"])
+    settings = cfg.model
     model = convit.create_model(
         settings.model, img_size=cfg.data.img_size, patch_size=settings.patch_size,
-        in_chans=data.DATASETS[cfg.data.dataset].in_chans, num_classes=num_classes, embed_dim=width,
-        depth=settings.depth, num_heads=num_heads, local_up_to_layer=settings.gpsa_blocks,
+        in_chans=data.DATASETS[cfg.data.dataset].in_chans, num_classes=num_classes, embed_dim=settings.width,
+        depth=settings.depth, num_heads=settings.heads, local_up_to_layer=settings.gpsa_blocks,
         locality_strength=settings.locality_strength, use_local_init=not settings.no_conv_init,
         use_pos_embed=not settings.no_pos_embed, drop_path_rate=cfg.recipe.drop_path,
     )
@@ -313,10 +311,12 @@ class Training:
     show_progress: bool
 
 
-def setup(cfg: RunConfig, proc: runs.Process, resumed: dict | None, folder: runs.RunFolder | None) -> Training:
+def setup(cfg: RunConfig, proc: runs.Process, resumed: dict | None, folder: runs.RunFolder | None,
+          notes: list[str] = ()) -> Training:
     """Data, model, optimiser, schedule, precision, EMA, DDP and compile, and the state of a
     resumed run. `resumed` is the --resume checkpoint (or None); `folder` the run folder that
-    rank 0 has claimed: it becomes this run's only here, once data and model are ready."""
+    rank 0 has claimed: it becomes this run's only here, once data and model are ready, and the
+    run's first lines (what it trains, then `notes`) are printed."""
     is_main = proc.rank == 0
     log = print if is_main and not cfg.runtime.quiet else (lambda *a, **k: None)
     global_batch = cfg.recipe.batch_size * proc.world
@@ -353,6 +353,8 @@ def setup(cfg: RunConfig, proc: runs.Process, resumed: dict | None, folder: runs
     if folder is not None:
         folder.start(start_epoch, cfg.runtime.resume, resumed.get("metrics") if resumed else None)
     log(describe(cfg, model, train_set, val_set, num_classes, proc, amp_dtype))
+    for note in notes:
+        log(note, flush=True)
     show_progress = is_main and not (cfg.runtime.quiet or cfg.runtime.no_progress) and sys.stderr.isatty()
     return Training(cfg, proc, state, train_model, sampler, train_loader, val_loader, augmentation, mixer, amp_dtype,
                     nonlocality_batch, folder, start_epoch, log, show_progress)
@@ -517,13 +519,15 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, carrying the line that says which checkpoint the run can continue from."""
 
 
-def run(cfg: RunConfig, resumed: dict | None = None) -> dict:
+def run(cfg: RunConfig, resumed: dict | None = None, notes: list[str] = ()) -> dict:
     """Train (or with --eval-only, evaluate) as `cfg` says; `resumed` is the checkpoint that a
-    --resume continues (configure reads it). Returns the final metrics: epoch, val_loss,
-    val_top1, val_top5 (percent), epochs_run, output_dir, figure, and the trained `model`
-    (unwrapped, on its device). Raises a ValueError on bad input; never exits the interpreter, and
-    leaves no process group behind unless torchrun made one. Ctrl-C raises Interrupted (a
-    KeyboardInterrupt) naming the checkpoint to continue from."""
+    --resume continues (configure reads it), `notes` what to print once the run goes ahead.
+    Returns the final metrics: epoch, val_loss, val_top1, val_top5 (percent), epochs_run,
+    output_dir, figure, and the trained `model` (unwrapped, on its device). Raises a ValueError on
+    bad input; never exits the interpreter, and leaves no process group behind unless torchrun
+    made one. Ctrl-C raises Interrupted (a KeyboardInterrupt) naming the checkpoint to continue
+    from. A run that stops before its first checkpoint leaves its folder as it found it (an
+    overwritten run back in place), and its error line says so."""
     started, runtime = time.time(), cfg.runtime
     proc = runs.start_process(runtime.device)
     threads_before, folder = torch.get_num_threads(), None
@@ -532,18 +536,31 @@ def run(cfg: RunConfig, resumed: dict | None = None) -> dict:
         if runtime.eval_only:
             return evaluate_only(cfg, proc)
         folder = runs.claim(runtime.output_dir, runtime.overwrite, runtime.resume, proc)  # before the data: refused at once
-        return train(setup(cfg, proc, resumed, folder))
+        return train(setup(cfg, proc, resumed, folder, notes))
     except KeyboardInterrupt:
         if runtime.eval_only:
             raise Interrupted("interrupted (evaluation only: nothing to continue)") from None
         draw_when_stopped(None if runtime.no_figure else folder)
-        raise Interrupted(runs.where_to_continue(runtime.output_dir, runtime.resume, started)) from None
+        raise Interrupted(runs.where_to_continue(runtime.output_dir, runtime.resume, started) + give_up(folder)) from None
+    except ValueError as err:
+        back = give_up(folder)
+        if back:
+            err.args = (cli.one_line(err) + back,)
+        raise
+    except BaseException:
+        give_up(folder)
+        raise
     finally:  # leave the interpreter as we found it: lessons call run() in-process
         if folder is not None:
             folder.release()
         torch.set_num_threads(threads_before)
         if proc.started_group:
             dist.destroy_process_group()
+
+
+def give_up(folder: runs.RunFolder | None) -> str:
+    """The folder as the run found it, if it stopped before its first checkpoint (RunFolder.give_up)."""
+    return folder.give_up() if folder is not None else ""
 
 
 def draw_when_stopped(folder: runs.RunFolder | None):
@@ -555,18 +572,18 @@ def draw_when_stopped(folder: runs.RunFolder | None):
         pass
 
 
-def configure(settings: dict) -> tuple[RunConfig, dict | None]:
-    """The configuration of the command whose typed flags are `settings` (config.parse), and with
-    --resume the checkpoint it continues (else None). A new run's notes are printed here."""
+def configure(settings: dict) -> tuple[RunConfig, dict | None, list[str]]:
+    """The configuration of the command whose typed flags are `settings` (config.parse), with
+    --resume the checkpoint it continues (else None), and a new run's notes, which run() prints
+    only once the run goes ahead: a refused run prints its reason alone."""
     if settings.get("resume") is None or settings.get("eval_only"):
         cfg, notes = config.resolve(settings)
-        if int(os.environ.get("RANK", "0")) == 0 and not cfg.runtime.quiet:
-            for note in notes:
-                print(note, flush=True)
-        return cfg, None
+        return cfg, None, notes
+    folder = Path(settings["resume"])
+    runs.settle(folder if folder.is_dir() else folder.parent)  # an --overwrite of it killed outright
     path = checkpoints.find_checkpoint(settings["resume"], "--resume")
     checkpoint = checkpoints.read_resumable(path)
-    return config.resume(settings, checkpoint, path), checkpoint
+    return config.resume(settings, checkpoint, path), checkpoint, []
 
 
 def main(argv: list[str] | None = None) -> dict:

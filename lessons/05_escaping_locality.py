@@ -46,10 +46,10 @@ import convit  # noqa: E402
 import data  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
-from lessons._command import LessonRecipe, parse, run_folder, training_parser  # noqa: E402
+from lessons._command import LessonRecipe, parse, run_folder, run_settings, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, mean, write_summary  # noqa: E402
-from lessons._training import run_parallel, run_settings  # noqa: E402
+from lessons._training import run_parallel  # noqa: E402
 from runs import read_metrics  # noqa: E402
 
 # One long run per seed on the full 8,000-image training split; 2 seeds, one per core.

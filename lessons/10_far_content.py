@@ -38,10 +38,10 @@ import convit  # noqa: E402
 import data  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
-from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
+from lessons._command import FIGURES, parse, run_folder, run_settings, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, write_summary  # noqa: E402
-from lessons._training import at_repository_root, run_parallel, run_settings  # noqa: E402
+from lessons._training import at_repository_root, run_parallel  # noqa: E402
 
 lesson5 = importlib.import_module("lessons.05_escaping_locality")  # its model, recipe and measurements
 
@@ -86,10 +86,10 @@ def plot(seed_runs: list[dict], mnist: dict, seeds: list[int], args, settings: s
         n_gpsa, depth = gates.shape[2], nonlocality.shape[2]
         colours = plots.layer_colours(depth)
         plots.draw_gates(ax_gate, epoch, gates, colours, over="heads and seeds")
-        ax_gate.set_title(f"{name}: gates (Fig. 5)")
+        ax_gate.set_title(f"{name}: gates (Fig. 6)")
         uniform = convit.relative_positions(7, 7)[..., 2].sqrt().mean().item()
         plots.draw_nonlocality(ax_nonlocal, epoch, nonlocality, n_gpsa, colours, uniform, over="heads and seeds")
-        ax_nonlocal.set_title(f"{name}: nonlocality (Fig. 6)")
+        ax_nonlocal.set_title(f"{name}: nonlocality (Fig. 5)")
         measured = [m["epoch"] for m in these[0]["measurements"]]
         ratio = torch.tensor([[m["adam_step_over_lr"] for m in run["measurements"]] for run in these])
         for layer in range(n_gpsa):

@@ -1,5 +1,6 @@
 """A lesson's command line: the options every lesson shares, the recipe flags of the lessons that
-train, the folders a lesson writes, and one way to fail (cli.run_command: one `error:` line).
+train and the settings of one run they make (run_settings), the folders a lesson writes, and one
+way to fail (cli.run_command: one `error:` line).
 
 Every lesson runs as `python lessons/NN_name.py [--quick]` and ends with sys.exit(cli.run_command(main)).
 Its flags are checked as train.py checks its own: a recipe flag (--epochs, --lr ...) against the
@@ -25,7 +26,13 @@ import cli  # noqa: E402
 import runs  # noqa: E402
 
 FIGURES = REPO_ROOT / "lessons" / "figures"  # the committed figures: only default runs write here
-QUICK_FIGURES = REPO_ROOT / "runs" / "lessons-quick"  # where --quick writes unless told (runs/ is ignored by git)
+QUICK_FOLDER = "convit-lessons-quick"  # --quick writes here, in the system's temporary folder, unless told
+
+
+def quick_figures() -> Path:
+    """Where --quick writes its figures unless --out-dir says otherwise: outside the checkout, so that
+    a quick run (CI, the tests) never writes into it; read at each call, so that TMPDIR is honoured."""
+    return Path(tempfile.gettempdir()) / QUICK_FOLDER
 
 
 def lesson_parser(doc: str, script: str, uses_data: bool = False) -> argparse.ArgumentParser:
@@ -37,11 +44,11 @@ def lesson_parser(doc: str, script: str, uses_data: bool = False) -> argparse.Ar
     parser = cli.ArgumentParser(prog=f"python lessons/{Path(script).name}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="a much smaller run (seconds) that still writes every figure, into runs/lessons-quick/ "
-                             "unless --out-dir says otherwise; used by CI")
+                        help=f"a much smaller run (seconds) that still writes every figure, into {QUICK_FOLDER}/ in the "
+                             "system's temporary folder unless --out-dir says otherwise; used by CI")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where the figures go (default: lessons/figures, the committed ones; "
-                             "with --quick: runs/lessons-quick, so that a quick run never replaces them)")
+                             f"with --quick: {QUICK_FOLDER}/ in the temporary folder, so that a quick run never replaces them)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=int, default=1,
@@ -81,7 +88,7 @@ def training_parser(doc: str, script: str, recipe: LessonRecipe, quick: LessonRe
     parser = lesson_parser(doc, script, uses_data=True)
     parser.set_defaults(dataset="mnist10k")  # real 28x28 digits, shipped in data/: a 7x7 grid of patches
     for field in dataclasses.fields(LessonRecipe):
-        kind = {**config.argument_kind(config.FIELDS[field.name]), "metavar": field.name.upper()}  # train.py's type
+        kind = {**cli.argument_kind(config.FIELDS[field.name]), "metavar": field.name.upper()}  # train.py's type
         parser.add_argument("--" + field.name.replace("_", "-"), default=None, **kind,
                             help=f"default {getattr(recipe, field.name)} (--quick: {getattr(quick, field.name)})")
     parser.add_argument("--workers", type=int, default=None,
@@ -95,37 +102,90 @@ def training_parser(doc: str, script: str, recipe: LessonRecipe, quick: LessonRe
 
 
 def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse the command line, check it (the ranges of train.py's flags of the same names), apply
-    --threads, and seed torch so that every figure can be made again."""
+    """Parse the command line, check it (the ranges of train.py's flags of the same names, and the
+    network and run they make), apply --threads, and seed torch so that every figure can be made
+    again. Every check comes before the first folder is made: a refused lesson writes nothing."""
     import config
 
     args = parser.parse_args(argv)
     cli.torch_device(args.device)  # a typo or a missing GPU: one ValueError, now
     cli.check_range("threads", args.threads, config.FIELDS["threads"].metadata["interval"])
+    if hasattr(args, "recipes"):  # a training lesson: unset recipe flags take the recipe's values
+        check_training_flags(args)
     if args.out_dir is None:
-        args.out_dir = QUICK_FIGURES if args.quick else FIGURES
-    runs.writable_folder(args.out_dir, "--out-dir")  # a file, or a read-only disk: one line now, not after training
+        args.out_dir = quick_figures() if args.quick else FIGURES
+    # A file in the way, or a read-only disk: one line now, not after training. Made only when
+    # written into: a lesson may still refuse its own flags after parse(), and then leaves nothing.
+    runs.writable_folder(args.out_dir, "--out-dir", create=False)
+    if getattr(args, "run_dir", None) is not None:
+        runs.writable_folder(args.run_dir, "--run-dir", create=False)
+    if args.quick and args.out_dir == quick_figures():
+        print(f"--quick: the figures go to {args.out_dir}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if hasattr(args, "recipes"):  # a training lesson: unset recipe flags take the recipe's values
-        recipe = args.recipes[1] if args.quick else args.recipes[0]
-        for field in dataclasses.fields(LessonRecipe):
-            if getattr(args, field.name) is None:
-                setattr(args, field.name, getattr(recipe, field.name))
-            cli.check_range(field.name, getattr(args, field.name), config.FIELDS[field.name].metadata["interval"])
-        args.workers = args.workers or (1 if args.quick else 2)
-        if args.run_dir is None and not args.quick:
-            args.run_dir = args.lesson_run_dir
-        if args.run_dir is not None:
-            runs.writable_folder(args.run_dir, "--run-dir")
     torch.manual_seed(0)
     return args
+
+
+def check_training_flags(args):
+    """A training lesson's flags: the recipe's values where unset, each in train.py's range, a seed
+    named once, and the run they make accepted by train.py's own checks (config.resolve: the
+    network's shape above all), so that no run fails after the lesson has started writing."""
+    import config
+
+    recipe = args.recipes[1] if args.quick else args.recipes[0]
+    for field in dataclasses.fields(LessonRecipe):
+        if getattr(args, field.name) is None:
+            setattr(args, field.name, getattr(recipe, field.name))
+        cli.check_range(field.name, getattr(args, field.name), config.FIELDS[field.name].metadata["interval"])
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    args.workers = args.workers or (1 if args.quick else 2)
+    seeds = getattr(args, "seeds", None) or []
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds {' '.join(map(str, seeds))} names a seed twice: its runs would share one folder")
+    if args.run_dir is None and not args.quick:
+        args.run_dir = args.lesson_run_dir
+    config.resolve(run_settings(args, args.run_dir or Path(tempfile.gettempdir()) / "unused"))
+
+
+def repo_path(path) -> str:
+    """`path` as a recorded command should name it: relative to the repository when inside it, so
+    that the command runs on any machine from the repository root."""
+    absolute = Path(path).resolve()
+    return str(absolute.relative_to(REPO_ROOT)) if absolute.is_relative_to(REPO_ROOT) else str(absolute)
+
+
+def run_settings(args, out_dir: Path, seed: int = 0, **changes) -> dict:
+    """The settings (train.py's flags by field name) of one run of the lesson's recipe: `changes`
+    (data_fraction, the ablations, model="deit_tiny" ...) replace the recipe's values. Paths are
+    relative to the repository root, where train_one runs it.
+
+    With overwrite: a lesson's run folders are its own, and running the lesson again replaces them
+    (train.py refuses a folder that holds another run unless told so; its lock still stops two
+    lessons writing one folder at once).
+
+    A convit_tiny shrunk to the recipe's C, H and depth, on train.py's image and patch size
+    (mnist10k: 28x28 in 4x4 patches, a 7x7 grid). On the 8x8 sklearn digits the image is cut
+    into 2x2 patches instead (a 4x4 grid), which keeps each run to seconds."""
+    settings = {"dataset": args.dataset, "data_dir": repo_path(args.data_dir), "device": args.device,
+                "model": "convit_tiny", "embed_dim": args.embed_dim, "num_heads": args.num_heads, "depth": args.depth,
+                "batch_size": args.batch_size, "lr": args.lr, "epochs": args.epochs,
+                "warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr, "randaug_ops": 0, "seed": seed,
+                "output_dir": repo_path(out_dir), "overwrite": True, "no_progress": True, "quiet": True}
+    if args.threads:
+        settings["threads"] = args.threads
+    if args.run_dir is None:  # run_folder's temporary folder, removed at the end: a figure there is wasted time
+        settings["no_figure"] = True
+    if args.dataset == "digits":
+        settings.update({"img_size": 8, "patch_size": 2})
+    return {**settings, **changes}
 
 
 @contextmanager
 def run_folder(args):
     """Where train.py should write: --run-dir, or with --quick (and no --run-dir) a temporary
-    folder removed afterwards, whose runs draw no figure.png (lessons._training.run_settings:
+    folder removed afterwards, whose runs draw no figure.png (run_settings:
     --no-figure). parse() leaves --run-dir unset only in that case."""
     if args.run_dir is not None:
         yield args.run_dir

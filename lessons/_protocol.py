@@ -20,9 +20,8 @@ import checkpoints
 import cli
 import config
 import runs
-from lessons._command import LessonRecipe
-from lessons._training import (CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, run_settings,
-                               train_one)
+from lessons._command import LessonRecipe, run_settings
+from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, train_one
 
 # The recipe (the warmup is in epochs at f = 100% and, like the epochs, multiplied by 1/f; it
 # starts from lr / 100). The rest is train.py's small preset: AdamW, weight decay 0.05, label

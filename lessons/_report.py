@@ -48,6 +48,7 @@ def write_summary(args, lesson_file: str, name: str, clock: Stopwatch, argv, ind
     summary = {"command": command, "hardware": hardware(args.device),
                "seconds": round(time.perf_counter() - clock.start, 1), **fields}
     path = Path(args.out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=indent) + "\n")
     print(f"wrote {path}")
     return path

@@ -1,5 +1,5 @@
-"""Training for the lessons (5, 6 and 8-10): a run's configuration from the lesson's recipe, the
-train.py command it is recorded as, several runs at once, and whether a run has converged.
+"""Training for the lessons (5, 6 and 8-10): the train.py command a run is recorded as, several
+runs at once, and whether a run has converged (a run's settings come from _command.run_settings).
 
 A lesson builds each run as settings, train.py's flags by field name ({"model": "deit_tiny",
 "data_fraction": 0.1, ...}), and trains it through train.py's own functions:
@@ -23,39 +23,6 @@ import convit
 import runs
 import train
 from lessons._command import REPO_ROOT
-
-
-def repo_path(path) -> str:
-    """`path` as a recorded command should name it: relative to the repository when inside it, so
-    that the command runs on any machine from the repository root."""
-    absolute = Path(path).resolve()
-    return str(absolute.relative_to(REPO_ROOT)) if absolute.is_relative_to(REPO_ROOT) else str(absolute)
-
-
-def run_settings(args, out_dir: Path, seed: int = 0, **changes) -> dict:
-    """The settings (train.py's flags by field name) of one run of the lesson's recipe: `changes`
-    (data_fraction, the ablations, model="deit_tiny" ...) replace the recipe's values. Paths are
-    relative to the repository root, where train_one runs it.
-
-    With overwrite: a lesson's run folders are its own, and running the lesson again replaces them
-    (train.py refuses a folder that holds another run unless told so; its lock still stops two
-    lessons writing one folder at once).
-
-    A convit_tiny shrunk to the recipe's C, H and depth, on train.py's image and patch size
-    (mnist10k: 28x28 in 4x4 patches, a 7x7 grid). On the 8x8 sklearn digits the image is cut
-    into 2x2 patches instead (a 4x4 grid), which keeps each run to seconds."""
-    settings = {"dataset": args.dataset, "data_dir": repo_path(args.data_dir), "device": args.device,
-                "model": "convit_tiny", "embed_dim": args.embed_dim, "num_heads": args.num_heads, "depth": args.depth,
-                "batch_size": args.batch_size, "lr": args.lr, "epochs": args.epochs,
-                "warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr, "randaug_ops": 0, "seed": seed,
-                "output_dir": repo_path(out_dir), "overwrite": True, "no_progress": True, "quiet": True}
-    if args.threads:
-        settings["threads"] = args.threads
-    if args.run_dir is None:  # run_folder's temporary folder, removed at the end: a figure there is wasted time
-        settings["no_figure"] = True
-    if args.dataset == "digits":
-        settings.update({"img_size": 8, "patch_size": 2})
-    return {**settings, **changes}
 
 
 # The protocol's test that a run was trained to the end: its best top-1 over the last quarter
