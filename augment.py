@@ -14,6 +14,7 @@ Contents, in file order:
     warp                        resample a batch through one affine map per image (crop, flip, rotate ...)
     crop_boxes, crop_and_flip   RandomResizedCrop + horizontal flip as one warp
     PIXEL_OPS, GEOMETRIC_OPS    timm's rand-m9-mstd0.5-inc1 ops on batches, each with its magnitude rule
+    RAND_AUGMENT_OPS, op_names  the op names, and the set --randaug-op-set picks
     rand_augment                `num_ops` ops per image, each applied with probability 0.5
     random_erasing              DeiT's per-pixel noise rectangles
     BatchAugment                the whole training augmentation, built from an Augmentation
@@ -34,6 +35,22 @@ from cli import flag
 cli.require_torchvision()  # one line, not a traceback, when torchvision was built for another torch
 from torchvision.transforms import v2  # noqa: E402
 
+# The 15 ops of timm's increasing RandAugment set, by name (PIXEL_OPS and GEOMETRIC_OPS below).
+RAND_AUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
+                    "Brightness", "Sharpness", "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
+
+
+def op_names(op_set: str) -> tuple[str, ...]:
+    """The ops of --randaug-op-set: 'all', or names of RAND_AUGMENT_OPS, comma-separated."""
+    if op_set == "all":
+        return RAND_AUGMENT_OPS
+    names = tuple(name.strip() for name in op_set.split(","))
+    unknown = [name for name in names if name not in RAND_AUGMENT_OPS]
+    if unknown or not names:
+        raise ValueError(f"--randaug-op-set: unknown op(s) {', '.join(map(repr, unknown))}; choose 'all' or "
+                         f"names from {', '.join(RAND_AUGMENT_OPS)}, comma-separated")
+    return names
+
 
 # ---------------------------------------------------------------------------------------
 # The settings: DeiT's augmentation (paper: its values), and a gentler one for small images
@@ -48,6 +65,8 @@ class Augmentation:
     hflip: float = flag("horizontal flip probability", interval="[0, 1]")  # the dataset's: no mirrored digits
     randaug_ops: int = flag("RandAugment operations per image, each applied with probability 0.5 (0 = off)",
                             interval="[0, inf)", paper=2, small=2)
+    randaug_op_set: str = flag("the ops RandAugment draws from: 'all' (timm's 15) or names, comma-separated, of "
+                               + ", ".join(RAND_AUGMENT_OPS), metavar="OPS", paper="all", small="all")
     randaug_magnitude: float = flag(
         "RandAugment magnitude on timm's scale of 0-10, as in DeiT's rand-m9 (9: rotate +-27 degrees, brightness "
         "x (1 +- 0.81)); docs/training.md lists what still differs from timm", interval="[0, 10]", paper=9, small=1.7)
@@ -66,12 +85,13 @@ class Augmentation:
 # ---------------------------------------------------------------------------------------
 # Geometry: one affine resampling per image
 # ---------------------------------------------------------------------------------------
-def warp(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
+def warp(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int], fill: torch.Tensor | None) -> torch.Tensor:
     """Resample each image through its own affine map, bicubically.
 
     `matrix` (B, 2, 3) maps a point of the output image to the point of the input it is read
     from, in pixel units with the image spanning [0, W] x [0, H] (pixel centres at +0.5).
-    Points outside the input read `fill` (C,), the dataset's mean colour, as timm fills."""
+    Points outside the input read `fill` (C,), the dataset's mean colour, as timm fills; with
+    `fill` None they read the nearest edge pixel, as a resize does."""
     (h_in, w_in), (h_out, w_out) = images.shape[-2:], size
 
     # grid_sample speaks in units where the image spans [-1, 1] (align_corners=False):
@@ -81,6 +101,8 @@ def warp(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int], fill
     full = torch.cat([matrix, matrix.new_tensor([0, 0, 1]).expand(len(matrix), 1, 3)], dim=1)  # (B, 3, 3)
     theta = to_unit_in @ full @ from_unit_out  # (B, 3, 3): output units -> input units
     grid = F.affine_grid(theta[:, :2], [len(images), images.shape[1], h_out, w_out], align_corners=False)
+    if fill is None:
+        return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
     fill = fill.view(1, -1, 1, 1)
     # Sampling (image - fill) with zero padding, then adding fill back, fills the outside with
     # the mean colour and blends it smoothly into the border taps.
@@ -108,9 +130,15 @@ def crop_boxes(count: int, height: int, width: int, scale: tuple[float, float], 
     return torch.stack([top, left, h, w], dim=1)  # (B, 4)
 
 
-def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float, fill: torch.Tensor) -> torch.Tensor:
+def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float) -> torch.Tensor:
     """RandomResizedCrop(size, scale=(scale, 1), ratio=(3/4, 4/3)) and a horizontal flip with
-    probability `flip`, as one bicubic resampling per image."""
+    probability `flip`, as one bicubic resampling per image.
+
+    The box lies inside the image, but the bicubic taps of its edge pixels reach up to two
+    pixels beyond it. Where that is beyond the image, they repeat its edge pixel, as
+    torchvision's resize does. Read as the mean-colour fill instead, they would frame every crop
+    that touches an edge in grey, a frame no evaluation image has: on the 8x8 digits, which
+    every crop upsamples, that frame cost the main job 2 points of top-1 (docs/digits_recipe.md)."""
     count, _, height, width = images.shape
     top, left, h, w = crop_boxes(count, height, width, (scale, 1.0), (3 / 4, 4 / 3), images.device).unbind(1)
     flipped = torch.rand(count, device=images.device) < flip
@@ -118,7 +146,7 @@ def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float, fi
     x0 = torch.where(flipped, left + w, left)
     zeros = torch.zeros_like(sx)
     matrix = torch.stack([torch.stack([sx, zeros, x0], 1), torch.stack([zeros, h / size, top], 1)], dim=1)
-    return warp(images, matrix, (size, size), fill)
+    return warp(images, matrix, (size, size), fill=None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,24 +273,25 @@ PIXEL_OPS = {  # name: op(images, magnitude, sign) -> images
     "Brightness": lambda x, m, s: blend(x, torch.zeros_like(x), factor(m, s)),
     "Sharpness": sharpness,
 }
-RAND_AUGMENT_OPS = [*PIXEL_OPS, *GEOMETRIC_OPS]  # the 15 ops of timm's increasing set
+assert tuple(PIXEL_OPS) + tuple(GEOMETRIC_OPS) == RAND_AUGMENT_OPS
 
 
 def rand_augment(images: torch.Tensor, num_ops: int, magnitude: float, magnitude_std: float,
-                 fill: torch.Tensor) -> torch.Tensor:
-    """`num_ops` rounds; in each, every image draws one of the 15 ops uniformly, applies it with
+                 fill: torch.Tensor, ops: tuple[str, ...] = RAND_AUGMENT_OPS) -> torch.Tensor:
+    """`num_ops` rounds; in each, every image draws one of `ops` uniformly, applies it with
     probability 0.5, at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]
     (timm's mstd), with a random sign. Images stay on the 0-255 scale, rounded to whole levels
     after every op as a uint8 image would be."""
     count, device = len(images), images.device
     height, width = images.shape[-2:]
+    geometric = torch.tensor([name in GEOMETRIC_OPS for name in ops], device=device)
     for _ in range(num_ops):
-        chosen = torch.randint(len(RAND_AUGMENT_OPS), (count,), device=device)
+        chosen = torch.randint(len(ops), (count,), device=device)
         applied = torch.rand(count, device=device) < 0.5
         strength = (magnitude + magnitude_std * torch.randn(count, device=device)).clamp(0, 10)
         sign = torch.where(torch.rand(count, device=device) < 0.5, -1.0, 1.0)
         matrices = torch.zeros(count, 2, 3, device=device)
-        for index, name in enumerate(RAND_AUGMENT_OPS):
+        for index, name in enumerate(ops):
             picked = (applied & (chosen == index)).nonzero().squeeze(1)
             if not len(picked):
                 continue
@@ -271,7 +300,7 @@ def rand_augment(images: torch.Tensor, num_ops: int, magnitude: float, magnitude
                 images = images.index_copy(0, picked, out.round().clamp(0, 255))
             else:
                 matrices[picked] = GEOMETRIC_OPS[name](strength[picked], sign[picked], height, width)
-        moved = (applied & (chosen >= len(PIXEL_OPS))).nonzero().squeeze(1)
+        moved = (applied & geometric[chosen]).nonzero().squeeze(1)
         if len(moved):  # one resampling for every image that drew a geometric op
             out = warp(images[moved], matrices[moved], (height, width), fill)
             images = images.index_copy(0, moved, out.round().clamp(0, 255))
@@ -316,6 +345,7 @@ class BatchAugment:
                  crop: bool):
         self.size, self.crop, self.scale, self.flip = img_size, crop, settings.crop_scale, settings.hflip
         self.ops, self.magnitude = settings.randaug_ops, settings.randaug_magnitude
+        self.op_set = op_names(settings.randaug_op_set)
         self.magnitude_std, self.jitter, self.reprob = settings.randaug_magnitude_std, settings.color_jitter, settings.reprob
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         # Colour jitter only where asked: in DeiT it was inert (timm adds it only without auto-augment).
@@ -325,9 +355,9 @@ class BatchAugment:
         x = images.float()  # (B, C, H, W), 0-255
         fill = (255 * self.mean).round().to(x.device)  # the mean colour fills what a warp uncovers
         if self.crop:
-            x = crop_and_flip(x, self.size, self.scale, self.flip, fill).round().clamp(0, 255)
+            x = crop_and_flip(x, self.size, self.scale, self.flip).round().clamp(0, 255)
         if self.ops > 0:
-            x = rand_augment(x, self.ops, self.magnitude, self.magnitude_std, fill)
+            x = rand_augment(x, self.ops, self.magnitude, self.magnitude_std, fill, self.op_set)
         x = x / 255
         if self.color_jitter is not None:  # per image: jitter draws one set of factors per call
             x = torch.stack([self.color_jitter(image) for image in x])

@@ -363,6 +363,7 @@ def check(values: dict):
     if values["num_classes_subset"] is not None and values["dataset"] != "imagefolder":
         raise ValueError(f"--num-classes-subset keeps the first K classes of an image folder (--dataset imagefolder); "
                          f"--dataset {values['dataset']} always trains all its classes")
+    augment.op_names(values["randaug_op_set"])  # names RandAugment knows
     if values["output_dir"] == "":
         raise ValueError("--output-dir is empty: name a folder (or leave the flag out for runs/<dataset>-<model>)")
     check_table3_switches(values)
@@ -403,10 +404,16 @@ def check_table3_switches(values: dict):
 # ---------------------------------------------------------------------------------------
 # A resumed run: the run as its checkpoint stores it
 # ---------------------------------------------------------------------------------------
+# Fields newer than some checkpoints, with the value that the runs before them had where today's
+# default differs: a run from an older checkpoint goes on as it began.
+BEFORE_THE_FIELD = {"randaug_op_set": "all"}
+
+
 def stored(args: dict) -> RunConfig:
     """The configuration a train.py checkpoint stores (its "args"). A field newer than the
-    checkpoint takes its default, as it would have had then."""
-    return RunConfig.from_flat(fill_unset({name: value for name, value in args.items() if name in FIELDS}))
+    checkpoint takes the value it had then (BEFORE_THE_FIELD), else its default."""
+    return RunConfig.from_flat(fill_unset({**BEFORE_THE_FIELD, **{name: value for name, value in args.items()
+                                                                  if name in FIELDS}}))
 
 
 def resume(settings: dict, checkpoint: dict, path: str) -> RunConfig:
@@ -414,7 +421,8 @@ def resume(settings: dict, checkpoint: dict, path: str) -> RunConfig:
     flags typed now (`settings`) on top where their role allows it. A field that defines the run
     (cli.RUN) must keep its value, except that --epochs may grow; how it runs (cli.HOW) may change;
     what the command does (cli.COMMAND) is never taken from the checkpoint."""
-    started = checkpoint["args"]  # resolved when the run began: scaled epochs, capped warmup, absolute lr
+    # As resolved when the run began: scaled epochs, capped warmup, absolute lr.
+    started = {**BEFORE_THE_FIELD, **checkpoint["args"]}
     kept = {name: value for name, value in started.items()
             if name in FIELDS and name not in settings and FIELDS[name].metadata["role"] != COMMAND}
     values = {**settings, **kept, "resume": path}

@@ -22,7 +22,7 @@ LAYERS = [  # from the bottom up; docs/code.md draws them
     {"lessons._protocol"},
     {f"lessons.{path.stem}" for path in (HERE / "lessons").glob("0*.py")},
     {"lessons.10_far_content"},  # it reads lesson 5's measurements
-    {"tools.gpu_check"},  # drives train.py, bench.py and the lessons
+    {"tools.gpu_check", "tools.baselines"},  # drive train.py, bench.py and the lessons; read data.py
 ]
 
 

@@ -67,7 +67,8 @@ def lesson_parser(doc: str, script: str, uses_data: bool = False) -> argparse.Ar
 class LessonRecipe:
     """The light recipe a lesson that trains uses: train.py's flags of the same names, so that a
     CPU run fits in minutes. Everything else is train.py's small preset (AdamW, weight decay 0.05,
-    label smoothing 0.1, cosine to 1e-5, crops of 50-100% of the image), with no RandAugment."""
+    label smoothing 0.1, cosine to 1e-5, crops of 50-100% of the image; the digits, 80-100%), with no
+    RandAugment."""
 
     epochs: int  # epochs on the full training set; a fraction f trains epochs / f (lesson 6)
     embed_dim: int  # C
