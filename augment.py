@@ -62,6 +62,11 @@ class Augmentation:
     for datasets of a few thousand small images (16x16 digits do not survive DeiT's crops)."""
 
     crop_scale: float = flag("smallest area kept by RandomResizedCrop", interval="(0, 1]", paper=0.08, small=0.5)
+    # The small preset keeps "fill" so that every run the lessons recorded re-runs as it was; on
+    # MNIST-10k's black background the mean-colour frame is faint (33 of 255). docs/digits_recipe.md.
+    crop_edge: str = flag("what a random crop's bicubic taps read past the image: 'repeat' its edge, as a resize "
+                          "does, or the mean colour, 'fill' (a thin frame that no evaluation image has)",
+                          choices=("repeat", "fill"), paper="repeat", small="fill")
     hflip: float = flag("horizontal flip probability", interval="[0, 1]")  # the dataset's: no mirrored digits
     randaug_ops: int = flag("RandAugment operations per image, each applied with probability 0.5 (0 = off)",
                             interval="[0, inf)", paper=2, small=2)
@@ -130,15 +135,16 @@ def crop_boxes(count: int, height: int, width: int, scale: tuple[float, float], 
     return torch.stack([top, left, h, w], dim=1)  # (B, 4)
 
 
-def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float) -> torch.Tensor:
+def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float,
+                  fill: torch.Tensor | None = None) -> torch.Tensor:
     """RandomResizedCrop(size, scale=(scale, 1), ratio=(3/4, 4/3)) and a horizontal flip with
     probability `flip`, as one bicubic resampling per image.
 
     The box lies inside the image, but the bicubic taps of its edge pixels reach up to two
-    pixels beyond it. Where that is beyond the image, they repeat its edge pixel, as
-    torchvision's resize does. Read as the mean-colour fill instead, they would frame every crop
-    that touches an edge in grey, a frame no evaluation image has: on the 8x8 digits, which
-    every crop upsamples, that frame cost the main job 2 points of top-1 (docs/digits_recipe.md)."""
+    pixels beyond it. Where that is beyond the image, they repeat its edge pixel (`fill` None),
+    as torchvision's resize does. Reading the mean-colour `fill` instead frames every crop that
+    touches an edge in grey, a frame no evaluation image has: on the 8x8 digits, which every
+    crop upsamples, that frame cost the main job 2 points of top-1 (docs/digits_recipe.md)."""
     count, _, height, width = images.shape
     top, left, h, w = crop_boxes(count, height, width, (scale, 1.0), (3 / 4, 4 / 3), images.device).unbind(1)
     flipped = torch.rand(count, device=images.device) < flip
@@ -146,7 +152,7 @@ def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float) ->
     x0 = torch.where(flipped, left + w, left)
     zeros = torch.zeros_like(sx)
     matrix = torch.stack([torch.stack([sx, zeros, x0], 1), torch.stack([zeros, h / size, top], 1)], dim=1)
-    return warp(images, matrix, (size, size), fill=None)
+    return warp(images, matrix, (size, size), fill)
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,6 +350,7 @@ class BatchAugment:
     def __init__(self, settings: Augmentation, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  crop: bool):
         self.size, self.crop, self.scale, self.flip = img_size, crop, settings.crop_scale, settings.hflip
+        self.edge_fill = settings.crop_edge == "fill"
         self.ops, self.magnitude = settings.randaug_ops, settings.randaug_magnitude
         self.op_set = op_names(settings.randaug_op_set)
         self.magnitude_std, self.jitter, self.reprob = settings.randaug_magnitude_std, settings.color_jitter, settings.reprob
@@ -355,7 +362,8 @@ class BatchAugment:
         x = images.float()  # (B, C, H, W), 0-255
         fill = (255 * self.mean).round().to(x.device)  # the mean colour fills what a warp uncovers
         if self.crop:
-            x = crop_and_flip(x, self.size, self.scale, self.flip).round().clamp(0, 255)
+            edge = fill if self.edge_fill else None
+            x = crop_and_flip(x, self.size, self.scale, self.flip, edge).round().clamp(0, 255)
         if self.ops > 0:
             x = rand_augment(x, self.ops, self.magnitude, self.magnitude_std, fill, self.op_set)
         x = x / 255

@@ -406,7 +406,7 @@ def check_table3_switches(values: dict):
 # ---------------------------------------------------------------------------------------
 # Fields newer than some checkpoints, with the value that the runs before them had where today's
 # default differs: a run from an older checkpoint goes on as it began.
-BEFORE_THE_FIELD = {"randaug_op_set": "all"}
+BEFORE_THE_FIELD = {"randaug_op_set": "all", "crop_edge": "fill"}
 
 
 def stored(args: dict) -> RunConfig:

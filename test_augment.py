@@ -145,6 +145,8 @@ def test_an_upsampling_crop_repeats_the_image_edge_as_a_resize_does():
     torch.manual_seed(0)
     black = augment.crop_and_flip(torch.zeros(64, 1, 8, 8), 16, scale=0.5, flip=0.5)
     assert black.abs().max() < 1e-3
+    framed = augment.crop_and_flip(torch.zeros(64, 1, 8, 8), 16, scale=1.0, flip=0.0, fill=torch.tensor([128.0]))
+    assert framed[..., 0, :].mean() > 10 and framed[..., 8, 8].abs().max() < 1e-3  # --crop-edge fill: a grey frame
 
 
 def test_the_digits_training_augmentation_keeps_a_digit_a_digit():

@@ -59,8 +59,8 @@ def test_every_flag_is_one_field_with_a_help_a_range_and_both_presets():
     flags = {action.dest for action in parser._actions if action.dest != "help"}
     typed = {name for name, field in config.FIELDS.items() if field.metadata["typed"]}
     assert flags == typed and set(config.FIELDS) - typed == {"head_width"}  # a preset's value with no flag
-    assert len(config.FIELDS) == 61  # the 60 keys train.py's checkpoints have stored as "args" since 9e61a4b, and
-    # randaug_op_set (config.BEFORE_THE_FIELD)
+    assert len(config.FIELDS) == 62  # the 60 keys train.py's checkpoints have stored as "args" since 9e61a4b, and
+    # randaug_op_set and crop_edge (config.BEFORE_THE_FIELD)
     for name, field in config.FIELDS.items():
         meta = field.metadata
         assert meta["help"] and meta["role"] in (cli.RUN, cli.HOW, cli.COMMAND), name
@@ -128,7 +128,7 @@ def test_a_checkpoint_written_before_config_py_resumes_and_evaluates(folder, tmp
     train.main([*flags, "--stop-after", "1", "--output-dir", str(tmp_path / "old")])
     path = tmp_path / "old" / checkpoints.CHECKPOINT
     saved = torch.load(path, weights_only=True)
-    assert saved["args"] == {**old, "randaug_op_set": "all"}  # stored as the old one was, plus a newer field
+    assert saved["args"] == {**old, "randaug_op_set": "all", "crop_edge": "fill"}  # as the old one, and newer fields
     # and the old one, even older still (before --hflip, --randaug-magnitude-std and --eval-every), resumes:
     older = {key: value for key, value in old.items() if key not in ("hflip", "randaug_magnitude_std", "eval_every")}
     torch.save({**saved, "args": older}, path)
@@ -142,13 +142,17 @@ def test_a_checkpoint_written_before_config_py_resumes_and_evaluates(folder, tmp
 
 
 def test_a_checkpoint_older_than_a_field_keeps_the_value_it_trained_with():
-    """Digits runs drew from all 15 RandAugment ops before --randaug-op-set existed; today the
-    dataset's default is 11 of them. A checkpoint without the field must resume, and evaluate,
-    with all 15, as it trained."""
+    """Digits runs drew from all 15 RandAugment ops, and their crops read the mean colour past the
+    image's edge, before --randaug-op-set and --crop-edge existed; today the dataset's defaults
+    are 11 ops and the edge repeated. A checkpoint without the fields must resume, and evaluate,
+    as it trained."""
     old_digits = {name: value for name, value in resolved("--dataset", "digits").flat().items()
-                  if name != "randaug_op_set"}
-    assert config.stored(old_digits).augment.randaug_op_set == "all"
-    assert resolved("--dataset", "digits").augment.randaug_op_set == data.DIGIT_OPS
+                  if name not in ("randaug_op_set", "crop_edge")}
+    assert (config.stored(old_digits).augment.randaug_op_set, config.stored(old_digits).augment.crop_edge) == \
+        ("all", "fill")
+    today = resolved("--dataset", "digits").augment
+    assert (today.randaug_op_set, today.crop_edge) == (data.DIGIT_OPS, "repeat")
+    assert resolved("--dataset", "mnist10k").augment.crop_edge == "fill"  # the lessons' recorded runs re-run
 
 
 # A short run of the small recipe with every source of randomness on (RandAugment, flips,
