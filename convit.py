@@ -28,6 +28,7 @@ Contents, in file order (nothing is used before it is defined):
     content_attention             softmax(QK^T / sqrt(D)), Eq. 1's attention matrix
     PatchEmbed                    image -> patch tokens
     GPSA                          gated positional self-attention (Eq. 6-7)
+    PSA                           plain positional self-attention (Eq. 4), no gate: SM A's ablation
     MHSA                          plain multi-head self-attention (Eq. 1)
     MLP, DropPath, Block          the rest of a pre-norm transformer block
     ConViT                        the network, plus inspection (gates, Eq. 8 nonlocality)
@@ -46,7 +47,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import einsum, rearrange, repeat
 from torch import nn
 
 
@@ -69,6 +70,7 @@ class ConViTConfig:
     num_heads: int = 4  # H, attention heads in every block (k*k heads mimic a k x k kernel)
     mlp_ratio: float = 4.0  # hidden width of the MLP is mlp_ratio * C
     local_up_to_layer: int = 10  # the first blocks that are GPSA; 0 = no GPSA (the same-size baseline)
+    attention: str = "gpsa"  # what those blocks are: "gpsa" (Eq. 6-7) or "psa", plain PSA (Eq. 4, no gate: SM A)
     locality_strength: float = 1.0  # alpha of Eq. 5: larger means a sharper initial kernel
     use_local_init: bool = True  # the convolutional initialisation of Eq. 5 (Table 3 "conv init")
     use_pos_embed: bool = True  # learned absolute position embedding on the patch tokens
@@ -91,6 +93,8 @@ class ConViTConfig:
             raise ValueError(f"num_classes={self.num_classes!r} must be a whole number (0 = no head)")
         if not self.mlp_ratio > 0 or not math.isfinite(self.mlp_ratio):
             raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a positive number")
+        if self.attention not in ("gpsa", "psa"):
+            raise ValueError(f"attention={self.attention!r} must be 'gpsa' (gated, Eq. 6-7) or 'psa' (Eq. 4)")
         if not math.isfinite(self.locality_strength):
             raise ValueError(f"locality_strength={self.locality_strength!r} must be a finite number")
         # "224" or 224.0 would otherwise reach int() or iteration and fail far from the cause.
@@ -299,6 +303,7 @@ class GPSA(nn.Module):
         self.register_buffer("column_rel_pos", relative_positions(grid[0], 1), persistent=False)  # (rows, rows, 3)
         self.register_buffer("row_rel_pos", relative_positions(1, grid[1]), persistent=False)  # (cols, cols, 3)
         self.use_local_init = use_local_init
+        self.forced_gate = None  # force_gate: Tab. 6's test-time masking, None = the learned gates
 
     @torch.no_grad()
     def local_init(self):
@@ -318,6 +323,16 @@ class GPSA(nn.Module):
 
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.gating_param)  # sigma(lambda_h), (H,)
+
+    def force_gate(self, value: int | None):
+        """Tab. 6, at test time: sigma(lambda_h) = `value` in every head. 1 masks content (the
+        layer attends by position only), 0 masks position (content only), None gives the learned
+        gates back; lambda itself is untouched. A masked term is not computed at all (see
+        attention), so nothing of it can leak in: 0 x NaN would be NaN, not 0."""
+        if value not in (0, 1, None):
+            raise ValueError(f"force_gate: sigma(lambda) can be forced to 1 (content masked) or 0 (position "
+                             f"masked), not {value!r}")
+        self.forced_gate = value
 
     def position_attention(self, rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         """softmax_j(v_pos^h . r_ij + bias_h), Eq. 4's positional attention, for the relative
@@ -343,8 +358,12 @@ class GPSA(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit gated attention matrix A of Eq. 7, (B, H, N, N), fp32. Rows sum to 1."""
+        if self.forced_gate == 1:  # content masked (Tab. 6): A = P for every image; Q and K are never computed
+            return repeat(self.position_attention(), "h i j -> b h i j", b=x.shape[0])
         q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
         content_attn = content_attention(q, k)  # (B, H, N, N), fp32
+        if self.forced_gate == 0:  # position masked (Tab. 6): A = softmax(QK^T / sqrt(D)); v_pos is never read
+            return content_attn
         position_attn = self.position_attention()  # (H, N, N), fp32
         gate = rearrange(self.gate(), "h -> 1 h 1 1")
         attn = (1 - gate) * content_attn + gate * position_attn  # (B, H, N, N)
@@ -391,9 +410,81 @@ class GPSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Attention dropout acts on the *mixed* matrix A (as in the paper's code). The fused
         # path never forms A, so in training with attn_drop > 0 we take the explicit path:
-        # same maths, same dropout, only slower. The DeiT recipe uses attn_drop = 0.
+        # same maths, same dropout, only slower. The DeiT recipe uses attn_drop = 0. A forced gate
+        # (Tab. 6, evaluation only) takes the explicit path too: it leaves the masked term out.
         dropping = self.training and self.attn_drop.p > 0
-        return self.forward_fused(x) if self.fused and not dropping else self.forward_explicit(x)
+        fast = self.fused and not dropping and self.forced_gate is None
+        return self.forward_fused(x) if fast else self.forward_explicit(x)
+
+
+class PSA(nn.Module):
+    """Positional self-attention, Eq. 4: the layer that GPSA's gate replaces (SM A, Fig. 9). Per head h:
+
+        A^h_ij = softmax_j(Q^h_i K^h_j^T / sqrt(D) + v_pos^h . r_ij)
+        PSA_h(X) = A^h X W_val^h
+
+    Content and position logits are summed before one softmax, so neither can be switched off.
+    With the conv init the positional logits span some alpha (rows^2 + cols^2) along a row, the
+    content logits at init about 0.1: the layer starts as GPSA does, as a convolution, and the
+    paper finds that it "stays in the convolutional configuration and ignores the content
+    information". GPSA instead mixes two separate softmaxes with a learned gate (Eq. 6-7).
+    Eq. 4 writes Q K^T without the 1 / sqrt(D); we keep it, as in GPSA's content term, so that
+    the two layers differ only in how position enters.
+
+    The same parameters, names and conv init (Eq. 5, W_val = I) as GPSA, without the gate: a
+    released GPSA checkpoint minus its gating_param fits. Two paths, proven equal in outputs and
+    gradients (test_psa_fused_and_explicit_paths_agree): `attention()` + `forward_explicit()`,
+    the readable one, read it first; `forward_fused()`, where the positional logits are exactly
+    the additive attn_mask of torch's fused scaled_dot_product_attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], locality_strength: float = 1.0,
+                 use_local_init: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.locality_strength = locality_strength  # alpha
+        self.use_local_init = use_local_init
+        self.fused = fused
+        self.qk = nn.Linear(dim, 2 * dim, bias=False)  # W_qry and W_key side by side, as in GPSA
+        self.v = nn.Linear(dim, dim, bias=False)  # W_val
+        self.proj = nn.Linear(dim, dim)  # W_out
+        self.pos_proj = nn.Linear(3, num_heads)  # row h is v_pos^h; its bias cancels in the softmax
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.register_buffer("rel_pos", relative_positions(*grid), persistent=False)  # r_ij, (N, N, 3)
+
+    local_init = GPSA.local_init  # Eq. 5 and W_val = I, GPSA's very code: the same names and shapes
+    forward_explicit = GPSA.forward_explicit  # A X W_val, then W_out: only A differs from GPSA's
+
+    def position_scores(self) -> torch.Tensor:
+        """Eq. 4's positional logits v_pos^h . r_ij + bias_h, (H, N, N), the same for every image;
+        fp32 under autocast too, as GPSA's (GPSA.position_attention says why)."""
+        with torch.autocast(self.rel_pos.device.type, enabled=False):
+            scores = F.linear(self.rel_pos.float(), self.pos_proj.weight.float(), self.pos_proj.bias.float())
+        return rearrange(scores, "i j h -> h i j")  # (H, N, N)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit attention matrix A of Eq. 4, (B, H, N, N), fp32. Rows sum to 1."""
+        q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        content_scores = einsum(q, k, "b h i d, b h j d -> b h i j") / math.sqrt(q.shape[-1])  # (B, H, N, N)
+        return (content_scores.float() + self.position_scores()).softmax(dim=-1)  # one softmax for both
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        v = rearrange(self.v(x), "b n (h d) -> b h n d", h=self.num_heads)
+        # attn_mask is added to QK^T / sqrt(D) before the softmax: Eq. 4 exactly. Each row's largest
+        # logit is subtracted first, a constant along j that the softmax removes: under autocast the
+        # mask takes Q's dtype, and the logits that matter (those near the largest) then sit near 0,
+        # where bf16 and fp16 hold them finely, rather than near alpha ||Delta_h||^2 + bias, which
+        # training may take far from 0 (at 100, bf16's spacing is 0.5: a factor e^0.25 on A).
+        scores = self.position_scores()  # (H, N, N), fp32
+        mask = (scores - scores.amax(dim=-1, keepdim=True).detach()).to(q.dtype)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, N, D)
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_fused(x) if self.fused else self.forward_explicit(x)
 
 
 class MHSA(nn.Module):
@@ -464,15 +555,17 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """A pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
-    The attention is GPSA in the first `local_up_to_layer` blocks and MHSA after them.
+    The attention is GPSA (or PSA, cfg.attention) in the first `local_up_to_layer` blocks and
+    MHSA after them.
     """
 
-    def __init__(self, cfg: ConViTConfig, use_gpsa: bool, drop_path: float):
+    def __init__(self, cfg: ConViTConfig, positional: bool, drop_path: float):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        if use_gpsa:
-            self.attn = GPSA(
+        if positional:
+            attention = {"gpsa": GPSA, "psa": PSA}[cfg.attention]
+            self.attn = attention(
                 dim, cfg.num_heads, cfg.grid, cfg.locality_strength, cfg.use_local_init,
                 cfg.attn_drop_rate, cfg.drop_rate, cfg.fused,
             )
@@ -492,7 +585,8 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------
 class ConViT(nn.Module):
     """ConViT: a DeiT backbone whose first blocks are GPSA. Also DeiT's own network (the
-    deit_* presets) and the same-size baseline (local_up_to_layer = 0), see MODEL_PRESETS.
+    deit_* presets), the same-size baseline (local_up_to_layer = 0), see MODEL_PRESETS, and
+    SM A's PSA model (attention="psa": the first blocks are PSA, with no gate).
 
     Data flow: image -> patch tokens + absolute position embedding -> GPSA blocks on the
     patches only -> the class token joins -> MHSA blocks -> LayerNorm -> head on the class
@@ -515,7 +609,7 @@ class ConViT(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         drop_paths = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # rises linearly
         self.blocks = nn.ModuleList(
-            Block(cfg, use_gpsa=i < cfg.local_up_to_layer, drop_path=drop_paths[i]) for i in range(cfg.depth)
+            Block(cfg, positional=i < cfg.local_up_to_layer, drop_path=drop_paths[i]) for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -526,7 +620,7 @@ class ConViT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """DeiT's initialisation (truncated normal, std 0.02), then Eq. 5 on every GPSA layer."""
+        """DeiT's initialisation (truncated normal, std 0.02), then Eq. 5 on every GPSA or PSA layer."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -538,13 +632,19 @@ class ConViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for layer in self.gpsa_layers():
-            layer.gating_param.fill_(1.0)
+        for layer in self.positional_layers():
             if layer.use_local_init:
                 layer.local_init()
+        for layer in self.gpsa_layers():
+            layer.gating_param.fill_(1.0)
+
+    def positional_layers(self) -> list[GPSA | PSA]:
+        """The attention of the first local_up_to_layer blocks: GPSA, or PSA with attention="psa"."""
+        return [block.attn for block in self.blocks[: self.cfg.local_up_to_layer]]
 
     def gpsa_layers(self) -> list[GPSA]:
-        return [block.attn for block in self.blocks[: self.cfg.local_up_to_layer]]
+        """The GPSA layers, the ones with gates (none in DeiT, nor in a PSA model)."""
+        return [layer for layer in self.positional_layers() if isinstance(layer, GPSA)]
 
     def set_fused(self, fused: bool) -> ConViT:
         """Switch every attention layer between the fused and the explicit path."""
@@ -558,6 +658,17 @@ class ConViT(nn.Module):
         embeddings masked off at test time"): the weights stay, only `embed` stops adding them.
         GPSA still knows where each patch sits relative to the others, through r_ij."""
         self.pos_embed_masked = masked
+        return self
+
+    def force_gates(self, first: int, value: int | None) -> ConViT:
+        """Tab. 6, at test time: sigma(lambda) forced to `value` in the first `first` GPSA layers,
+        1 to mask content attention, 0 to mask positional attention (GPSA.force_gate), and the learned
+        gates everywhere else. force_gates(0, None) lifts every mask."""
+        layers = self.gpsa_layers()
+        if not 0 <= first <= len(layers):
+            raise ValueError(f"force_gates: the first {first} GPSA layers, but this model has {len(layers)}")
+        for i, layer in enumerate(layers):
+            layer.force_gate(value if i < first else None)
         return self
 
     def check_input(self, images: torch.Tensor):
@@ -617,7 +728,9 @@ class ConViT(nn.Module):
 
     # --- inspection: what the paper plots -------------------------------------------------
     def gates(self) -> torch.Tensor:
-        """sigma(lambda) of every GPSA layer and head, (n_gpsa, H), fp32: 1 = positional, 0 = content."""
+        """sigma(lambda) of every GPSA layer and head, (n_gpsa, H), fp32: 1 = positional, 0 = content.
+        A model without GPSA layers (DeiT, or PSA's, which has no gate) gives (0, H): no gate at all.
+        These are the learned gates, also where force_gates overrides them."""
         if not self.gpsa_layers():
             return torch.empty(0, self.cfg.num_heads)
         return torch.stack([layer.gate().detach().float().cpu() for layer in self.gpsa_layers()])
@@ -735,7 +848,8 @@ def load_state(model: ConViT, state: dict[str, torch.Tensor], path, verbose: boo
         if wrong_shape:
             problems.append(f"shapes differ ({len(wrong_shape)}): {wrong_shape[:10]}")
         raise ValueError(f"{path} does not fit this model ({model.cfg.embed_dim} wide, "
-                         f"{model.cfg.num_heads} heads, {model.cfg.local_up_to_layer} GPSA): " + "; ".join(problems))
+                         f"{model.cfg.num_heads} heads, {model.cfg.local_up_to_layer} {model.cfg.attention.upper()}): "
+                         + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     if verbose:
         for note in notes:

@@ -59,7 +59,7 @@ def test_every_flag_is_one_field_with_a_help_a_range_and_both_presets():
     flags = {action.dest for action in parser._actions if action.dest != "help"}
     typed = {name for name, field in config.FIELDS.items() if field.metadata["typed"]}
     assert flags == typed and set(config.FIELDS) - typed == {"head_width"}  # a preset's value with no flag
-    assert len(config.FIELDS) == 60  # the keys train.py's checkpoints have always stored as "args"
+    assert set(config.FIELDS) == set(OLD_ARGS) | set(NEWER_ARGS)  # the keys train.py's checkpoints store as "args"
     for name, field in config.FIELDS.items():
         meta = field.metadata
         assert meta["help"] and meta["role"] in (cli.RUN, cli.HOW, cli.COMMAND), name
@@ -118,6 +118,7 @@ OLD_ARGS = {
     "repeated_aug": 1, "reprob": 0.0, "resume": None, "scale_epochs": False, "seed": 0, "smoothing": 0.1,
     "stop_after": 1, "threads": 1, "warmup_epochs": 1, "warmup_lr": 1e-06, "weight_decay": 0.05, "workers": 0,
 }
+NEWER_ARGS = {"attention": "gpsa", "mask_content": 0, "mask_position": 0}  # added since (issue 24), their defaults
 
 
 def test_a_checkpoint_written_before_config_py_resumes_and_evaluates(folder, tmp_path, capsys):
@@ -127,7 +128,7 @@ def test_a_checkpoint_written_before_config_py_resumes_and_evaluates(folder, tmp
     train.main([*flags, "--stop-after", "1", "--output-dir", str(tmp_path / "old")])
     path = tmp_path / "old" / checkpoints.CHECKPOINT
     saved = torch.load(path, weights_only=True)
-    assert saved["args"] == old  # today's checkpoint stores the configuration as the old one did
+    assert saved["args"] == {**old, **NEWER_ARGS}  # today's checkpoint stores the configuration as the old one did
     # and the old one, even older still (before --hflip, --randaug-magnitude-std and --eval-every), resumes:
     older = {key: value for key, value in old.items() if key not in ("hflip", "randaug_magnitude_std", "eval_every")}
     torch.save({**saved, "args": older}, path)
