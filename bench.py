@@ -4,6 +4,10 @@
     python bench.py --sizes tiny --rounds 1 --batch-size 2     # one pair, in seconds
     python bench.py --compare          # ConViT-Ti (fused, explicit) against the same-size baseline:
                                        # inference, a training step, and the activations kept for backward
+    python bench.py --small            # lesson 6's ConViT and DeiT (28x28 digits, a 7x7 grid): train.py's step
+    python bench.py --small --before /tmp/old   # ... beside the same models built by an older checkout's convit.py
+    python bench.py --small --compile  # ... compiled, beside the same models left eager
+    python bench.py --small --profile  # where the time of that step goes, by kind of work (torch.profiler)
 
 The model lives in convit.py; this file only times it. docs/speed.md holds what it measured here
 and how to read it.
@@ -20,17 +24,22 @@ Contents, in file order:
     inference_job, training_job    what is timed: a forward pass, or forward + backward + AdamW
     activation_memory              the bytes autograd keeps for backward, counted exactly
     BASELINE, comparison_models    ConViT-Ti on both paths and the same-size baseline
+    SMALL, small_models, code_from lesson 6's models, built by this convit.py or an older one
     PAPER_SPEED                    Table 1's img/s of the paper (the one copy in the project)
-    print_table1, print_comparison, main
+    print_table1, print_comparison, print_small
+    PROFILE_KINDS, profile_shares, print_small_profile   --small --profile
+    build_parser, main
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
+import importlib.util
 import os
 import statistics
 import sys
 import time
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -60,6 +69,12 @@ def count_macs(model: ConViT) -> int:
 class Timing(NamedTuple):
     seconds: float  # median seconds per call
     speed_ratio: float  # median over rounds of (baseline's seconds / this job's seconds); 1.0 for the baseline
+    times: tuple[float, ...]  # seconds of each round, for ratios between any two jobs (speed_ratio_between)
+
+
+def speed_ratio_between(job: Timing, reference: Timing) -> float:
+    """Median over rounds of reference's seconds / job's seconds, each pair timed in the same round."""
+    return statistics.median(r / t for r, t in zip(reference.times, job.times))
 
 
 def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, device: str = "cpu",
@@ -91,7 +106,7 @@ def time_interleaved(jobs: dict[str, callable], rounds: int, warmup: int = 1, de
             sync()
             times[name].append(clock() - start)
     baseline = times[names[0]]
-    return {name: Timing(statistics.median(ts), statistics.median(b / t for b, t in zip(baseline, ts)))
+    return {name: Timing(statistics.median(ts), statistics.median(b / t for b, t in zip(baseline, ts)), tuple(ts))
             for name, ts in times.items()}
 
 
@@ -106,18 +121,24 @@ def inference_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype
     return run
 
 
-def training_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None):
-    """Forward, backward and one AdamW step, in fp32 or (amp_dtype) under autocast."""
+def training_job(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None = None,
+                 as_train_py: bool = False):
+    """Forward, backward and one AdamW step, in fp32 or (amp_dtype) under autocast. as_train_py:
+    the step as train.py runs it, with its label smoothing (0.1), its fused AdamW, and the loss
+    read back as a number (which waits for a GPU)."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=as_train_py or None)
     labels = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
 
     def run():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-        F.cross_entropy(logits.float(), labels).backward()
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1 if as_train_py else 0.0)
+        loss.backward()
         optimizer.step()
+        if as_train_py:
+            loss.item()
 
     return run
 
@@ -156,6 +177,29 @@ def comparison_models(img_size: int | tuple[int, int] = 224) -> dict[str, ConViT
             "convit fused": fused, "convit explicit": explicit_twin(fused)}
 
 
+# Lesson 6's models (lessons/_protocol.py's RECIPE on train.py's small preset): MNIST-10k's 28x28
+# grey digits in 4x4 patches (a 7x7 grid; 2x2 patches make it 14x14), C 48, H 4, 4 blocks, batch 64.
+# DeiT is DeiT's own network at that size; the ConViT makes all blocks GPSA but the last two.
+SMALL = dict(img_size=28, in_chans=1, num_classes=10, embed_dim=48, num_heads=4, depth=4)
+SMALL_MODELS = {"deit_tiny": {}, "convit_tiny": {"local_up_to_layer": 2}}
+
+
+def small_models(patch_size: int = 4, model_code=None) -> dict[str, ConViT]:
+    """Lesson 6's DeiT and ConViT, built by `model_code` (a convit module; default this one)."""
+    build = (model_code.create_model if model_code else create_model)
+    return {name: build(name, patch_size=patch_size, **SMALL, **extra) for name, extra in SMALL_MODELS.items()}
+
+
+def code_from(folder) -> object:
+    """The convit.py of another checkout (e.g. `git worktree add /tmp/old main`), imported under
+    its own name, so that models built by the old and the new code can be timed side by side."""
+    spec = importlib.util.spec_from_file_location("convit_before", os.path.join(folder, "convit.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 # Table 1's pairs, and the paper's throughput: img/s, fp32, batch 128, on a Quadro GP100.
 TABLE1_SIZES = ["tiny", "tiny_plus", "small", "small_plus", "base", "base_plus"]
 PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "convit_tiny_plus": 625,
@@ -168,19 +212,29 @@ def markdown_row(cells: list, widths: list[int]) -> str:
     return "| " + " | ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
 
+def markdown_header(cells: list, widths: list[int]) -> str:
+    """A markdown table's header row and the rule under it."""
+    return markdown_row(cells, widths) + "\n|" + "|".join("-" * (w + 2) for w in widths) + "|"
+
+
 def clock(args):
     """--cpu-time: the main thread's CPU time, which one thread makes the whole job's."""
     return time.thread_time if getattr(args, "cpu_time", False) else time.perf_counter
 
 
-def settings(args, batch: int) -> str:
+def load_average() -> str:
+    """The machine's load, printed beside every figure: above the number of cores, other programs
+    were waiting for them, and the figures are noisier."""
+    return f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
+
+
+def settings(args, batch: int, side: int | None = None) -> str:
     """What every measured ratio depends on, printed beside it."""
     precision = "bf16 autocast" if getattr(args, "amp", False) else "fp32"
     precision += ", torch.compile" if getattr(args, "compile", False) else ""
     timed = "CPU time of the thread" if getattr(args, "cpu_time", False) else "wall clock"
-    # Above the number of cores, other programs were waiting for them: the figures are noisier.
-    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if hasattr(os, "getloadavg") else ""
-    side = getattr(args, "img_size", 224)
+    load = load_average()
+    side = side or getattr(args, "img_size", 224)
     return (f"{args.device}, {precision}, batch {batch}, {side}x{side}, {torch.get_num_threads()} thread(s), {timed}, "
             f"{args.rounds} rounds, order rotated every round{load}")
 
@@ -201,8 +255,7 @@ def print_table1(args):
     print(f"vs DeiT: speed / the DeiT's speed, median of {args.rounds} per-round ratios")
     header = ["model", "heads", "C", "params", "GMACs", "img/s", "vs DeiT", "paper img/s", "paper vs DeiT"]
     widths = [28, 5, 5, 7, 6, 8, 7, 11, 13]
-    print(markdown_row(header, widths))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print(markdown_header(header, widths))
     for size in args.sizes:
         deit_name, convit_name = f"deit_{size}", f"convit_{size}"
         fused = create_model(convit_name, img_size=side)
@@ -246,13 +299,101 @@ def print_comparison(args):
         print(f"  {name:<18} {activation_memory(model, memory_images):8.0f} MiB")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def print_small(args):
+    """Lesson 6's DeiT and ConViT: train.py's training step and an evaluation pass (batch 2 x 64, as
+    train.py's validation loader). Each model runs in the same rounds as a reference twin with the
+    same weights, and the speed-up is printed: with --before, the model as another checkout's
+    convit.py builds it; else with --compile, the model left eager (the compiling time is printed)."""
+    side = SMALL["img_size"]
+    grid = side // args.patch_size
+    amp_dtype = torch.bfloat16 if getattr(args, "amp", False) else None
+    compiling = getattr(args, "compile", False)
+    models = small_models(args.patch_size)
+    reference, twins = None, {}
+    if args.before:
+        reference, twins = "before", small_models(args.patch_size, code_from(args.before))
+        for name, twin in twins.items():
+            twin.load_state_dict(models[name].state_dict())
+    elif compiling:
+        reference, twins = "eager", {name: copy.deepcopy(model) for name, model in models.items()}
+    for what, make_job, batch in (("training step", partial(training_job, as_train_py=True), args.train_batch_size),
+                                  ("evaluation", inference_job, 2 * args.train_batch_size)):
+        images = torch.randn(batch, SMALL["in_chans"], side, side, device=args.device)
+        print(f"lesson 6's models, {what}, {grid}x{grid} grid (patch {args.patch_size}): {settings(args, batch, side)}")
+        jobs = {}
+        for name, model in models.items():
+            if name in twins:
+                twin = twins[name].to(args.device) if reference == "eager" else prepared(twins[name], args)
+                jobs[f"{name} {reference}"] = make_job(twin, images, amp_dtype)
+            jobs[name] = make_job(prepared(model, args), images, amp_dtype)
+            if compiling:  # compiling happens at the first call
+                started = time.perf_counter()
+                jobs[name]()
+                print(f"  {name}: first call, compiling, {time.perf_counter() - started:.0f} s", flush=True)
+        timings = time_interleaved(jobs, args.rounds, device=args.device, clock=clock(args))
+        this = "compiled" if reference == "eager" else "now"
+        columns = ["model", "img/s"] + ([f"{reference} img/s", f"{this} / {reference}"] if reference else [])
+        widths = [11, 7, 12, 17][: len(columns)]
+        print(markdown_header(columns, widths))
+        for name in models:
+            cells = [name, f"{batch / timings[name].seconds:.0f}"]
+            if reference:
+                twin = timings[f"{name} {reference}"]
+                cells += [f"{batch / twin.seconds:.0f}", f"{speed_ratio_between(timings[name], twin):.3f}x"]
+            print(markdown_row(cells, widths), flush=True)
+
+
+# What --small --profile sorts torch.profiler's operations into (their self time, on a CPU).
+PROFILE_KINDS = {
+    "matrix products (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention kernel, forward": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "attention kernel, backward": ("aten::_scaled_dot_product_flash_attention_for_cpu_backward",),
+    "GELU, forward and backward": ("aten::gelu", "aten::gelu_backward"),
+    "LayerNorm, forward and backward": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+    "copies (copy_, cat)": ("aten::copy_", "aten::cat"),
+}
+PROFILE_REST = "everything else: elementwise ops, Python, dispatch, autograd"
+
+
+def profile_shares(job: callable, steps: int) -> tuple[float, dict[str, float]]:
+    """Milliseconds per call under torch.profiler, and each PROFILE_KINDS' share of the self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    job()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # the default also looks for a GPU: 14 s here
+        for _ in range(steps):
+            job()
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    shares = {kind: sum(event.self_cpu_time_total for event in events if event.key in names) / total
+              for kind, names in PROFILE_KINDS.items()}
+    return total / steps / 1000, {**shares, PROFILE_REST: 1 - sum(shares.values())}
+
+
+def print_small_profile(args):
+    """--small --profile: where the time of lesson 6's training step goes, by kind of work."""
+    side = SMALL["img_size"]
+    images = torch.randn(args.train_batch_size, SMALL["in_chans"], side, side)
+    profiles = {name: profile_shares(training_job(model, images, as_train_py=True), args.rounds)
+                for name, model in small_models(args.patch_size).items()}
+    grid = side // args.patch_size
+    load = load_average()
+    print(f"lesson 6's models, training step, {grid}x{grid} grid (patch {args.patch_size}), torch.profiler over "
+          f"{args.rounds} steps: cpu, fp32, batch {args.train_batch_size}, {torch.get_num_threads()} thread(s){load}")
+    widths = [60] + [11] * len(profiles)
+    print(markdown_header(["share of the self time", *profiles], widths))
+    for kind in [*PROFILE_KINDS, PROFILE_REST]:
+        print(markdown_row([kind, *(f"{shares[kind]:.0%}" for _, shares in profiles.values())], widths))
+    print(markdown_row(["ms per step (the profiler adds some)", *(f"{ms:.1f}" for ms, _ in profiles.values())], widths))
+
+
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python bench.py",
                                 description="Measure Table 1 (params, MACs, img/s, ConViT/DeiT) on this machine.")
     parser.add_argument("--sizes", nargs="*", default=TABLE1_SIZES, choices=TABLE1_SIZES,
                         help="which DeiT/ConViT pairs of Table 1 (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="inference batch")
-    parser.add_argument("--train-batch-size", type=int, default=32, help="training-step batch (with --compare)")
+    parser.add_argument("--train-batch-size", type=int, help="training-step batch (--compare: default 32; --small: 64)")
     parser.add_argument("--memory-batch-size", type=int, default=64,
                         help="batch of the activation-memory count (with --compare)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per model")
@@ -263,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="instead: ConViT-Ti fused/explicit vs the same-size baseline: inference, training, memory")
     parser.add_argument("--inference-only", action="store_true", help="with --compare: skip training and memory")
+    parser.add_argument("--small", action="store_true",
+                        help="instead: lesson 6's DeiT and ConViT (28x28, C 48, H 4, 4 blocks), train.py's training "
+                             "step at --train-batch-size (64, the lesson's) and an evaluation pass at twice that")
+    parser.add_argument("--patch-size", type=int, default=4, choices=[2, 4, 7, 14],
+                        help="with --small: 4 makes the 7x7 grid of lesson 6, 2 a 14x14 grid")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --small, on a CPU: instead of timing, torch.profiler's op time by kind, over --rounds steps")
+    parser.add_argument("--before", metavar="DIR",
+                        help="with --small: also time the models built by DIR/convit.py (an older checkout), in the "
+                             "same rounds, and print now / before (--small --compile alone: compiled / eager)")
     parser.add_argument("--amp", action="store_true", help="time under bf16 autocast instead of fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model first (at the warm-up call)")
     parser.add_argument("--cpu-time", action="store_true",
@@ -276,8 +427,20 @@ def main(argv: list[str] | None = None):
     if args.cpu_time and args.threads != 1:
         raise ValueError("--cpu-time measures one thread: add --threads 1")
     cli.torch_device(args.device)  # a typo or a missing GPU: one line, before any model is built
+    if (args.before or args.profile) and not args.small:
+        raise ValueError("--before and --profile work on lesson 6's models: add --small")
+    if args.profile and (args.before or args.compile or args.amp):
+        raise ValueError("--profile profiles lesson 6's eager fp32 step: leave out --before, --compile and --amp")
+    if args.profile and args.device != "cpu":
+        raise ValueError("--profile sorts the CPU's operations: add --device cpu")
+    if args.before and not os.path.isfile(os.path.join(args.before, "convit.py")):
+        raise ValueError(f"--before {args.before}: no convit.py there; give the root of a checkout of this project")
+    args.train_batch_size = args.train_batch_size or (64 if args.small else 32)
     torch.set_num_threads(args.threads)
-    print_comparison(args) if args.compare else print_table1(args)
+    if args.small:
+        print_small_profile(args) if args.profile else print_small(args)
+    else:
+        print_comparison(args) if args.compare else print_table1(args)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,14 @@ the order of the jobs) is exact.
 """
 
 import argparse
+import os
 
+import pytest
 import torch
 
 import bench
+import config
+import train
 from convit import create_model
 
 
@@ -38,6 +42,8 @@ def test_time_interleaved_rotates_compares_per_round_and_synchronises_a_gpu(monk
     assert timings["base"].speed_ratio == 1.0 and timings["same"].speed_ratio == 1.0
     assert timings["half as fast"].speed_ratio == 0.5  # every round says 0.5, whatever its spell
     assert timings["half as fast"].seconds == 4.0  # median of 2, 4, 20
+    assert timings["half as fast"].times == (2.0, 4.0, 20.0)
+    assert bench.speed_ratio_between(timings["half as fast"], timings["same"]) == 0.5  # any pair, round by round
     bench.time_interleaved(jobs, rounds=1, warmup=0, device="cpu")
     assert len(syncs) == 18  # a CPU needs no synchronising
 
@@ -55,11 +61,12 @@ def test_activation_memory_counts_exactly_what_autograd_keeps():
     assert bench.activation_memory(fused, images) < 0.8 * explicit
 
 
-def agrees(printed_ratio: float, speed: float, baseline_speed: float, ratio_digits: int) -> bool:
-    """Whether a printed ratio is speed / baseline_speed, both printed to 0.1 img/s: with one
-    round, the per-round ratio is exactly that ratio, so only the printed digits may differ."""
+def agrees(printed_ratio: float, speed: float, baseline_speed: float, ratio_digits: int, speed_digits: int = 1) -> bool:
+    """Whether a printed ratio is speed / baseline_speed, both printed to speed_digits decimals:
+    with one round, the per-round ratio is exactly that ratio, so only the printed digits may differ."""
     ratio = speed / baseline_speed
-    slack = 0.5 * 10**-ratio_digits + ratio * (0.05 / speed + 0.05 / baseline_speed)
+    rounding = 0.5 * 10**-speed_digits
+    slack = 0.5 * 10**-ratio_digits + ratio * (rounding / speed + rounding / baseline_speed)
     return abs(printed_ratio - ratio) <= slack * 1.01
 
 
@@ -101,3 +108,49 @@ def test_compare_names_its_baseline_once_and_says_what_the_ratio_is(capsys):
     assert memory[0].startswith("training memory at batch 2") and len(memory) == 4
     assert [line.split()[:-2] for line in memory[1:]] == [["same-size", "baseline"], ["convit", "fused"],
                                                           ["convit", "explicit"]]
+
+
+@pytest.mark.parametrize("model", ["convit_tiny", "deit_tiny"])
+def test_small_models_are_lesson_6s(model, tmp_path):
+    """--small times the very networks lesson 6 trains (its recipe's train.py flags)."""
+    flags = ["--dataset", "mnist10k", "--model", model, "--embed-dim", "48", "--num-heads", "4", "--depth", "4",
+             "--output-dir", str(tmp_path / "run")]
+    cfg, _notes = config.resolve(config.parse(flags))
+    trained = train.build_model(cfg, num_classes=10)
+    assert bench.small_models(patch_size=4)[model].cfg == trained.cfg
+    assert bench.small_models(patch_size=2)[model].cfg.grid == (14, 14)
+
+
+def test_small_command_times_each_model_beside_an_older_checkouts(capsys):
+    """--small --before DIR: lesson 6's models, each timed in the same rounds as the same model (same
+    weights) built by DIR's convit.py (here this very checkout); with one round the printed speed-up
+    is the ratio of the two printed speeds."""
+    here = os.path.dirname(os.path.abspath(bench.__file__))
+    bench.print_small(argparse.Namespace(patch_size=4, before=here, train_batch_size=4, rounds=1, device="cpu"))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 * 5
+    for what, at, batch in (("training step", 0, 4), ("evaluation", 5, 8)):
+        title, header, _rule, *rows = lines[at : at + 5]
+        assert title.startswith(f"lesson 6's models, {what}, 7x7 grid (patch 4): cpu, fp32, batch {batch}, 28x28")
+        assert [cell.strip() for cell in header.strip("|").split("|")] == ["model", "img/s", "before img/s",
+                                                                             "now / before"]
+        cells = table_rows("\n".join(rows), ("|",))
+        assert [row[0] for row in cells] == ["deit_tiny", "convit_tiny"]
+        for _name, speed, before, ratio in cells:
+            assert agrees(float(ratio.rstrip("x")), float(speed), float(before), ratio_digits=3, speed_digits=0)
+
+
+def test_small_profile_finds_every_kind_of_work_it_names(capsys):
+    """--small --profile: each kind of work it names occurs in lesson 6's step (so torch's op
+    names still match), the shares of the self time add up to the whole, and the table says so."""
+    model = bench.small_models(patch_size=4)["convit_tiny"]
+    _ms, shares = bench.profile_shares(bench.training_job(model, torch.randn(8, 1, 28, 28), as_train_py=True), steps=1)
+    assert list(shares) == [*bench.PROFILE_KINDS, bench.PROFILE_REST]
+    assert all(share > 0 for share in shares.values()), shares
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    bench.print_small_profile(argparse.Namespace(patch_size=4, train_batch_size=8, rounds=1, device="cpu"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("lesson 6's models, training step, 7x7 grid (patch 4), torch.profiler over 1 steps")
+    rows = table_rows("\n".join(lines[3:]), ("|",))
+    assert [row[0] for row in rows] == [*bench.PROFILE_KINDS, bench.PROFILE_REST, "ms per step (the profiler adds some)"]
+    assert [len(row) for row in rows] == [3] * len(rows)  # a column for each model
