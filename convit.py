@@ -47,7 +47,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, repeat
+from einops import einsum, rearrange
 from torch import nn
 
 
@@ -303,7 +303,6 @@ class GPSA(nn.Module):
         self.register_buffer("column_rel_pos", relative_positions(grid[0], 1), persistent=False)  # (rows, rows, 3)
         self.register_buffer("row_rel_pos", relative_positions(1, grid[1]), persistent=False)  # (cols, cols, 3)
         self.use_local_init = use_local_init
-        self.forced_gate = None  # force_gate: Tab. 6's test-time masking, None = the learned gates
 
     @torch.no_grad()
     def local_init(self):
@@ -323,16 +322,6 @@ class GPSA(nn.Module):
 
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.gating_param)  # sigma(lambda_h), (H,)
-
-    def force_gate(self, value: int | None):
-        """Tab. 6, at test time: sigma(lambda_h) = `value` in every head. 1 masks content (the
-        layer attends by position only), 0 masks position (content only), None gives the learned
-        gates back; lambda itself is untouched. A masked term is not computed at all (see
-        attention), so nothing of it can leak in: 0 x NaN would be NaN, not 0."""
-        if value not in (0, 1, None):
-            raise ValueError(f"force_gate: sigma(lambda) can be forced to 1 (content masked) or 0 (position "
-                             f"masked), not {value!r}")
-        self.forced_gate = value
 
     def position_attention(self, rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         """softmax_j(v_pos^h . r_ij + bias_h), Eq. 4's positional attention, for the relative
@@ -358,12 +347,8 @@ class GPSA(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit gated attention matrix A of Eq. 7, (B, H, N, N), fp32. Rows sum to 1."""
-        if self.forced_gate == 1:  # content masked (Tab. 6): A = P for every image; Q and K are never computed
-            return repeat(self.position_attention(), "h i j -> b h i j", b=x.shape[0])
         q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
         content_attn = content_attention(q, k)  # (B, H, N, N), fp32
-        if self.forced_gate == 0:  # position masked (Tab. 6): A = softmax(QK^T / sqrt(D)); v_pos is never read
-            return content_attn
         position_attn = self.position_attention()  # (H, N, N), fp32
         gate = rearrange(self.gate(), "h -> 1 h 1 1")
         attn = (1 - gate) * content_attn + gate * position_attn  # (B, H, N, N)
@@ -410,11 +395,9 @@ class GPSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Attention dropout acts on the *mixed* matrix A (as in the paper's code). The fused
         # path never forms A, so in training with attn_drop > 0 we take the explicit path:
-        # same maths, same dropout, only slower. The DeiT recipe uses attn_drop = 0. A forced gate
-        # (Tab. 6, evaluation only) takes the explicit path too: it leaves the masked term out.
+        # same maths, same dropout, only slower. The DeiT recipe uses attn_drop = 0.
         dropping = self.training and self.attn_drop.p > 0
-        fast = self.fused and not dropping and self.forced_gate is None
-        return self.forward_fused(x) if fast else self.forward_explicit(x)
+        return self.forward_fused(x) if self.fused and not dropping else self.forward_explicit(x)
 
 
 class PSA(nn.Module):
@@ -660,17 +643,6 @@ class ConViT(nn.Module):
         self.pos_embed_masked = masked
         return self
 
-    def force_gates(self, first: int, value: int | None) -> ConViT:
-        """Tab. 6, at test time: sigma(lambda) forced to `value` in the first `first` GPSA layers,
-        1 to mask content attention, 0 to mask positional attention (GPSA.force_gate), and the learned
-        gates everywhere else. force_gates(0, None) lifts every mask."""
-        layers = self.gpsa_layers()
-        if not 0 <= first <= len(layers):
-            raise ValueError(f"force_gates: the first {first} GPSA layers, but this model has {len(layers)}")
-        for i, layer in enumerate(layers):
-            layer.force_gate(value if i < first else None)
-        return self
-
     def check_input(self, images: torch.Tensor):
         cfg = self.cfg
         if images.ndim != 4:
@@ -730,7 +702,7 @@ class ConViT(nn.Module):
     def gates(self) -> torch.Tensor:
         """sigma(lambda) of every GPSA layer and head, (n_gpsa, H), fp32: 1 = positional, 0 = content.
         A model without GPSA layers (DeiT, or PSA's, which has no gate) gives (0, H): no gate at all.
-        These are the learned gates, also where force_gates overrides them."""
+        Tab. 6's masks (probes.py) show here as gates of exactly 1 or 0 while they last."""
         if not self.gpsa_layers():
             return torch.empty(0, self.cfg.num_heads)
         return torch.stack([layer.gate().detach().float().cpu() for layer in self.gpsa_layers()])

@@ -39,6 +39,7 @@ import checkpoints
 import cli
 import convit
 import data
+import probes
 import runs
 
 INIT_GATE = 1 / (1 + math.exp(-1))  # sigma(1) = 0.73: every gate at initialisation (lambda = 1)
@@ -156,32 +157,6 @@ class AttentionMaps:
     maps: torch.Tensor  # (layers, H, rows, cols): each head's attention from the query to every patch
     gates: list[list[float | None]]  # sigma(lambda) per layer and head; None where the block has no gate
     titles: list[list[str]]  # each head's panel title
-
-
-def model_for_maps(path: str, model_name: str | None, img_size: int | None, dataset: str | None
-                   ) -> tuple[convit.ConViT, data.Data, data.DatasetSpec]:
-    """The model in `path` and the data it reads: for one of train.py's checkpoints its own model
-    and run's data settings; for a released file create_model(--model) at --img-size (224), whose
-    images get ImageNet's preprocessing and come from --dataset (imagefolder) for --index."""
-    checkpoint = checkpoints.read_checkpoint_file(path)
-    if "cfg" in checkpoint:
-        typed = [flag for flag, value in (("--model", model_name), ("--img-size", img_size), ("--dataset", dataset))
-                 if value is not None]
-        if typed:
-            raise ValueError(f"{' and '.join(typed)}: {path} is one of train.py's checkpoints, which knows its model "
-                             f"and data; leave {'them' if len(typed) > 1 else 'it'} out")
-        if not isinstance(checkpoint.get("args"), dict) or "dataset" not in checkpoint["args"]:
-            raise ValueError(f"{path} holds no run settings ('args'), so the preprocessing of its images is unknown")
-        args = checkpoint["args"]
-        settings = data.Data(**{field.name: args[field.name] for field in dataclasses.fields(data.Data)
-                                if field.name in args})
-        return checkpoints.model_from_checkpoint(path), settings, data.DATASETS[settings.dataset]
-    if model_name is None:
-        raise ValueError(f"{path} is not one of train.py's checkpoints (it holds no model config): name its model, "
-                         f"e.g. --model convit_tiny for a released convit_tiny.pth")
-    model = checkpoints.load_checkpoint(convit.create_model(model_name, img_size=img_size or 224), path, verbose=False)
-    settings = data.Data(dataset=dataset or "imagefolder", img_size=img_size or 224)
-    return model, settings, data.DATASETS["imagefolder"]
 
 
 def query_patch(text: str, grid: tuple[int, int]) -> tuple[int, int]:
@@ -331,7 +306,7 @@ def attention_command(args) -> AttentionMaps:
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
     path = checkpoints.find_checkpoint(args.attention, "--attention")
-    model, settings, spec = model_for_maps(path, args.model, args.img_size, args.dataset)
+    model, settings, spec = probes.model_and_data(path, args.model, args.img_size, args.dataset)
     if args.data_dir is not None:
         settings = dataclasses.replace(settings, data_dir=args.data_dir)
     depth = model.cfg.depth

@@ -14,6 +14,7 @@ LAYERS = [  # from the bottom up; docs/code.md draws them
     {"cli", "convit"},
     {"augment", "checkpoints"},
     {"data", "runs"},
+    {"probes"},
     {"config", "plots"},
     {"train", "bench"},
     {"lessons._report"},

@@ -385,8 +385,8 @@ def test_eval_only_masks_content_or_position_in_the_first_k_gpsa_blocks(cifar_fo
         assert masked["val_loss"] == pytest.approx(analytic["val_loss"], rel=1e-6)
         both = train.main([*evaluate, f"--mask-{term}", "2"])  # K counts blocks from the first
         gate = 1 if term == "content" else 0
-        assert [layer.forced_gate for layer in masked["model"].gpsa_layers()] == [gate, None]
-        assert [layer.forced_gate for layer in both["model"].gpsa_layers()] == [gate, gate]
+        assert masked["model"].gates()[0].eq(gate).all() and masked["model"].gates()[1].ne(gate).all()
+        assert both["model"].gates().eq(gate).all()
         with torch.no_grad():  # and each mask changes what the model computes
             unmasked, one, two = (result["model"](images) for result in (normal, masked, both))
         assert (one - unmasked).abs().max() > 1e-2 and (two - one).abs().max() > 1e-2, term

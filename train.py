@@ -52,6 +52,7 @@ import config
 import convit
 import data
 import plots
+import probes
 import runs
 from config import RunConfig
 
@@ -519,7 +520,7 @@ def mask_at_test_time(model: convit.ConViT, runtime: config.Runtime) -> list[str
         masked.append("position embedding masked")
     for first, gate, term in ((runtime.mask_content, 1, "content"), (runtime.mask_position, 0, "position")):
         if first:
-            model.force_gates(first, gate)
+            probes.mask_gates(model, first, gate)
             blocks = f"blocks 1-{first}" if first > 1 else "block 1"
             masked.append(f"{term} masked in GPSA {blocks} (sigma(lambda) = {gate})")
     return masked
