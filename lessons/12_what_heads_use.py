@@ -1,4 +1,4 @@
-"""Lesson 11: what each head does, what each layer uses, and why the gate (Figs. 7, 9, 15; Tab. 6).
+"""Lesson 12: what each head does, what each layer uses, and why the gate (Figs. 7, 9, 15; Tab. 6).
 
 Three pieces of the paper's evidence, on models trained here:
 
@@ -16,13 +16,13 @@ Every model: lesson 6's recipe and width (C = 48, 4 heads, 4 blocks, the first 2
 takes about a minute on one thread), each fraction f trained 1/f times the epochs.
 
 Outputs (in --out-dir):
-  11_curves.png         top-1 over training of PSA, GPSA (ConViT) and DeiT at each fraction (Fig. 9)
-  11_table6.png         Tab. 6: ours beside the paper's
-  11_maps_convit.png, 11_maps_deit.png, 11_maps_psa.png   Fig. 7 for one validation image
-  11_maps_deit_mean.png, 11_maps_convit_mean.png           Fig. 15: the mean over 100 images
-  11_what_heads_use.json   every run's train.py command and curve, every table's and map's command
+  12_curves.png         top-1 over training of PSA, GPSA (ConViT) and DeiT at each fraction (Fig. 9)
+  12_table6.png         Tab. 6: ours beside the paper's
+  12_maps_convit.png, 12_maps_deit.png, 12_maps_psa.png   Fig. 7 for one validation image
+  12_maps_deit_mean.png, 12_maps_convit_mean.png           Fig. 15: the mean over 100 images
+  12_what_heads_use.json   every run's train.py command and curve, every table's and map's command
 
-Run from the repository root:  python lessons/11_what_heads_use.py [--quick]
+Run from the repository root:  python lessons/12_what_heads_use.py [--quick]
 """
 
 import shlex
@@ -78,7 +78,7 @@ def plot_curves(results: list[dict], plan: list[tuple], fractions, settings: str
                title=f"f = {f:.0%} of the training set ({args.dataset})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    save_figure(fig, args.out_dir, "11_curves.png", settings, args.device)
+    save_figure(fig, args.out_dir, "12_curves.png", settings, args.device)
 
 
 def plot_table6(tables: list[dict], firsts: list[int], settings: str, args):
@@ -101,7 +101,7 @@ def plot_table6(tables: list[dict], firsts: list[int], settings: str, args):
     paper.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     paper.set_xticks(range(len(paper_rows)), [label for label, *_ in paper_rows], rotation=20, fontsize=8)
     paper.set(ylabel="top-1 (%)", ylim=(0, 105), title="paper, Tab. 6: ConViT-Ti on ImageNet, K of 10 GPSA layers")
-    save_figure(fig, args.out_dir, "11_table6.png", settings, args.device)
+    save_figure(fig, args.out_dir, "12_table6.png", settings, args.device)
 
 
 def measure_table6(results: list[dict], plan: list[tuple], args) -> tuple[list[dict], list[dict]]:
@@ -130,9 +130,9 @@ def draw_maps(results: list[dict], plan: list[tuple], args) -> dict:
         result = next(r for (_t, n, f, *_), r in zip(plan, results) if n == name and f == 1.0)
         folder = result["settings"]["output_dir"]
         layers = [str(layer) for layer in range(1, args.depth + 1)]
-        jobs = [(f"11_maps_{short}.png", ["--index", "0"])]
+        jobs = [(f"12_maps_{short}.png", ["--index", "0"])]
         if short in ("convit", "deit"):
-            jobs.append((f"11_maps_{short}_mean.png", ["--average", "100"]))
+            jobs.append((f"12_maps_{short}_mean.png", ["--average", "100"]))
         for figure, images in jobs:
             argv = [folder, "--layers", *layers, *images, "--out", str(Path(args.out_dir).resolve() / figure)]
             with at_repository_root():  # the run's recorded folder is relative to it
@@ -161,7 +161,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     add_keep_finished(parser)
     args = parse(parser, argv)
-    clock = Stopwatch("lesson 11")
+    clock = Stopwatch("lesson 12")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     fractions = (1.0,) if args.quick else FRACTIONS  # --quick: 3 runs, to stay in seconds
     plan = [("heads", name, f, seed, changes) for f in fractions for name, changes in MODELS.items() for seed in seeds]
@@ -197,7 +197,7 @@ def main(argv=None):
     for name, row in nonlocality.items():
         print(f"| {name} | " + " | ".join(f"{a:.2f} -> {b:.2f}" for a, b in zip(row["first"], row["last"])) + " |")
     print(convergence_line(results))
-    write_summary(args, __file__, "11_what_heads_use.json", clock, argv, settings=settings, seeds=seeds,
+    write_summary(args, __file__, "12_what_heads_use.json", clock, argv, settings=settings, seeds=seeds,
                   rule=convergence_line(results),
                   runs=[run_record("heads", name, f, seed, result)
                         for (_t, name, f, seed, _c), result in zip(plan, results)],
