@@ -79,6 +79,9 @@ class Model:
     local_up_to_layer: int | None = flag(
         "number of GPSA blocks (default: all but the last two for a ConViT); 0 = the same-size baseline, a ConViT "
         "with no GPSA (DeiT's own network is --model deit_*)", default=None, interval="[0, inf)")
+    attention: str = flag("what those blocks are: gpsa, gated positional self-attention (Eq. 6-7), or psa, plain "
+                          "positional self-attention (Eq. 4: content and position logits in one softmax, no gate; the "
+                          "paper's SM A, Fig. 9), with the same conv init", default="gpsa", choices=["gpsa", "psa"])
     locality_strength: float = flag("alpha of Eq. 5", default=1.0, interval="[0, inf)")
     no_conv_init: bool = flag("Table 3 'conv init: no': GPSA starts random instead of as a convolution (Eq. 5)",
                               default=False)
@@ -175,6 +178,12 @@ class Runtime:
     mask_pos_embed: bool = flag("with --eval-only: evaluate without the absolute position embedding (Table 5: "
                                 "ConViT's GPSA keeps its sense of position through r_ij, DeiT has no other)",
                                 default=False, role=COMMAND)
+    mask_content: int = flag("with --eval-only: Tab. 6's 'mask content': sigma(lambda) forced to 1 in the first K GPSA "
+                             "blocks, which then attend by position only (0: none)", default=0, interval="[0, inf)",
+                             metavar="K", role=COMMAND)
+    mask_position: int = flag("with --eval-only: Tab. 6's 'mask position': sigma(lambda) forced to 0 in the first K "
+                              "GPSA blocks, which then attend by content only (0: none)", default=0, interval="[0, inf)",
+                              metavar="K", role=COMMAND)
     checkpoint: str | None = flag(
         "weights to evaluate (--eval-only) or to start from: one of ours or a released ConViT or DeiT .pth, with "
         "the matching --model (read with weights_only=True: a file that needs anything but tensors and plain data "
@@ -358,6 +367,7 @@ def check(values: dict):
         cli.check_field(field, values.get(name))
     if values["mask_pos_embed"] and not values["eval_only"]:
         raise ValueError("--mask-pos-embed masks the position embedding at test time: use it with --eval-only")
+    check_masked_gates(values)
     if values["eval_only"] and not values["checkpoint"]:
         raise ValueError("--eval-only needs --checkpoint PATH (one of our checkpoints or a released ConViT .pth)")
     if values["num_classes_subset"] is not None and values["dataset"] != "imagefolder":
@@ -386,6 +396,23 @@ def check_model_shape(values: dict):
                          f"GPSA blocks {model.gpsa_blocks})") from None
 
 
+def check_masked_gates(values: dict):
+    """Tab. 6's switches: at test time only, one of the two, and on GPSA blocks the model has."""
+    asked = {name: values[name] for name in ("mask_content", "mask_position") if values[name]}
+    if not asked:
+        return
+    flags = " and ".join(f"--{name.replace('_', '-')} {k}" for name, k in asked.items())
+    if not values["eval_only"]:
+        raise ValueError(f"{flags} forces gates at test time: use it with --eval-only")
+    if len(asked) == 2:
+        raise ValueError(f"{flags}: give one of the two (Tab. 6 masks content or position, never both in a layer)")
+    psa = values["attention"] == "psa"
+    gpsa_blocks = 0 if psa else Model(**{field.name: values[field.name] for field in dataclasses.fields(Model)}).gpsa_blocks
+    if next(iter(asked.values())) > gpsa_blocks:
+        raise ValueError(f"{flags}: this {values['model']} has {gpsa_blocks} GPSA blocks"
+                         f"{' (PSA, --attention psa, has no gate)' if psa else ''}; K counts them from the first")
+
+
 def check_table3_switches(values: dict):
     """Table 3's switches act on GPSA blocks: DeiT's own network (--model deit_*) has none to add
     or to switch, nor has a ConViT with --local-up-to-layer 0 (the same-size baseline)."""
@@ -399,6 +426,11 @@ def check_table3_switches(values: dict):
     if switches and (is_deit or values["local_up_to_layer"] == 0):
         raise ValueError(f"{' '.join(switches)} act(s) on GPSA blocks, and this model has none "
                          f"(Table 3's row e, DeiT, is --model deit_* with no switch)")
+    if values["attention"] == "psa" and (is_deit or values["local_up_to_layer"] == 0):
+        raise ValueError("--attention psa makes the first --local-up-to-layer blocks PSA, and this model has no such "
+                         "block (DeiT's own network, or --local-up-to-layer 0)")
+    if values["attention"] == "psa" and values["freeze_gates"]:
+        raise ValueError("--freeze-gates freezes GPSA's gates, and PSA (--attention psa) has none")
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ Contents, in file order (nothing is used before it is defined):
     content_attention             softmax(QK^T / sqrt(D)), Eq. 1's attention matrix
     PatchEmbed                    image -> patch tokens
     GPSA                          gated positional self-attention (Eq. 6-7)
+    PSA                           plain positional self-attention (Eq. 4), no gate: SM A's ablation
     MHSA                          plain multi-head self-attention (Eq. 1)
     MLP, DropPath, Block          the rest of a pre-norm transformer block
     ConViT                        the network, plus inspection (gates, Eq. 8 nonlocality)
@@ -69,6 +70,7 @@ class ConViTConfig:
     num_heads: int = 4  # H, attention heads in every block (k*k heads mimic a k x k kernel)
     mlp_ratio: float = 4.0  # hidden width of the MLP is mlp_ratio * C
     local_up_to_layer: int = 10  # the first blocks that are GPSA; 0 = no GPSA (the same-size baseline)
+    attention: str = "gpsa"  # what those blocks are: "gpsa" (Eq. 6-7) or "psa", plain PSA (Eq. 4, no gate: SM A)
     locality_strength: float = 1.0  # alpha of Eq. 5: larger means a sharper initial kernel
     use_local_init: bool = True  # the convolutional initialisation of Eq. 5 (Table 3 "conv init")
     use_pos_embed: bool = True  # learned absolute position embedding on the patch tokens
@@ -91,6 +93,8 @@ class ConViTConfig:
             raise ValueError(f"num_classes={self.num_classes!r} must be a whole number (0 = no head)")
         if not self.mlp_ratio > 0 or not math.isfinite(self.mlp_ratio):
             raise ValueError(f"mlp_ratio={self.mlp_ratio!r} must be a positive number")
+        if self.attention not in ("gpsa", "psa"):
+            raise ValueError(f"attention={self.attention!r} must be 'gpsa' (gated, Eq. 6-7) or 'psa' (Eq. 4)")
         if not math.isfinite(self.locality_strength):
             raise ValueError(f"locality_strength={self.locality_strength!r} must be a finite number")
         # "224" or 224.0 would otherwise reach int() or iteration and fail far from the cause.
@@ -396,6 +400,76 @@ class GPSA(nn.Module):
         return self.forward_fused(x) if self.fused and not dropping else self.forward_explicit(x)
 
 
+class PSA(nn.Module):
+    """Positional self-attention, Eq. 4: the layer that GPSA's gate replaces (SM A, Fig. 9). Per head h:
+
+        A^h_ij = softmax_j(Q^h_i K^h_j^T / sqrt(D) + v_pos^h . r_ij)
+        PSA_h(X) = A^h X W_val^h
+
+    Content and position logits are summed before one softmax, so neither can be switched off.
+    With the conv init the positional logits span some alpha (rows^2 + cols^2) along a row, the
+    content logits at init about 0.1: the layer starts as GPSA does, as a convolution, and the
+    paper finds that it "stays in the convolutional configuration and ignores the content
+    information". GPSA instead mixes two separate softmaxes with a learned gate (Eq. 6-7).
+    Eq. 4 writes Q K^T without the 1 / sqrt(D); we keep it, as in GPSA's content term, so that
+    the two layers differ only in how position enters.
+
+    The same parameters, names and conv init (Eq. 5, W_val = I) as GPSA, without the gate: a
+    released GPSA checkpoint minus its gating_param fits. Two paths, proven equal in outputs and
+    gradients (test_psa_fused_and_explicit_paths_agree): `attention()` + `forward_explicit()`,
+    the readable one, read it first; `forward_fused()`, where the positional logits are exactly
+    the additive attn_mask of torch's fused scaled_dot_product_attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], locality_strength: float = 1.0,
+                 use_local_init: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.locality_strength = locality_strength  # alpha
+        self.use_local_init = use_local_init
+        self.fused = fused
+        self.qk = nn.Linear(dim, 2 * dim, bias=False)  # W_qry and W_key side by side, as in GPSA
+        self.v = nn.Linear(dim, dim, bias=False)  # W_val
+        self.proj = nn.Linear(dim, dim)  # W_out
+        self.pos_proj = nn.Linear(3, num_heads)  # row h is v_pos^h; its bias cancels in the softmax
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.register_buffer("rel_pos", relative_positions(*grid), persistent=False)  # r_ij, (N, N, 3)
+
+    local_init = GPSA.local_init  # Eq. 5 and W_val = I, GPSA's very code: the same names and shapes
+    forward_explicit = GPSA.forward_explicit  # A X W_val, then W_out: only A differs from GPSA's
+
+    def position_scores(self) -> torch.Tensor:
+        """Eq. 4's positional logits v_pos^h . r_ij + bias_h, (H, N, N), the same for every image;
+        fp32 under autocast too, as GPSA's (GPSA.position_attention says why)."""
+        with torch.autocast(self.rel_pos.device.type, enabled=False):
+            scores = F.linear(self.rel_pos.float(), self.pos_proj.weight.float(), self.pos_proj.bias.float())
+        return rearrange(scores, "i j h -> h i j")  # (H, N, N)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit attention matrix A of Eq. 4, (B, H, N, N), fp32. Rows sum to 1."""
+        q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        content_scores = einsum(q, k, "b h i d, b h j d -> b h i j") / math.sqrt(q.shape[-1])  # (B, H, N, N)
+        return (content_scores.float() + self.position_scores()).softmax(dim=-1)  # one softmax for both
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = rearrange(self.qk(x), "b n (two h d) -> two b h n d", two=2, h=self.num_heads)
+        v = rearrange(self.v(x), "b n (h d) -> b h n d", h=self.num_heads)
+        # attn_mask is added to QK^T / sqrt(D) before the softmax: Eq. 4 exactly. Each row's largest
+        # logit is subtracted first, a constant along j that the softmax removes: under autocast the
+        # mask takes Q's dtype, and the logits that matter (those near the largest) then sit near 0,
+        # where bf16 and fp16 hold them finely, rather than near alpha ||Delta_h||^2 + bias, which
+        # training may take far from 0 (at 100, bf16's spacing is 0.5: a factor e^0.25 on A).
+        scores = self.position_scores()  # (H, N, N), fp32
+        mask = (scores - scores.amax(dim=-1, keepdim=True).detach()).to(q.dtype)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, N, D)
+        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_fused(x) if self.fused else self.forward_explicit(x)
+
+
 class MHSA(nn.Module):
     """Multi-head self-attention, Eq. 1: SA(X) = softmax(Q K^T / sqrt(D)) X W_val, per head.
 
@@ -464,15 +538,17 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """A pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
-    The attention is GPSA in the first `local_up_to_layer` blocks and MHSA after them.
+    The attention is GPSA (or PSA, cfg.attention) in the first `local_up_to_layer` blocks and
+    MHSA after them.
     """
 
-    def __init__(self, cfg: ConViTConfig, use_gpsa: bool, drop_path: float):
+    def __init__(self, cfg: ConViTConfig, positional: bool, drop_path: float):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        if use_gpsa:
-            self.attn = GPSA(
+        if positional:
+            attention = {"gpsa": GPSA, "psa": PSA}[cfg.attention]
+            self.attn = attention(
                 dim, cfg.num_heads, cfg.grid, cfg.locality_strength, cfg.use_local_init,
                 cfg.attn_drop_rate, cfg.drop_rate, cfg.fused,
             )
@@ -492,7 +568,8 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------
 class ConViT(nn.Module):
     """ConViT: a DeiT backbone whose first blocks are GPSA. Also DeiT's own network (the
-    deit_* presets) and the same-size baseline (local_up_to_layer = 0), see MODEL_PRESETS.
+    deit_* presets), the same-size baseline (local_up_to_layer = 0), see MODEL_PRESETS, and
+    SM A's PSA model (attention="psa": the first blocks are PSA, with no gate).
 
     Data flow: image -> patch tokens + absolute position embedding -> GPSA blocks on the
     patches only -> the class token joins -> MHSA blocks -> LayerNorm -> head on the class
@@ -515,7 +592,7 @@ class ConViT(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         drop_paths = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # rises linearly
         self.blocks = nn.ModuleList(
-            Block(cfg, use_gpsa=i < cfg.local_up_to_layer, drop_path=drop_paths[i]) for i in range(cfg.depth)
+            Block(cfg, positional=i < cfg.local_up_to_layer, drop_path=drop_paths[i]) for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -526,7 +603,7 @@ class ConViT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """DeiT's initialisation (truncated normal, std 0.02), then Eq. 5 on every GPSA layer."""
+        """DeiT's initialisation (truncated normal, std 0.02), then Eq. 5 on every GPSA or PSA layer."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -538,13 +615,19 @@ class ConViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for layer in self.gpsa_layers():
-            layer.gating_param.fill_(1.0)
+        for layer in self.positional_layers():
             if layer.use_local_init:
                 layer.local_init()
+        for layer in self.gpsa_layers():
+            layer.gating_param.fill_(1.0)
+
+    def positional_layers(self) -> list[GPSA | PSA]:
+        """The attention of the first local_up_to_layer blocks: GPSA, or PSA with attention="psa"."""
+        return [block.attn for block in self.blocks[: self.cfg.local_up_to_layer]]
 
     def gpsa_layers(self) -> list[GPSA]:
-        return [block.attn for block in self.blocks[: self.cfg.local_up_to_layer]]
+        """The GPSA layers, the ones with gates (none in DeiT, nor in a PSA model)."""
+        return [layer for layer in self.positional_layers() if isinstance(layer, GPSA)]
 
     def set_fused(self, fused: bool) -> ConViT:
         """Switch every attention layer between the fused and the explicit path."""
@@ -617,7 +700,9 @@ class ConViT(nn.Module):
 
     # --- inspection: what the paper plots -------------------------------------------------
     def gates(self) -> torch.Tensor:
-        """sigma(lambda) of every GPSA layer and head, (n_gpsa, H), fp32: 1 = positional, 0 = content."""
+        """sigma(lambda) of every GPSA layer and head, (n_gpsa, H), fp32: 1 = positional, 0 = content.
+        A model without GPSA layers (DeiT, or PSA's, which has no gate) gives (0, H): no gate at all.
+        Tab. 6's masks (probes.py) show here as gates of exactly 1 or 0 while they last."""
         if not self.gpsa_layers():
             return torch.empty(0, self.cfg.num_heads)
         return torch.stack([layer.gate().detach().float().cpu() for layer in self.gpsa_layers()])
@@ -735,7 +820,8 @@ def load_state(model: ConViT, state: dict[str, torch.Tensor], path, verbose: boo
         if wrong_shape:
             problems.append(f"shapes differ ({len(wrong_shape)}): {wrong_shape[:10]}")
         raise ValueError(f"{path} does not fit this model ({model.cfg.embed_dim} wide, "
-                         f"{model.cfg.num_heads} heads, {model.cfg.local_up_to_layer} GPSA): " + "; ".join(problems))
+                         f"{model.cfg.num_heads} heads, {model.cfg.local_up_to_layer} {model.cfg.attention.upper()}): "
+                         + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     if verbose:
         for note in notes:

@@ -12,7 +12,7 @@ Contents, in file order:
     DIGIT_OPS, digits_split, load_digits, load_mnist10k
     load_mnist10k_sum              two far-apart digits labelled by their sum
     PlainDataUnpickler, load_cifar CIFAR's pickled batches, read without running any code
-    load_imagefolder, load_fake, build_datasets, check_training_set
+    load_imagefolder, load_fake, build_datasets, validation_set, check_training_set
     stratified_fraction            Table 2's subsets of each class
     RepeatedAugmentationSampler    DeiT's repeated augmentation
 """
@@ -387,6 +387,13 @@ def build_datasets(data: Data, augmentation: Augmentation, seed: int) -> tuple[D
     if data.data_fraction < 1.0:
         train_set = Subset(train_set, stratified_fraction(labels_of(train_set), data.data_fraction, seed))
     return train_set, val_set, num_classes
+
+
+def validation_set(data: Data) -> Dataset:
+    """The validation set alone, each image as the model sees it at evaluation (eval_transform):
+    the images of a trained model's figures (plots.py --attention)."""
+    spec = DATASETS[data.dataset]
+    return spec.load(data, None, eval_transform(data.img_size, spec))[1]
 
 
 def check_training_set(data: Data, train_set: Dataset, num_classes: int, global_batch: int):

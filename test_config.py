@@ -46,7 +46,7 @@ def recorded_commands() -> list[str]:
 
 def test_every_recorded_lesson_command_parses_checks_and_writes_back_word_for_word():
     commands = recorded_commands()
-    assert len(commands) == 113  # lessons 6, 8 and 9: every run, sweep, budget check and masked evaluation
+    assert len(commands) == 140  # lessons 6, 8, 9 and 11: every run, sweep, budget check and masked evaluation
     for command in commands:
         argv = shlex.split(command)[2:]
         settings = config.parse(argv)
@@ -59,8 +59,7 @@ def test_every_flag_is_one_field_with_a_help_a_range_and_both_presets():
     flags = {action.dest for action in parser._actions if action.dest != "help"}
     typed = {name for name, field in config.FIELDS.items() if field.metadata["typed"]}
     assert flags == typed and set(config.FIELDS) - typed == {"head_width"}  # a preset's value with no flag
-    assert len(config.FIELDS) == 62  # the 60 keys train.py's checkpoints have stored as "args" since 9e61a4b, and
-    # randaug_op_set and crop_edge (config.BEFORE_THE_FIELD)
+    assert set(config.FIELDS) == set(OLD_ARGS) | set(NEWER_ARGS)  # the keys train.py's checkpoints store as "args"
     for name, field in config.FIELDS.items():
         meta = field.metadata
         assert meta["help"] and meta["role"] in (cli.RUN, cli.HOW, cli.COMMAND), name
@@ -119,6 +118,8 @@ OLD_ARGS = {
     "repeated_aug": 1, "reprob": 0.0, "resume": None, "scale_epochs": False, "seed": 0, "smoothing": 0.1,
     "stop_after": 1, "threads": 1, "warmup_epochs": 1, "warmup_lr": 1e-06, "weight_decay": 0.05, "workers": 0,
 }
+NEWER_ARGS = {"attention": "gpsa", "mask_content": 0, "mask_position": 0,  # added since, with their values here
+              "randaug_op_set": "all", "crop_edge": "fill"}
 
 
 def test_a_checkpoint_written_before_config_py_resumes_and_evaluates(folder, tmp_path, capsys):
@@ -128,7 +129,7 @@ def test_a_checkpoint_written_before_config_py_resumes_and_evaluates(folder, tmp
     train.main([*flags, "--stop-after", "1", "--output-dir", str(tmp_path / "old")])
     path = tmp_path / "old" / checkpoints.CHECKPOINT
     saved = torch.load(path, weights_only=True)
-    assert saved["args"] == {**old, "randaug_op_set": "all", "crop_edge": "fill"}  # as the old one, and newer fields
+    assert saved["args"] == {**old, **NEWER_ARGS}  # as the old one, and the newer fields
     # and the old one, even older still (before --hflip, --randaug-magnitude-std and --eval-every), resumes:
     older = {key: value for key, value in old.items() if key not in ("hflip", "randaug_magnitude_std", "eval_every")}
     torch.save({**saved, "args": older}, path)

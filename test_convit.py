@@ -5,6 +5,7 @@ Facts quoted below (released layout, Table 1, Eq. 5-8) come from the paper (arXi
 and the released checkpoints' state-dict specification.
 """
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -17,7 +18,7 @@ from einops import rearrange
 
 import convit
 from checkpoints import load_checkpoint, model_from_checkpoint
-from convit import GPSA, MHSA, create_model, kernel_centres, relative_positions
+from convit import GPSA, MHSA, PSA, create_model, kernel_centres, relative_positions
 
 
 @pytest.fixture(autouse=True)
@@ -105,11 +106,24 @@ def test_init_is_far_more_local_than_random_mhsa():
 
 
 # --- GPSA limits (Eq. 6-7) -----------------------------------------------------------------
+def as_convolution(layer, x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """What a layer of 9 heads that copy the patch at their kernel offsets computes: a 3x3
+    convolution whose kernel at offset Delta_h is W_out^h W_val^h, replicate-padded at the border
+    (a head whose offset leaves the grid falls on the nearest patch inside)."""
+    channels = x.shape[-1]
+    head_dim = channels // 9
+    kernel = torch.zeros(channels, channels, 3, 3)  # (out, in, ky, kx)
+    for h, (dx, dy) in enumerate(kernel_centres(9).long().tolist()):
+        block = slice(h * head_dim, (h + 1) * head_dim)
+        kernel[:, :, dy + 1, dx + 1] = layer.proj.weight[:, block] @ layer.v.weight[block, :]
+    image = F.pad(rearrange(x, "b (r c) ch -> b ch r c", r=rows), (1, 1, 1, 1), mode="replicate")
+    return rearrange(F.conv2d(image, kernel, layer.proj.bias), "b ch r c -> b (r c) ch")
+
+
 def test_gpsa_reduces_to_convolution():
     """sigma(lambda) -> 1 and a large alpha: 9 heads compute a 3x3 convolution whose kernel at
-    offset Delta_h is W_out^h W_val^h (each head copies the patch at its offset). At the border
-    a head whose offset leaves the grid falls on the nearest patch inside: replicate padding."""
-    rows, cols, head_dim, channels = 6, 7, 2, 18
+    offset Delta_h is W_out^h W_val^h (each head copies the patch at its offset)."""
+    rows, cols, channels = 6, 7, 18
     layer = GPSA(dim=channels, num_heads=9, grid=(rows, cols), locality_strength=100.0)
     layer.local_init()
     with torch.no_grad():
@@ -117,16 +131,71 @@ def test_gpsa_reduces_to_convolution():
         layer.v.weight.normal_()  # any W_val: the kernel absorbs it
         layer.proj.bias.normal_()
     x = torch.randn(2, rows * cols, channels)
-
-    kernel = torch.zeros(channels, channels, 3, 3)  # (out, in, ky, kx)
-    for h, (dx, dy) in enumerate(kernel_centres(9).long().tolist()):
-        block = slice(h * head_dim, (h + 1) * head_dim)
-        kernel[:, :, dy + 1, dx + 1] = layer.proj.weight[:, block] @ layer.v.weight[block, :]
-    image = F.pad(rearrange(x, "b (r c) ch -> b ch r c", r=rows), (1, 1, 1, 1), mode="replicate")
-    conv = rearrange(F.conv2d(image, kernel, layer.proj.bias), "b ch r c -> b (r c) ch")
-
     for path in (layer.forward_explicit, layer.forward_fused):
-        assert torch.allclose(path(x), conv, atol=1e-5)
+        assert torch.allclose(path(x), as_convolution(layer, x, rows, cols), atol=1e-5)
+
+
+def test_psa_at_init_reduces_to_convolution():
+    """Plain PSA (Eq. 4) with GPSA's conv init and a large alpha is the same convolution, with no
+    gate to open: its positional logits fall by alpha per unit of squared distance, and swamp the
+    content logits, whatever W_qry and W_key are at init. With alpha = 1 they do not."""
+    rows, cols, channels = 6, 7, 18
+    x = torch.randn(2, rows * cols, channels)
+    for alpha, equal in ((100.0, True), (1.0, False)):
+        layer = PSA(dim=channels, num_heads=9, grid=(rows, cols), locality_strength=alpha)
+        layer.local_init()
+        with torch.no_grad():
+            layer.v.weight.normal_()
+            layer.proj.bias.normal_()
+        for path in (layer.forward_explicit, layer.forward_fused):
+            assert torch.allclose(path(x), as_convolution(layer, x, rows, cols), atol=1e-5) == equal, alpha
+
+
+def test_psa_at_init_attends_as_gpsa_with_its_gate_open():
+    """At DeiT's init (W_qry, W_key of std 0.02) Eq. 4's content logits are ~0.02 beside positional
+    logits that fall by alpha = 1 per unit of squared distance: PSA's A is, to 3e-2, the
+    positional attention P that a GPSA with the same weights and sigma(lambda) = 1 reads. Once
+    W_qry and W_key grow, PSA's A leaves P: content enters, through the one softmax."""
+    torch.manual_seed(0)
+    psa = small(attention="psa").eval()
+    gpsa = small().eval()
+    gpsa.load_state_dict({**gpsa.state_dict(), **psa.state_dict()})  # all but the gates
+    with torch.no_grad():
+        for layer in gpsa.gpsa_layers():
+            layer.gating_param.fill_(float("inf"))  # sigma = 1.0 exactly
+    images = torch.randn(2, 3, 32, 32)
+    for psa_map, gpsa_map in zip(psa.attention_maps(images)[:3], gpsa.attention_maps(images)[:3]):
+        assert (psa_map - gpsa_map).abs().max() < 3e-2  # ~0.02 logits move a weight of 0.77 by 2-3%
+        assert gpsa_map.max() > 0.3  # and P is local, not uniform (1/64)
+    with torch.no_grad():
+        for layer in psa.positional_layers():
+            layer.qk.weight.normal_(std=0.3)
+    assert max((p - g).abs().max() for p, g in zip(psa.attention_maps(images)[:3], gpsa.attention_maps(images)[:3])) > 0.1
+
+
+def content_attention_only(layer, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with a GPSA or PSA layer's weights, for 4 heads: softmax(QK^T / sqrt(D)) X W_val, then W_out."""
+    q, k = rearrange(layer.qk(x), "b n (two h d) -> two b h n d", two=2, h=4)
+    v = rearrange(layer.v(x), "b n (h d) -> b h n d", h=4)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return layer.proj(rearrange(attn @ v, "b h n d -> b n (h d)"))
+
+
+def test_psa_without_positions_is_plain_attention():
+    """v_pos = 0 leaves Eq. 4's content logits alone: softmax(QK^T / sqrt(D)) X W_val W_out, on
+    both paths. pos_proj's bias adds one number per head to every logit of a row: no change."""
+    layer = PSA(dim=24, num_heads=4, grid=(4, 5))
+    with torch.no_grad():
+        layer.pos_proj.weight.zero_()
+        layer.pos_proj.bias.normal_(std=3.0)
+        layer.qk.weight.normal_(std=0.3)
+    x = torch.randn(3, 20, 24)
+    expected = content_attention_only(layer, x)
+    for path in (layer.forward_explicit, layer.forward_fused):
+        assert torch.allclose(path(x), expected, atol=1e-5)
+    with torch.no_grad():
+        layer.pos_proj.weight.normal_()  # and with positions, it is not
+    assert not torch.allclose(layer(x), expected, atol=1e-3)
 
 
 def test_gpsa_with_closed_gate_is_content_attention():
@@ -135,12 +204,8 @@ def test_gpsa_with_closed_gate_is_content_attention():
         layer.gating_param.fill_(-50.0)  # sigma(-50) = 0: positional term switched off
         layer.qk.weight.normal_(std=0.3)
     x = torch.randn(3, 20, 24)
-    q, k = rearrange(layer.qk(x), "b n (two h d) -> two b h n d", two=2, h=4)
-    v = rearrange(layer.v(x), "b n (h d) -> b h n d", h=4)
-    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(6), dim=-1)
-    expected = layer.proj(rearrange(attn @ v, "b h n d -> b n (h d)"))
     for path in (layer.forward_explicit, layer.forward_fused):
-        assert torch.allclose(path(x), expected, atol=1e-5)
+        assert torch.allclose(path(x), content_attention_only(layer, x), atol=1e-5)
 
 
 def test_position_attention_factorises_over_rows_and_columns():
@@ -154,19 +219,21 @@ def test_position_attention_factorises_over_rows_and_columns():
 
 
 def perturbed(model):
-    """Move every GPSA layer away from its init so that equalities are not special cases."""
+    """Move every GPSA (or PSA) layer away from its init so that equalities are not special cases."""
     with torch.no_grad():
-        for layer in model.gpsa_layers():
+        for layer in model.positional_layers():
             layer.pos_proj.weight.add_(torch.randn_like(layer.pos_proj.weight) * 0.5)
+        for layer in model.gpsa_layers():
             layer.gating_param.normal_()
     return model
 
 
-def test_fused_and_explicit_paths_agree_in_outputs_and_gradients():
+@pytest.mark.parametrize("attention", ["gpsa", "psa"])
+def test_fused_and_explicit_paths_agree_in_outputs_and_gradients(attention):
     images = torch.randn(3, 3, 32, 48)
     labels = torch.randint(0, 10, (3,))
-    fused = perturbed(small(img_size=(32, 48)))
-    explicit = small(img_size=(32, 48), fused=False)
+    fused = perturbed(small(img_size=(32, 48), attention=attention))
+    explicit = small(img_size=(32, 48), attention=attention, fused=False)
     explicit.load_state_dict(fused.state_dict())
     outputs, grads = [], []
     for model in (fused, explicit):
@@ -183,7 +250,9 @@ def test_every_parameter_gets_a_gradient_and_nothing_is_nan():
     """Every gradient is non-zero but one: pos_proj's bias adds the same number to a whole row of
     positional scores, which the softmax removes, so its exact gradient is 0 and only rounding
     is left of it."""
-    for model in (small(), small(fused=False), small("deit_tiny", local_up_to_layer=0)):
+    models = (small(), small(fused=False), small(attention="psa"), small(attention="psa", fused=False),
+              small("deit_tiny", local_up_to_layer=0))
+    for model in models:
         out = model(torch.randn(2, 3, 32, 32))
         out.sum().backward()
         assert torch.isfinite(out).all()
@@ -301,6 +370,21 @@ def test_released_checkpoint_loads_strictly(tmp_path, name, embed_dim, num_heads
     model = load_checkpoint(create_model(name), path)
     for key, value in model.state_dict().items():
         assert torch.equal(value, released[key]), key
+
+
+def test_released_files_load_into_the_default_gpsa_model_and_psa_has_their_layout_but_the_gates(tmp_path):
+    """attention="gpsa" is the default, so the released files load as before (the test above); a
+    PSA model has the very same names and shapes except the gates, and a released file refuses to
+    load into it, naming them."""
+    assert create_model("convit_tiny").cfg.attention == "gpsa"
+    with torch.device("meta"):
+        psa = create_model("convit_tiny", attention="psa")
+    shapes = {key: tuple(value.shape) for key, value in psa.state_dict().items()}
+    assert shapes == {key: shape for key, shape in released_layout().items() if not key.endswith("gating_param")}
+    torch.save({"model": {key: torch.randn(shape) for key, shape in released_layout().items()}}, tmp_path / "r.pth")
+    with pytest.raises(ValueError, match=r"\(192 wide, 4 heads, 10 PSA\): not in the model \(10\): "
+                                         r"\['blocks.0.attn.gating_param'"):
+        load_checkpoint(create_model("convit_tiny", attention="psa"), tmp_path / "r.pth")
 
 
 def narrow(name="convit_tiny", **overrides):
@@ -538,3 +622,26 @@ def test_masked_position_embedding_is_not_read(name):
         assert torch.equal(model(images), masked)
         assert not torch.allclose(normal, masked, atol=1e-3)
         assert torch.isnan(model.mask_pos_embed(False)(images)).all()  # unmasked, it reads pos_embed again
+
+
+# --- PSA's inspection -----------------------------------------------------------------------
+def test_psa_is_inspected_like_gpsa_and_has_no_gate():
+    """With W_qry = W_key = 0 the content logits vanish: PSA's A is then softmax(v_pos . r), the
+    positional attention P that GPSA reads alone when its content is masked (sigma forced to 1).
+    So the two models, with the same weights, have the same attention maps and nonlocality."""
+    psa = perturbed(small(attention="psa")).eval()
+    gpsa = small().eval()
+    gpsa.load_state_dict({**gpsa.state_dict(), **psa.state_dict()})  # all but the gates
+    with torch.no_grad():
+        for layer in psa.positional_layers() + gpsa.positional_layers():
+            layer.qk.weight.zero_()
+        for layer in gpsa.gpsa_layers():
+            layer.gating_param.fill_(float("inf"))  # sigma = 1.0 exactly: P alone
+    images = torch.randn(2, 3, 32, 32)
+    assert psa.gates().shape == (0, 4) and gpsa.gates().shape == (3, 4)  # PSA: no gate at all
+    maps = psa.attention_maps(images)
+    for psa_map, gpsa_map in zip(maps[:3], gpsa.attention_maps(images)[:3]):
+        assert torch.allclose(psa_map, gpsa_map, atol=1e-6)
+        assert torch.allclose(psa_map.sum(-1), torch.ones(()), atol=1e-5)
+    assert torch.allclose(psa.nonlocality(images)[:3], gpsa.nonlocality(images)[:3], atol=1e-5)
+    assert (psa.nonlocality(images)[0] - small().nonlocality(images)[0]).abs().max() > 0.1  # and v_pos counts

@@ -40,6 +40,8 @@ FIGURES = {  # script -> the PNG files it writes
     "08_position_embedding.py": ["08_position_embedding.png"],
     "09_more_locality.py": ["09_more_locality.png"],
     "10_far_content.py": ["10_far_content.png"],
+    "12_what_heads_use.py": ["12_curves.png", "12_table6.png", "12_maps_convit.png", "12_maps_convit_mean.png",
+                             "12_maps_deit.png", "12_maps_deit_mean.png", "12_maps_psa.png"],
 }
 
 
@@ -49,6 +51,7 @@ SUMMARIES = {  # script -> the machine-readable results it writes beside its fig
     "08_position_embedding.py": ["08_position_embedding.json"],
     "09_more_locality.py": ["09_more_locality.json"],
     "10_far_content.py": ["10_far_content.json"],
+    "12_what_heads_use.py": ["12_what_heads_use.json"],
 }
 
 
@@ -294,6 +297,35 @@ def test_lesson10_quotes_its_runs_beside_lesson5s():
         assert line_of(text, f"| {seed} |") == f"| {seed} | {cells} |", f"lesson 10, the class token of seed {seed}"
 
 
+def test_lesson12_quotes_its_runs_its_table6_and_its_gates():
+    lesson12, text = committed("12_what_heads_use.json"), text_of("12_what_heads_use.md")
+    runs = collections.defaultdict(list)
+    for run in lesson12["runs"]:
+        runs[run["fraction"], run["name"]].append(run)
+        assert run["command"].startswith("python train.py ") and " --seed " in run["command"]
+        assert (" --attention psa" in run["command"]) == (run["name"] == "PSA"), run["command"]
+    for (fraction, name), group in runs.items():
+        final, first = [run["top1"] for run in group], [run["curve"][0][1] for run in group]
+        line = line_of(text, f"| {fraction:.0%} | {name} |")
+        assert f"| {cell(final)} | {cell(first)} |" in line, f"lesson 12, {name} at f = {fraction:.0%}: {line}"
+    tables = lesson12["table6"]
+    assert len(tables) == len(lesson12["seeds"]) and all(t["command"].startswith("python probes.py ") for t in tables)
+    assert f"| {cell([t['none'] for t in tables])} |" in line_of(text, "| none | - |")
+    for mask in ("content", "position"):
+        for k in tables[0][mask]:
+            line = line_of(text, f"| {mask} | {k} |")
+            assert f"| {cell([t[mask][k] for t in tables])} |" in line, f"lesson 12, Tab. 6, {mask} K={k}: {line}"
+    for table in tables:
+        quoted = " | ".join(", ".join(f"{g:.2f}" for g in layer) for layer in table["gates"])
+        assert line_of(text, f"| seed {table['seed']} |").startswith(f"| seed {table['seed']} | {quoted} |")
+    assert all(m["command"].startswith("python plots.py --attention runs/lessons/12/") for m in lesson12["maps"].values())
+    budget = committed("12_budget.json")["runs"]
+    assert all(run["command"].startswith("python train.py ") and " --epochs 96 " in run["command"] for run in budget)
+    for name in ("PSA", "ConViT", "DeiT"):
+        quoted = f"{name} {cell([run['top1_96'] for run in budget if run['name'] == name])}"
+        assert quoted in " ".join(text.split()), f"lesson 12's budget check: {quoted}"
+
+
 def test_readme_findings_quote_the_lessons():
     lesson6 = committed("06_sample_efficiency.json")
     at = lesson6["table2_mean_top1"]
@@ -308,6 +340,18 @@ def test_readme_findings_quote_the_lessons():
     for name in ("DeiT", "ConViT"):
         cases = lesson8[name]
         assert f"{name} {cases['trained with, tested with']:.1f} -> {cases['trained with, tested masked']:.1f}" in line
+    lesson12 = committed("12_what_heads_use.json")
+    line = readme_finding("what each layer uses: content or position masked at test time (Tab. 6)")
+    tables = lesson12["table6"]
+    quoted = [f"{mean(t[mask][k] for t in tables):.1f}" for mask in ("content", "position") for k in ("1", "2")]
+    assert f"content masked in block 1 / both {quoted[0]} / {quoted[1]}, position masked {quoted[2]} / {quoted[3]} " \
+           f"({mean(t['none'] for t in tables):.1f} unmasked)" in line, line
+    line = readme_finding("why the gate: plain PSA")
+    final = {(run["name"], run["fraction"]): [] for run in lesson12["runs"]}
+    for run in lesson12["runs"]:
+        final[run["name"], run["fraction"]].append(run["top1"])
+    for name in ("PSA", "ConViT", "DeiT"):
+        assert f"{name} {mean(final[name, 1.0]):.1f} / {mean(final[name, 0.25]):.1f}" in line, f"README: {name} {line}"
     lesson10 = committed("10_far_content.json")
     line = readme_finding("the later gates close where far content matters")
     assert all(f"{run['val_top1']:.1f}%" in line for run in lesson10["runs"]), line

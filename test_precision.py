@@ -46,16 +46,19 @@ def runs_on_this_cpu_or_skip(dtype: torch.dtype):
         pytest.skip(f"torch {torch.__version__} cannot run {NAMES[dtype]} autocast on the CPU: {err}")
 
 
-def perturbed_pair():
-    """A small ConViT (3 GPSA + 1 MHSA blocks, 8x8 patches) on the fused path with its gates
-    and v_pos moved off their init, and its explicit twin with the same weights."""
+def perturbed_pair(attention: str = "gpsa"):
+    """A small ConViT (3 GPSA, or PSA, + 1 MHSA blocks, 8x8 patches) on the fused path with its
+    gates and v_pos moved off their init, and its explicit twin with the same weights."""
     torch.manual_seed(0)
     fused = convit.create_model("convit_tiny", img_size=32, patch_size=4, depth=4, local_up_to_layer=3,
-                                num_classes=10, embed_dim=48)
+                                num_classes=10, embed_dim=48, attention=attention)
     with torch.no_grad():
-        for layer in fused.gpsa_layers():
+        for layer in fused.positional_layers():
             layer.pos_proj.weight.mul_(1 + 0.1 * torch.randn_like(layer.pos_proj.weight))  # off bf16's grid
-            layer.gating_param.normal_()
+            if attention == "gpsa":
+                layer.gating_param.normal_()
+            else:  # logits near 100, where bf16's spacing is 0.5: PSA's fused path must not cast them so
+                layer.pos_proj.bias.fill_(100.0)
     return fused, convit.explicit_twin(fused)
 
 
@@ -71,11 +74,12 @@ def logits_and_gradients(model, images, labels, dtype):
     return logits, {name: p.grad / scale for name, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("attention", ["gpsa", "psa"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_and_explicit_paths_agree_under_autocast(dtype):
+def test_fused_and_explicit_paths_agree_under_autocast(dtype, attention):
     runs_on_this_cpu_or_skip(dtype)
     u = torch.finfo(dtype).eps / 2
-    fused, explicit = perturbed_pair()
+    fused, explicit = perturbed_pair(attention)
     images, labels = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
     exact_logits, exact_grads = logits_and_gradients(explicit, images, labels, None)  # fp32
     results = {path: logits_and_gradients(model, images, labels, dtype)

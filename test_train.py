@@ -355,6 +355,64 @@ def test_eval_only_can_mask_the_position_embedding(cifar_folder, tmp_path, capsy
                capsys, "there is no position embedding to mask")
 
 
+def test_eval_only_masks_content_or_position_in_the_first_k_gpsa_blocks(cifar_folder, tmp_path, capsys):
+    """Tab. 6 through train.py: --mask-content K evaluates the model whose first K gates are 1
+    (sigma(lambda) = 1.0 in fp32), --mask-position K the one whose first K gates are 0, and the
+    result line says what was masked."""
+    data = ["--dataset", "cifar10", "--data-dir", str(cifar_folder), *TINY, "--local-up-to-layer", "2",
+            "--batch-size", "20"]
+    trained = train.main([*data, "--epochs", "1", "--output-dir", str(tmp_path)])
+    with torch.no_grad():  # content attention far from uniform, as after real training
+        for layer in trained["model"].gpsa_layers():
+            layer.qk.weight.normal_(std=0.5)
+            layer.proj.weight.normal_(std=0.5)  # and weighing on the output
+    state = trained["model"].state_dict()
+    cfg = dataclasses.asdict(trained["model"].cfg)
+    torch.save({"cfg": cfg, "model": state}, tmp_path / "moved.pth")
+    for name, lam in (("content", 50.0), ("position", -50.0)):  # sigma = 1, or 2e-22: nothing beside 1 - 2e-22
+        torch.save({"cfg": cfg, "model": {**state, "blocks.0.attn.gating_param": torch.full((4,), lam)}},
+                   tmp_path / f"{name}.pth")
+    evaluate = [*data, "--eval-only", "--checkpoint", str(tmp_path / "moved.pth")]
+    images = torch.randn(8, 3, 16, 16)
+    capsys.readouterr()
+    normal = train.main(evaluate)
+    for term in ("content", "position"):
+        masked = train.main([*evaluate, f"--mask-{term}", "1"])
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert f"{term} masked in GPSA block 1 (sigma(lambda) = {1 if term == 'content' else 0})" in line
+        assert masked["masked"] == [f"{term} masked in GPSA block 1 (sigma(lambda) = {1 if term == 'content' else 0})"]
+        analytic = train.main([*data, "--eval-only", "--checkpoint", str(tmp_path / f"{term}.pth")])
+        assert masked["val_loss"] == pytest.approx(analytic["val_loss"], rel=1e-6)
+        both = train.main([*evaluate, f"--mask-{term}", "2"])  # K counts blocks from the first
+        gate = 1 if term == "content" else 0
+        assert masked["model"].gates()[0].eq(gate).all() and masked["model"].gates()[1].ne(gate).all()
+        assert both["model"].gates().eq(gate).all()
+        with torch.no_grad():  # and each mask changes what the model computes
+            unmasked, one, two = (result["model"](images) for result in (normal, masked, both))
+        assert (one - unmasked).abs().max() > 1e-2 and (two - one).abs().max() > 1e-2, term
+    fails_with([*evaluate, "--mask-content", "3"], capsys, "--mask-content 3: this convit_tiny has 2 GPSA blocks")
+    fails_with([*data, "--mask-position", "1"], capsys, "--mask-position 1 forces gates at test time: use it with "
+                                                         "--eval-only")
+    fails_with([*evaluate, "--mask-content", "1", "--mask-position", "1"], capsys, "give one of the two")
+    fails_with([*evaluate, "--attention", "psa", "--mask-content", "1"], capsys,
+               "this convit_tiny has 0 GPSA blocks (PSA, --attention psa, has no gate)")
+
+
+def test_a_psa_model_trains_and_logs_no_gates(folder, tmp_path, capsys):
+    """SM A's model through train.py: --attention psa builds PSA blocks in place of GPSA, every
+    weight of theirs trains (W_qry, W_key and v_pos among them), and no gate is logged."""
+    flags = ["--dataset", "imagefolder", "--data-dir", str(folder), *TINY, "--batch-size", "8", "--attention", "psa"]
+    init = train.build_model(resolved(*flags), 3)
+    assert [type(block.attn).__name__ for block in init.blocks] == ["PSA", "MHSA", "MHSA"]
+    result = train.main([*flags, "--epochs", "1", "--no-figure", "--output-dir", str(tmp_path)])
+    trained = result["model"].blocks[0].attn
+    for name in ("v.weight", "pos_proj.weight"):  # W_val = I and v_pos of Eq. 5 at init, whatever the seed
+        assert (trained.get_parameter(name) - init.blocks[0].attn.get_parameter(name)).abs().max() > 1e-4, name
+    assert "gates" not in metrics_of(tmp_path)[-1] and len(metrics_of(tmp_path)[-1]["nonlocality"]) == 3
+    fails_with([*TINY, "--model", "deit_tiny", "--attention", "psa"], capsys, "--attention psa makes the first")
+    fails_with([*TINY, "--attention", "psa", "--freeze-gates"], capsys, "PSA (--attention psa) has none")
+
+
 # ---------------------------------------------------------------------------------------
 # Two processes under torchrun (gloo on the CPU)
 # ---------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ import config
 import convit
 import data
 import plots
+import probes
 import runs
 from config import RunConfig
 
@@ -72,7 +73,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> convit.ConViT:
         in_chans=data.DATASETS[cfg.data.dataset].in_chans, num_classes=num_classes, embed_dim=settings.width,
         depth=settings.depth, num_heads=settings.heads, local_up_to_layer=settings.gpsa_blocks,
         locality_strength=settings.locality_strength, use_local_init=not settings.no_conv_init,
-        use_pos_embed=not settings.no_pos_embed, drop_path_rate=cfg.recipe.drop_path,
+        use_pos_embed=not settings.no_pos_embed, drop_path_rate=cfg.recipe.drop_path, attention=settings.attention,
     )
     return freeze_for_table3(model, settings)
 
@@ -80,9 +81,10 @@ def build_model(cfg: RunConfig, num_classes: int) -> convit.ConViT:
 def freeze_for_table3(model: convit.ConViT, settings: config.Model) -> convit.ConViT:
     """Table 3's "train GPSA: no" and "train gating: no" (its footnote: gates frozen at lambda = 0).
     Frozen parameters keep requires_grad=False, so parameter_groups leaves them out of the optimiser."""
-    for layer in model.gpsa_layers():
-        if settings.freeze_gpsa:  # W_qry, W_key (qk), W_val (v), W_out (proj), v_pos (pos_proj) and lambda
+    for layer in model.positional_layers():  # GPSA, or PSA (--attention psa)
+        if settings.freeze_gpsa:  # W_qry, W_key (qk), W_val (v), W_out (proj), v_pos (pos_proj) and GPSA's lambda
             layer.requires_grad_(False)
+    for layer in model.gpsa_layers():
         if settings.freeze_gates:  # sigma(0) = 0.5: content and positional attention mixed half and half
             with torch.no_grad():
                 layer.gating_param.zero_()
@@ -363,12 +365,13 @@ def setup(cfg: RunConfig, proc: runs.Process, resumed: dict | None, folder: runs
 def describe(cfg: RunConfig, model: convit.ConViT, train_set, val_set, num_classes: int, proc: runs.Process,
              amp_dtype) -> str:
     """The run's first line: model, data, processes, batch, lr, epochs and precision."""
-    n_gpsa, n_params = len(model.gpsa_layers()), sum(p.numel() for p in model.parameters())
+    n_local, n_params = model.cfg.local_up_to_layer, sum(p.numel() for p in model.parameters())
+    blocks = f"{n_local} {model.cfg.attention.upper()} + {model.cfg.depth - n_local} MHSA blocks"  # GPSA or PSA
     settings, recipe = cfg.model, cfg.recipe
     # --num-heads alone, in a recipe with a fixed head width, changes C too: say so
     width = f"{model.cfg.embed_dim} = {model.cfg.num_heads} heads x {settings.head_width}" \
         if settings.num_heads and not settings.embed_dim and settings.head_width else model.cfg.embed_dim
-    return (f"{settings.model} ({n_gpsa} GPSA + {model.cfg.depth - n_gpsa} MHSA blocks, C={width}, "
+    return (f"{settings.model} ({blocks}, C={width}, "
             f"H={model.cfg.num_heads}, {n_params / 1e6:.2f}M parameters) on {cfg.data.dataset}: {len(train_set)} "
             f"training / {len(val_set)} validation images of {cfg.data.img_size}x{cfg.data.img_size}, patch "
             f"{settings.patch_size}, {num_classes} classes; {proc.world} process(es) on {proc.device}, batch "
@@ -494,22 +497,35 @@ def evaluate_only(cfg: RunConfig, proc: runs.Process) -> dict:
     if ours:
         checkpoints.check_same_model(checkpoint, model, path)
     checkpoints.load_checkpoint(model, path, verbose=proc.rank == 0 and not runtime.quiet)
-    if runtime.mask_pos_embed:
-        if model.pos_embed is None:
-            raise TrainError(f"--mask-pos-embed: {path} was trained with --no-pos-embed; there is no position "
-                             f"embedding to mask")
-        model.mask_pos_embed()
+    masked = mask_at_test_time(model, runtime)
     val_shard = Subset(val_set, range(proc.rank, len(val_set), proc.world))
     loader = DataLoader(val_shard, cfg.recipe.batch_size, num_workers=runtime.workers or 0,
                         pin_memory=proc.device.type == "cuda")
     show = proc.rank == 0 and not (runtime.quiet or runtime.no_progress) and sys.stderr.isatty()
     result = evaluate(model, loader, proc, mixed_precision(proc.device, runtime.amp, runtime.amp_dtype), show)
     if proc.rank == 0:
-        masked = ", position embedding masked" if runtime.mask_pos_embed else ""
-        print(f"{path} on {cfg.data.dataset} ({len(val_set)} images{masked}): top-1 {result['val_top1']:.2f}%  "
-              f"top-5 {result['val_top5']:.2f}%  loss {result['val_loss']:.4f}", flush=True)
+        print(f"{path} on {cfg.data.dataset} ({len(val_set)} images{''.join(', ' + m for m in masked)}): top-1 "
+              f"{result['val_top1']:.2f}%  top-5 {result['val_top5']:.2f}%  loss {result['val_loss']:.4f}", flush=True)
     return {**result, "epoch": checkpoint.get("epoch", 0), "epochs_run": 0, "output_dir": runtime.output_dir,
-            "figure": None, "model": model}
+            "figure": None, "model": model, "masked": masked}
+
+
+def mask_at_test_time(model: convit.ConViT, runtime: config.Runtime) -> list[str]:
+    """Table 5's --mask-pos-embed and Tab. 6's --mask-content / --mask-position K (config.py has
+    refused a K beyond the model's GPSA blocks, and both at once); returns what was masked, in words."""
+    masked = []
+    if runtime.mask_pos_embed:
+        if model.pos_embed is None:
+            raise TrainError(f"--mask-pos-embed: {runtime.checkpoint} was trained with --no-pos-embed; there is no "
+                             f"position embedding to mask")
+        model.mask_pos_embed()
+        masked.append("position embedding masked")
+    for first, gate, term in ((runtime.mask_content, 1, "content"), (runtime.mask_position, 0, "position")):
+        if first:
+            probes.mask_gates(model, first, gate)
+            blocks = f"blocks 1-{first}" if first > 1 else "block 1"
+            masked.append(f"{term} masked in GPSA {blocks} (sigma(lambda) = {gate})")
+    return masked
 
 
 # ---------------------------------------------------------------------------------------
@@ -523,11 +539,12 @@ def run(cfg: RunConfig, resumed: dict | None = None, notes: list[str] = ()) -> d
     """Train (or with --eval-only, evaluate) as `cfg` says; `resumed` is the checkpoint that a
     --resume continues (configure reads it), `notes` what to print once the run goes ahead.
     Returns the final metrics: epoch, val_loss, val_top1, val_top5 (percent), epochs_run,
-    output_dir, figure, and the trained `model` (unwrapped, on its device). Raises a ValueError on
-    bad input; never exits the interpreter, and leaves no process group behind unless torchrun
-    made one. Ctrl-C raises Interrupted (a KeyboardInterrupt) naming the checkpoint to continue
-    from. A run that stops before its first checkpoint leaves its folder as it found it (an
-    overwritten run back in place), and its error line says so."""
+    output_dir, figure, and the trained `model` (unwrapped, on its device); with --eval-only also
+    `masked`, what was masked, in words. Raises a ValueError on bad input; never exits the
+    interpreter, and leaves no process group behind unless torchrun made one. Ctrl-C raises
+    Interrupted (a KeyboardInterrupt) naming the checkpoint to continue from. A run that stops
+    before its first checkpoint leaves its folder as it found it (an overwritten run back in
+    place), and its error line says so."""
     started, runtime = time.time(), cfg.runtime
     proc = runs.start_process(runtime.device)
     threads_before, folder = torch.get_num_threads(), None
