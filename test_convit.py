@@ -457,6 +457,26 @@ def test_class_token_joins_after_the_last_gpsa_block():
     assert [m.shape[-1] for m in deit.attention_maps(torch.randn(2, 3, 32, 32))] == [65] * 4
 
 
+def test_mean_pooled_model_has_no_class_token_and_may_be_all_gpsa():
+    """global_pool="avg": the head reads the mean of the normed patch tokens; no class token
+    joins anywhere, so every block may be GPSA and no block sees a token outside the grid."""
+    images = torch.randn(2, 3, 32, 32)
+    model = small(global_pool="avg", local_up_to_layer=4)  # all 4 blocks GPSA
+    assert model.cls_token is None and "cls_token" not in model.state_dict()
+    assert len(model.gpsa_layers()) == 4 and model.gates().shape == (4, 4)
+    assert [m.shape[-1] for m in model.attention_maps(images)] == [64] * 4
+    with torch.no_grad():
+        x = model.embed(images)
+        for block in model.blocks:
+            x = block(x)
+        expected = model.head(model.norm(x).mean(dim=1))
+    assert torch.allclose(model(images), expected, atol=1e-6)
+    model(images).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    mixed = small(global_pool="avg", local_up_to_layer=2)  # 2 GPSA, then 2 MHSA on the patches alone
+    assert [m.shape[-1] for m in mixed.attention_maps(images)] == [64] * 4
+
+
 def test_deit_class_token_joins_before_the_position_embedding():
     """DeiT adds its position embedding to the class token too (slot 0); the same-size
     baseline adds it to the patches only and joins the class token later, untouched."""
@@ -538,6 +558,9 @@ def test_rectangular_image():
     (lambda: create_model("convit_tiny", embed_dim=90), "width 90 is not divisible by 4 heads"),
     (lambda: create_model("convit_tiny", local_up_to_layer=12), "local_up_to_layer=12 must lie in"),
     (lambda: create_model("deit_tiny", local_up_to_layer=2), "class_token_in_pos_embed=True needs local_up_to_layer=0"),
+    (lambda: create_model("convit_tiny", global_pool="max"), "global_pool='max' must be 'token'"),
+    (lambda: create_model("convit_tiny", global_pool="avg", local_up_to_layer=13), "local_up_to_layer=13 must lie in [0, depth=12]"),
+    (lambda: create_model("deit_tiny", global_pool="avg"), "class_token_in_pos_embed=True needs global_pool='token'"),
     (lambda: create_model("convit_tiny", patch=16), "unknown option"),
     (lambda: create_model("convit_tiny", img_size="224"), "img_size='224' must be a whole number (a square image)"),
     (lambda: create_model("convit_tiny", img_size=224.0), "img_size=224.0 must be a whole number"),

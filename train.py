@@ -74,6 +74,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> convit.ConViT:
         depth=settings.depth, num_heads=settings.heads, local_up_to_layer=settings.gpsa_blocks,
         locality_strength=settings.locality_strength, use_local_init=not settings.no_conv_init,
         use_pos_embed=not settings.no_pos_embed, drop_path_rate=cfg.recipe.drop_path, attention=settings.attention,
+        global_pool=settings.global_pool,
     )
     return freeze_for_table3(model, settings)
 
