@@ -518,6 +518,20 @@ def test_nonlocality_of_uniform_attention_is_the_mean_grid_distance():
     assert torch.allclose(nonlocality[0], torch.full((4,), mean_distance), atol=1e-5)
 
 
+def test_nonlocality_of_sharp_kernel_heads_is_the_length_of_their_offsets():
+    """A known attention map: 9 heads on a 3x3 kernel (Eq. 5), so sharp (alpha = 100) and so
+    positional (sigma(lambda) = 1) that each query attends to one patch: its kernel offset, or
+    where that falls off the 5x5 grid, the nearest patch on it. Eq. 8 is then the mean length of
+    that offset: 0 for the centre head; 1 for (0, 1) except in the 5 queries of the far edge (0.8);
+    sqrt(2) for (1, 1), 1 on the 8 edge queries where it slides along the edge, 0 in the corner."""
+    model = small(img_size=20, depth=2, num_heads=9, embed_dim=72, local_up_to_layer=1, locality_strength=100.0)
+    with torch.no_grad():
+        model.blocks[0].attn.gating_param.fill_(50.0)
+    nonlocality = model.nonlocality(torch.randn(2, 3, 20, 20))[0].sort().values
+    expected = torch.tensor([0.0] + [0.8] * 4 + [(16 * math.sqrt(2) + 8) / 25] * 4)
+    assert torch.allclose(nonlocality, expected, atol=1e-4), nonlocality
+
+
 def test_inspection_uses_each_layers_real_input():
     model = perturbed(small()).eval()
     with torch.no_grad():
