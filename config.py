@@ -392,7 +392,7 @@ def check_model_shape(values: dict):
     try:
         convit.ConViTConfig(**{**preset, "img_size": values["img_size"], "patch_size": model.patch_size,
                                "embed_dim": model.width, "num_heads": model.heads, "depth": model.depth,
-                               "local_up_to_layer": model.gpsa_blocks})
+                               "local_up_to_layer": model.gpsa_blocks, "global_pool": model.global_pool})
     except ValueError as err:
         raise ValueError(f"{err} (the network of these flags: --model {model.model}, --img-size {values['img_size']}, "
                          f"--patch-size {model.patch_size}, C = {model.width}, H = {model.heads}, --depth {model.depth}, "

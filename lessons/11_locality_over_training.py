@@ -41,11 +41,11 @@ import convit  # noqa: E402
 import data  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
-from lessons._command import LessonRecipe, parse, run_folder, training_parser  # noqa: E402
+from lessons._command import LessonRecipe, parse, run_folder, run_settings, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._protocol import add_keep_finished, reuse_finished_run  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
-from lessons._training import at_repository_root, run_parallel, run_settings, train_one  # noqa: E402
+from lessons._training import at_repository_root, run_parallel, train_one  # noqa: E402
 
 # 20 epochs at a peak lr of 4e-3, 6 blocks (the ConViT: 4 GPSA + 2 MHSA). Whether each run had
 # stopped improving (the lessons' rule, lessons/_training.py) is in the JSON, run by run.
