@@ -1,5 +1,6 @@
-"""Lesson 11: Section 4 of the paper at small scale. Are plain SA layers pulled towards locality
-(Fig. 5, left), do GPSA layers escape it (Fig. 5, right), and do the gates close (Fig. 6)?
+"""Lesson 11: Section 4 of the paper at small scale. Does the nonlocality of plain SA layers fall
+(Fig. 5, left), and that of GPSA layers grow (Fig. 5, right)?
+And do the gates close (Fig. 6)?
 
 The paper trains DeiT-S and ConViT-S for 300 ImageNet epochs and plots, per layer, the
 nonlocality of Eq. 8 (Fig. 5: DeiT left, ConViT right) and the mean gate sigma(lambda) of each
