@@ -91,6 +91,9 @@ class Model:
                              "W_val, W_out, v_pos and the gates) keeps its init; the FFNs, norms and the rest train",
                              default=False)
     no_pos_embed: bool = flag("no absolute position embedding", default=False)
+    global_pool: str = flag("what the head reads: token = the class token, joining after the last GPSA block (the "
+                            "paper's); avg = the mean of the patch tokens, no class token (then --local-up-to-layer "
+                            "may equal --depth: every block GPSA)", default="token", choices=["token", "avg"])
 
     @property
     def is_deit(self) -> bool:
@@ -389,7 +392,7 @@ def check_model_shape(values: dict):
     try:
         convit.ConViTConfig(**{**preset, "img_size": values["img_size"], "patch_size": model.patch_size,
                                "embed_dim": model.width, "num_heads": model.heads, "depth": model.depth,
-                               "local_up_to_layer": model.gpsa_blocks})
+                               "local_up_to_layer": model.gpsa_blocks, "global_pool": model.global_pool})
     except ValueError as err:
         raise ValueError(f"{err} (the network of these flags: --model {model.model}, --img-size {values['img_size']}, "
                          f"--patch-size {model.patch_size}, C = {model.width}, H = {model.heads}, --depth {model.depth}, "
@@ -415,13 +418,17 @@ def check_masked_gates(values: dict):
 
 def check_table3_switches(values: dict):
     """Table 3's switches act on GPSA blocks: DeiT's own network (--model deit_*) has none to add
-    or to switch, nor has a ConViT with --local-up-to-layer 0 (the same-size baseline)."""
+    or to switch, nor has a ConViT with --local-up-to-layer 0 (the same-size baseline). DeiT's
+    class token is part of its network: it has no --global-pool avg."""
     model = values["model"]
     is_deit = convit.MODEL_PRESETS[model].get("class_token_in_pos_embed", False)
     if is_deit and values["local_up_to_layer"]:
         raise ValueError(f"--local-up-to-layer {values['local_up_to_layer']}: {model} is DeiT's own network, which "
                          f"has no GPSA block; for a ConViT of its size use --model convit_{model[5:]} --num-heads "
                          f"{convit.MODEL_PRESETS[model]['num_heads']}")
+    if is_deit and values["global_pool"] == "avg":
+        raise ValueError(f"--global-pool avg: {model} is DeiT's own network, whose class token joins before block 1 "
+                         f"with a position of its own; a head on the mean of the patches is --model convit_*")
     switches = [f"--{name.replace('_', '-')}" for name in ("freeze_gates", "freeze_gpsa", "no_conv_init") if values[name]]
     if switches and (is_deit or values["local_up_to_layer"] == 0):
         raise ValueError(f"{' '.join(switches)} act(s) on GPSA blocks, and this model has none "

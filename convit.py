@@ -77,6 +77,9 @@ class ConViTConfig:
     # DeiT's own network differs from a ConViT with no GPSA block in exactly these two fields:
     qkv_bias: bool = False  # a bias on MHSA's W_qry, W_key, W_val (DeiT: yes; ConViT's blocks have none)
     class_token_in_pos_embed: bool = False  # DeiT: pos_embed is (1, 1 + N, C), the class token joins before block 1
+    # What the head reads: "token", the class token (the paper's), or "avg", the mean of the patch tokens, with no
+    # class token at all; then every block may be GPSA, and no block after them sees the whole image for free.
+    global_pool: str = "token"
     drop_rate: float = 0.0  # dropout on the embeddings and after each projection
     attn_drop_rate: float = 0.0  # dropout on the attention matrix
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this value in the last block
@@ -113,11 +116,20 @@ class ConViTConfig:
                 f"width {self.embed_dim} is not divisible by {self.num_heads} heads "
                 f"(each head needs a whole head dimension D = C / H)"
             )
-        if not 0 <= self.local_up_to_layer < self.depth:
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool={self.global_pool!r} must be 'token' (the class token) or 'avg' "
+                             f"(the mean of the patch tokens)")
+        if self.global_pool == "avg" and not 0 <= self.local_up_to_layer <= self.depth:
+            raise ValueError(f"local_up_to_layer={self.local_up_to_layer} must lie in [0, depth={self.depth}]")
+        if self.global_pool == "token" and not 0 <= self.local_up_to_layer < self.depth:
             raise ValueError(
                 f"local_up_to_layer={self.local_up_to_layer} must lie in [0, depth={self.depth}): "
-                f"the class token joins after the last GPSA block, so at least one MHSA block must follow"
+                f"the class token joins after the last GPSA block, so at least one MHSA block must follow "
+                f"(global_pool='avg' has no class token and allows every block to be GPSA)"
             )
+        if self.class_token_in_pos_embed and self.global_pool != "token":
+            raise ValueError(f"class_token_in_pos_embed=True needs global_pool='token', got {self.global_pool!r}: "
+                             f"there is no class token to give a position to")
         if self.class_token_in_pos_embed and self.local_up_to_layer > 0:
             raise ValueError(
                 f"class_token_in_pos_embed=True needs local_up_to_layer=0, got {self.local_up_to_layer}: "
@@ -577,6 +589,8 @@ class ConViT(nn.Module):
     class token; with no GPSA block the class token is present from the first block.
     DeiT differs in one more place (class_token_in_pos_embed): its class token joins *before*
     the position embedding is added, so that it gets a learned position of its own.
+    With global_pool="avg" there is no class token: the head reads the mean of the patch
+    tokens after the final LayerNorm, and every block may be GPSA.
     """
 
     def __init__(self, cfg: ConViTConfig):
@@ -585,7 +599,7 @@ class ConViT(nn.Module):
         rows, cols = cfg.grid
         dim = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.global_pool == "token" else None
         positions = int(cfg.class_token_in_pos_embed) + rows * cols  # DeiT: the class token's slot comes first
         self.pos_embed = nn.Parameter(torch.zeros(1, positions, dim)) if cfg.use_pos_embed else None
         self.pos_embed_masked = False  # mask_pos_embed: evaluate without it (Table 5)
@@ -612,7 +626,8 @@ class ConViT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for layer in self.positional_layers():
@@ -684,8 +699,10 @@ class ConViT(nn.Module):
 
     def class_token_joins_before(self, i: int) -> bool:
         """Whether the class token joins just before block i: after the last GPSA block (at
-        once with no GPSA block), unless it already joined in embed() (DeiT)."""
-        return i == self.cfg.local_up_to_layer and not self.cfg.class_token_in_pos_embed
+        once with no GPSA block), unless it already joined in embed() (DeiT) or there is none
+        (global_pool="avg")."""
+        cfg = self.cfg
+        return cfg.global_pool == "token" and i == cfg.local_up_to_layer and not cfg.class_token_in_pos_embed
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed(images)  # (B, N, C); DeiT (B, 1 + N, C)
@@ -693,7 +710,8 @@ class ConViT(nn.Module):
             if self.class_token_joins_before(i):
                 x = self.join_class_token(x)  # (B, 1 + N, C)
             x = block(x)
-        return self.norm(x)[:, 0]  # the class token, (B, C)
+        x = self.norm(x)
+        return x[:, 0] if self.cfg.global_pool == "token" else x.mean(dim=1)  # the class token or the mean, (B, C)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(images))  # (B, num_classes)
@@ -711,7 +729,8 @@ class ConViT(nn.Module):
     def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The explicit attention matrix of every block, each computed on that block's real
         input (the released script fed the patch embeddings to every layer; we do not).
-        GPSA blocks give (B, H, N, N); MHSA blocks (B, H, 1 + N, 1 + N), class token first.
+        GPSA blocks give (B, H, N, N); MHSA blocks (B, H, 1 + N, 1 + N), class token first
+        ((B, H, N, N) with global_pool="avg", which has no class token).
         A measurement, so it runs in fp32 even when called under autocast (which it switches
         off), and always returns fp32."""
         maps = []

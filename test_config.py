@@ -46,7 +46,7 @@ def recorded_commands() -> list[str]:
 
 def test_every_recorded_lesson_command_parses_checks_and_writes_back_word_for_word():
     commands = recorded_commands()
-    assert len(commands) == 140  # lessons 6, 8, 9 and 11: every run, sweep, budget check and masked evaluation
+    assert len(commands) == 151  # lessons 6, 8, 9, 11 and 12: every run, sweep, budget check and masked evaluation
     for command in commands:
         argv = shlex.split(command)[2:]
         settings = config.parse(argv)
@@ -119,7 +119,7 @@ OLD_ARGS = {
     "stop_after": 1, "threads": 1, "warmup_epochs": 1, "warmup_lr": 1e-06, "weight_decay": 0.05, "workers": 0,
 }
 NEWER_ARGS = {"attention": "gpsa", "mask_content": 0, "mask_position": 0,  # added since, with their values here
-              "randaug_op_set": "all", "crop_edge": "fill"}
+              "randaug_op_set": "all", "crop_edge": "fill", "global_pool": "token"}
 
 
 def test_a_checkpoint_written_before_config_py_resumes_and_evaluates(folder, tmp_path, capsys):
@@ -140,6 +140,7 @@ def test_a_checkpoint_written_before_config_py_resumes_and_evaluates(folder, tmp
     assert evaluated["val_loss"] == pytest.approx(metrics_of(tmp_path / "whole")[-1]["val_loss"], rel=1e-6)  # other batches
     assert checkpoints.model_from_checkpoint(path).cfg == whole["model"].cfg
     assert config.stored(older).augment.hflip == 0.5  # the dataset's, as it was then
+    assert config.stored(older).model.global_pool == "token"  # the class token: every model had one then
 
 
 def test_a_checkpoint_older_than_a_field_keeps_the_value_it_trained_with():

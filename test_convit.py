@@ -457,6 +457,26 @@ def test_class_token_joins_after_the_last_gpsa_block():
     assert [m.shape[-1] for m in deit.attention_maps(torch.randn(2, 3, 32, 32))] == [65] * 4
 
 
+def test_mean_pooled_model_has_no_class_token_and_may_be_all_gpsa():
+    """global_pool="avg": the head reads the mean of the normed patch tokens; no class token
+    joins anywhere, so every block may be GPSA and no block sees a token outside the grid."""
+    images = torch.randn(2, 3, 32, 32)
+    model = small(global_pool="avg", local_up_to_layer=4)  # all 4 blocks GPSA
+    assert model.cls_token is None and "cls_token" not in model.state_dict()
+    assert len(model.gpsa_layers()) == 4 and model.gates().shape == (4, 4)
+    assert [m.shape[-1] for m in model.attention_maps(images)] == [64] * 4
+    with torch.no_grad():
+        x = model.embed(images)
+        for block in model.blocks:
+            x = block(x)
+        expected = model.head(model.norm(x).mean(dim=1))
+    assert torch.allclose(model(images), expected, atol=1e-6)
+    model(images).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    mixed = small(global_pool="avg", local_up_to_layer=2)  # 2 GPSA, then 2 MHSA on the patches alone
+    assert [m.shape[-1] for m in mixed.attention_maps(images)] == [64] * 4
+
+
 def test_deit_class_token_joins_before_the_position_embedding():
     """DeiT adds its position embedding to the class token too (slot 0); the same-size
     baseline adds it to the patches only and joins the class token later, untouched."""
@@ -496,6 +516,20 @@ def test_nonlocality_of_uniform_attention_is_the_mean_grid_distance():
     mean_distance = sum(math.dist(p, q) for p in points for q in points) / len(points) ** 2
     nonlocality = model.nonlocality(torch.randn(2, 3, 12, 16))
     assert torch.allclose(nonlocality[0], torch.full((4,), mean_distance), atol=1e-5)
+
+
+def test_nonlocality_of_sharp_kernel_heads_is_the_length_of_their_offsets():
+    """A known attention map: 9 heads on a 3x3 kernel (Eq. 5), so sharp (alpha = 100) and so
+    positional (sigma(lambda) = 1) that each query attends to one patch: its kernel offset, or
+    where that falls off the 5x5 grid, the nearest patch on it. Eq. 8 is then the mean length of
+    that offset: 0 for the centre head; 1 for (0, 1) except in the 5 queries of the far edge (0.8);
+    sqrt(2) for (1, 1), 1 on the 8 edge queries where it slides along the edge, 0 in the corner."""
+    model = small(img_size=20, depth=2, num_heads=9, embed_dim=72, local_up_to_layer=1, locality_strength=100.0)
+    with torch.no_grad():
+        model.blocks[0].attn.gating_param.fill_(50.0)
+    nonlocality = model.nonlocality(torch.randn(2, 3, 20, 20))[0].sort().values
+    expected = torch.tensor([0.0] + [0.8] * 4 + [(16 * math.sqrt(2) + 8) / 25] * 4)
+    assert torch.allclose(nonlocality, expected, atol=1e-4), nonlocality
 
 
 def test_inspection_uses_each_layers_real_input():
@@ -538,6 +572,9 @@ def test_rectangular_image():
     (lambda: create_model("convit_tiny", embed_dim=90), "width 90 is not divisible by 4 heads"),
     (lambda: create_model("convit_tiny", local_up_to_layer=12), "local_up_to_layer=12 must lie in"),
     (lambda: create_model("deit_tiny", local_up_to_layer=2), "class_token_in_pos_embed=True needs local_up_to_layer=0"),
+    (lambda: create_model("convit_tiny", global_pool="max"), "global_pool='max' must be 'token'"),
+    (lambda: create_model("convit_tiny", global_pool="avg", local_up_to_layer=13), "local_up_to_layer=13 must lie in [0, depth=12]"),
+    (lambda: create_model("deit_tiny", global_pool="avg"), "class_token_in_pos_embed=True needs global_pool='token'"),
     (lambda: create_model("convit_tiny", patch=16), "unknown option"),
     (lambda: create_model("convit_tiny", img_size="224"), "img_size='224' must be a whole number (a square image)"),
     (lambda: create_model("convit_tiny", img_size=224.0), "img_size=224.0 must be a whole number"),

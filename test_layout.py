@@ -21,7 +21,8 @@ LAYERS = [  # from the bottom up; docs/code.md draws them
     {"lessons._draw", "lessons._images", "lessons._command"},
     {"lessons._training"},
     {"lessons._protocol"},
-    {f"lessons.{path.stem}" for path in (HERE / "lessons").glob("0*.py")} | {"lessons.12_what_heads_use"},
+    {f"lessons.{path.stem}" for path in (HERE / "lessons").glob("0*.py")} | {"lessons.11_locality_over_training",
+                                                                            "lessons.12_what_heads_use"},
     {"lessons.10_far_content"},  # it reads lesson 5's measurements
     {"tools.gpu_check", "tools.baselines"},  # drive train.py, bench.py and the lessons; read data.py
 ]

@@ -40,6 +40,7 @@ FIGURES = {  # script -> the PNG files it writes
     "08_position_embedding.py": ["08_position_embedding.png"],
     "09_more_locality.py": ["09_more_locality.png"],
     "10_far_content.py": ["10_far_content.png"],
+    "11_locality_over_training.py": ["11_locality_over_training.png", "11_deit_attention_maps.png"],
     "12_what_heads_use.py": ["12_curves.png", "12_table6.png", "12_maps_convit.png", "12_maps_convit_mean.png",
                              "12_maps_deit.png", "12_maps_deit_mean.png", "12_maps_psa.png"],
 }
@@ -51,6 +52,7 @@ SUMMARIES = {  # script -> the machine-readable results it writes beside its fig
     "08_position_embedding.py": ["08_position_embedding.json"],
     "09_more_locality.py": ["09_more_locality.json"],
     "10_far_content.py": ["10_far_content.json"],
+    "11_locality_over_training.py": ["11_locality_over_training.json"],
     "12_what_heads_use.py": ["12_what_heads_use.json"],
 }
 
@@ -297,6 +299,39 @@ def test_lesson10_quotes_its_runs_beside_lesson5s():
         assert line_of(text, f"| {seed} |") == f"| {seed} | {cells} |", f"lesson 10, the class token of seed {seed}"
 
 
+def lesson11_change(runs: list[dict], key: str, block: int, digits: int) -> str:
+    """What lesson 11's tables print: the mean of heads and seeds after epoch 1 -> the mean (range) at the end."""
+    first = mean(mean(run[key][0][block]) for run in runs)
+    last = [mean(run[key][-1][block]) for run in runs]
+    spread = f" ({min(last):.{digits}f}-{max(last):.{digits}f})" if len(last) > 1 else ""
+    return f"{first:.{digits}f} -> {mean(last):.{digits}f}{spread}"
+
+
+def test_lesson11_quotes_its_runs_and_its_finding():
+    lesson11, text = committed("11_locality_over_training.json"), text_of("11_locality_over_training.md")
+    by_model = collections.defaultdict(list)
+    for run in lesson11["runs"]:
+        by_model[run["model"]].append(run)
+        assert run["command"].startswith("python train.py ") and f"--seed {run['seed']}" in run["command"], run
+    assert all("--global-pool avg" in run["command"] for run in by_model["ConViT, mean head, all GPSA"])
+    header = line_of(text, "| block | ")
+    assert header == "| block | " + " | ".join(by_model) + " |", header
+    for block in range(6):
+        cells = [lesson11_change(runs, "nonlocality", block, 2) for runs in by_model.values()]
+        line = line_of(text, f"| block {block + 1} |")
+        assert all(cell_ in line for cell_ in cells), f"lesson 11, Fig. 5, block {block + 1}: {cells} in {line}"
+    gated = {name: runs for name, runs in by_model.items() if runs[0]["gates"]}
+    for block in range(6):
+        cells = [lesson11_change(runs, "gates", block, 3) for runs in gated.values() if block < len(runs[0]["gates"][0])]
+        line = line_of(text, f"| GPSA {block + 1} |")
+        assert all(cell_ in line for cell_ in cells), f"lesson 11, Fig. 6, GPSA {block + 1}: {cells} in {line}"
+    # The finding the text states: with the class token, every gate ends above its init in every seed; with
+    # every block GPSA and a mean head, the last two GPSA blocks end below it in every seed.
+    init = 1 / (1 + math.exp(-1))
+    assert all(mean(gates) > init for run in by_model["ConViT"] for gates in run["gates"][-1])
+    assert all(mean(gates) < init for run in by_model["ConViT, mean head, all GPSA"] for gates in run["gates"][-1][-2:])
+    top1 = line_of(text, "Top-1 after 20 epochs:")
+    assert all(f"{name} {cell([run['top1'] for run in runs])}" in top1 for name, runs in by_model.items()), top1
 def test_lesson12_quotes_its_runs_its_table6_and_its_gates():
     lesson12, text = committed("12_what_heads_use.json"), text_of("12_what_heads_use.md")
     runs = collections.defaultdict(list)
@@ -340,6 +375,12 @@ def test_readme_findings_quote_the_lessons():
     for name in ("DeiT", "ConViT"):
         cases = lesson8[name]
         assert f"{name} {cases['trained with, tested with']:.1f} -> {cases['trained with, tested masked']:.1f}" in line
+    lesson11 = committed("11_locality_over_training.json")
+    line = readme_finding("SA layers are pulled towards locality; GPSA layers escape it")
+    all_gpsa = lesson11["per_block"]["ConViT, mean head, all GPSA"]
+    upper = [mean(row["gate_last"]) for row in all_gpsa[3:]]
+    convit_ = [mean(row["gate_last"]) for row in lesson11["per_block"]["ConViT"] if row["kind"] == "GPSA"]
+    assert f"{min(upper):.2f}-{max(upper):.2f}" in line and f"({min(convit_):.3f}-{max(convit_):.3f})" in line, line
     lesson12 = committed("12_what_heads_use.json")
     line = readme_finding("what each layer uses: content or position masked at test time (Tab. 6)")
     tables = lesson12["table6"]

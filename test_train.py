@@ -244,6 +244,18 @@ def test_table3_switches_at_build_time():
     assert all(p.requires_grad for p in [*f.blocks[0].mlp.parameters(), *f.blocks[0].norm1.parameters()])
 
 
+def test_global_pool_avg_builds_a_model_without_class_token_whose_every_block_may_be_gpsa(cifar_folder, tmp_path):
+    model = train.build_model(resolved(*TINY, "--global-pool", "avg", "--local-up-to-layer", "3"), 3)
+    assert model.cfg.global_pool == "avg" and model.cls_token is None and len(model.gpsa_layers()) == 3
+    assert train.build_model(resolved(*TINY), 3).cfg.global_pool == "token"  # the paper's head by default
+    result = train.main(["--dataset", "cifar10", "--data-dir", str(cifar_folder), *TINY, "--epochs", "1",
+                         "--batch-size", "20", "--global-pool", "avg", "--local-up-to-layer", "3",
+                         "--output-dir", str(tmp_path)])
+    assert np.array(metrics_of(tmp_path)[0]["gates"]).shape == (3, 4)  # every block's gates are logged
+    assert checkpoints.model_from_checkpoint(tmp_path / "checkpoint.pth").cfg.global_pool == "avg"
+    assert result["model"].cls_token is None
+
+
 def test_row_e_is_deits_own_network_at_the_convits_size(image_folder, tmp_path, capsys):
     convit_args, deit_args = resolved(*TINY), resolved(*TINY, "--model", "deit_tiny")
     conv, deit = train.build_model(convit_args, 3), train.build_model(deit_args, 3)
@@ -259,6 +271,8 @@ def test_row_e_is_deits_own_network_at_the_convits_size(image_folder, tmp_path, 
     fails_with([*TINY, "--model", "deit_tiny", "--local-up-to-layer", "2"], capsys,
                "deit_tiny is DeiT's own network, which has no GPSA block")
     fails_with([*TINY, "--model", "deit_tiny", "--freeze-gates"], capsys, "--freeze-gates act(s) on GPSA blocks")
+    fails_with([*TINY, "--model", "deit_tiny", "--global-pool", "avg"], capsys,
+               "--global-pool avg: deit_tiny is DeiT's own network")
     fails_with([*TINY, "--local-up-to-layer", "0", "--freeze-gpsa", "--no-conv-init"], capsys,
                "--freeze-gpsa --no-conv-init act(s) on GPSA blocks")
 

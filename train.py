@@ -74,6 +74,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> convit.ConViT:
         depth=settings.depth, num_heads=settings.heads, local_up_to_layer=settings.gpsa_blocks,
         locality_strength=settings.locality_strength, use_local_init=not settings.no_conv_init,
         use_pos_embed=not settings.no_pos_embed, drop_path_rate=cfg.recipe.drop_path, attention=settings.attention,
+        global_pool=settings.global_pool,
     )
     return freeze_for_table3(model, settings)
 
@@ -234,8 +235,8 @@ def nonlocality_images(val_set: Dataset) -> torch.Tensor:
 
 
 def gates_and_nonlocality(model: convit.ConViT, images: torch.Tensor) -> dict:
-    """What the paper plots, for metrics.jsonl: sigma(lambda) of each GPSA layer and head (Fig. 5,
-    "gates") and the nonlocality of Eq. 8 of every block and head (Fig. 6), measured on `images`."""
+    """What the paper plots, for metrics.jsonl: sigma(lambda) of each GPSA layer and head (Fig. 6,
+    "gates") and the nonlocality of Eq. 8 of every block and head (Fig. 5), measured on `images`."""
     model.eval()
     record = {"nonlocality": [[round(x, 4) for x in row] for row in model.nonlocality(images).tolist()]}
     if model.gpsa_layers():
@@ -244,7 +245,7 @@ def gates_and_nonlocality(model: convit.ConViT, images: torch.Tensor) -> dict:
 
 
 def gates_per_layer(gates: list[list[float]]) -> str:
-    """The log's summary of Fig. 5: sigma(lambda) of each GPSA layer, the mean of its heads."""
+    """The log's summary of Fig. 6: sigma(lambda) of each GPSA layer, the mean of its heads."""
     return "sigma(lambda) per GPSA layer " + " ".join(f"{sum(row) / len(row):.2f}" for row in gates)
 
 
