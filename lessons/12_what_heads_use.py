@@ -126,6 +126,7 @@ def draw_maps(results: list[dict], plan: list[tuple], args) -> dict:
     """plots.py --attention on seed 0 of each model at f = 100%: every block, one validation image;
     and DeiT's and the ConViT's mean over 100 images (Fig. 15). Returns each figure's command and gates."""
     drawn = {}
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)  # plots.py refuses a folder that does not exist
     for short, name in MAPS.items():
         result = next(r for (_t, n, f, *_), r in zip(plan, results) if n == name and f == 1.0)
         folder = result["settings"]["output_dir"]
