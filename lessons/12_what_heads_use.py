@@ -38,11 +38,11 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import plots  # noqa: E402
 import probes  # noqa: E402
-from lessons._command import REPO_ROOT, LessonRecipe, parse, run_folder, training_parser  # noqa: E402
+from lessons._command import REPO_ROOT, LessonRecipe, parse, repo_path, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._protocol import QUICK, add_keep_finished, convergence_line, recipe_line, run_all, run_record  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
-from lessons._training import at_repository_root, repo_path  # noqa: E402
+from lessons._training import at_repository_root  # noqa: E402
 
 # Lesson 6's recipe, trained twice as long: on the digits its 24 epochs still gain at the end.
 RECIPE = LessonRecipe(epochs=48, embed_dim=48, num_heads=4, depth=4, batch_size=64, lr=4e-3, warmup_epochs=4,
@@ -126,6 +126,7 @@ def draw_maps(results: list[dict], plan: list[tuple], args) -> dict:
     """plots.py --attention on seed 0 of each model at f = 100%: every block, one validation image;
     and DeiT's and the ConViT's mean over 100 images (Fig. 15). Returns each figure's command and gates."""
     drawn = {}
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)  # plots.py refuses an --out folder that is not there
     for short, name in MAPS.items():
         result = next(r for (_t, n, f, *_), r in zip(plan, results) if n == name and f == 1.0)
         folder = result["settings"]["output_dir"]
