@@ -77,7 +77,7 @@ def test_every_flag_is_one_field_with_a_help_a_range_and_both_presets():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], {"preset": "small", "img_size": 16, "patch_size": 4, "hflip": 0.0, "epochs": 50, "base_lr": 1.6e-2,
+    ([], {"preset": "small", "img_size": 16, "patch_size": 4, "hflip": 0.0, "epochs": 40, "base_lr": 1.6e-2,
           "depth": 6, "head_width": 24, "threads": 1, "eval_every": 1, "output_dir": "runs/digits-convit_tiny"}),
     (["--dataset", "cifar10"], {"preset": "paper", "img_size": 32, "hflip": 0.5, "epochs": 300, "base_lr": 5e-4,
                                 "depth": 12, "head_width": None, "threads": None, "mixup": 0.8, "repeated_aug": 3}),
@@ -86,6 +86,8 @@ def test_every_flag_is_one_field_with_a_help_a_range_and_both_presets():
     (["--dataset", "imagefolder", "--preset", "small", "--hflip", "0.25"],
      {"img_size": 224, "patch_size": 16, "hflip": 0.25, "epochs": 50}),  # typed beats the dataset's
     (["--data-fraction", "0.1", "--scale-epochs", "--epochs", "3"], {"epochs": 30, "eval_every": 10, "warmup_epochs": 2}),
+    (["--dataset", "digits"], {"crop_scale": 0.8, "crop_edge": "repeat", "randaug_op_set": data.DIGIT_OPS}),
+    (["--dataset", "mnist10k"], {"epochs": 50, "crop_scale": 0.5, "crop_edge": "fill", "randaug_op_set": "all"}),
 ])
 def test_an_unset_flag_takes_the_datasets_then_the_models_then_the_presets_value(argv, expected):
     values = resolved(*argv).flat()
