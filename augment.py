@@ -31,7 +31,8 @@ from torchvision.transforms import v2
 # ---------------------------------------------------------------------------------------
 # Geometry: one affine resampling per image
 # ---------------------------------------------------------------------------------------
-def warp(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
+def warp(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int], fill: torch.Tensor,
+         outside: str = "fill") -> torch.Tensor:
     """Resample each image through its own affine map, bicubically.
 
     `matrix` (B, 2, 3) maps a point of the output image to the point of the input it is read
@@ -46,6 +47,8 @@ def warp(images: torch.Tensor, matrix: torch.Tensor, size: tuple[int, int], fill
     full = torch.cat([matrix, matrix.new_tensor([0, 0, 1]).expand(len(matrix), 1, 3)], dim=1)  # (B, 3, 3)
     theta = to_unit_in @ full @ from_unit_out  # (B, 3, 3): output units -> input units
     grid = F.affine_grid(theta[:, :2], [len(images), images.shape[1], h_out, w_out], align_corners=False)
+    if outside == "border":  # TEMP(issue25): taps beyond the edge repeat the edge pixel
+        return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
     fill = fill.view(1, -1, 1, 1)
     # Sampling (image - fill) with zero padding, then adding fill back, fills the outside with
     # the mean colour and blends it smoothly into the border taps.
@@ -73,7 +76,8 @@ def crop_boxes(count: int, height: int, width: int, scale: tuple[float, float], 
     return torch.stack([top, left, h, w], dim=1)  # (B, 4)
 
 
-def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float, fill: torch.Tensor) -> torch.Tensor:
+def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float, fill: torch.Tensor,
+                  outside: str = "fill") -> torch.Tensor:
     """RandomResizedCrop(size, scale=(scale, 1), ratio=(3/4, 4/3)) and a horizontal flip with
     probability `flip`, as one bicubic resampling per image."""
     count, _, height, width = images.shape
@@ -83,7 +87,7 @@ def crop_and_flip(images: torch.Tensor, size: int, scale: float, flip: float, fi
     x0 = torch.where(flipped, left + w, left)
     zeros = torch.zeros_like(sx)
     matrix = torch.stack([torch.stack([sx, zeros, x0], 1), torch.stack([zeros, h / size, top], 1)], dim=1)
-    return warp(images, matrix, (size, size), fill)
+    return warp(images, matrix, (size, size), fill, outside)
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,20 +218,22 @@ RAND_AUGMENT_OPS = [*PIXEL_OPS, *GEOMETRIC_OPS]  # the 15 ops of timm's increasi
 
 
 def rand_augment(images: torch.Tensor, num_ops: int, magnitude: float, magnitude_std: float,
-                 fill: torch.Tensor) -> torch.Tensor:
+                 fill: torch.Tensor, ops=None) -> torch.Tensor:
     """`num_ops` rounds; in each, every image draws one of the 15 ops uniformly, applies it with
     probability 0.5, at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10]
     (timm's mstd), with a random sign. Images stay on the 0-255 scale, rounded to whole levels
     after every op as a uint8 image would be."""
     count, device = len(images), images.device
     height, width = images.shape[-2:]
+    ops = list(ops or RAND_AUGMENT_OPS)
+    geometric = torch.tensor([name in GEOMETRIC_OPS for name in ops], device=device)
     for _ in range(num_ops):
-        chosen = torch.randint(len(RAND_AUGMENT_OPS), (count,), device=device)
+        chosen = torch.randint(len(ops), (count,), device=device)
         applied = torch.rand(count, device=device) < 0.5
         strength = (magnitude + magnitude_std * torch.randn(count, device=device)).clamp(0, 10)
         sign = torch.where(torch.rand(count, device=device) < 0.5, -1.0, 1.0)
         matrices = torch.zeros(count, 2, 3, device=device)
-        for index, name in enumerate(RAND_AUGMENT_OPS):
+        for index, name in enumerate(ops):
             picked = (applied & (chosen == index)).nonzero().squeeze(1)
             if not len(picked):
                 continue
@@ -236,7 +242,7 @@ def rand_augment(images: torch.Tensor, num_ops: int, magnitude: float, magnitude
                 images = images.index_copy(0, picked, out.round().clamp(0, 255))
             else:
                 matrices[picked] = GEOMETRIC_OPS[name](strength[picked], sign[picked], height, width)
-        moved = (applied & (chosen >= len(PIXEL_OPS))).nonzero().squeeze(1)
+        moved = (applied & geometric[chosen]).nonzero().squeeze(1)
         if len(moved):  # one resampling for every image that drew a geometric op
             out = warp(images[moved], matrices[moved], (height, width), fill)
             images = images.index_copy(0, moved, out.round().clamp(0, 255))
@@ -281,16 +287,23 @@ class BatchAugment:
         self.ops, self.magnitude, self.magnitude_std = args.randaug_ops, args.randaug_magnitude, args.randaug_magnitude_std
         self.jitter, self.reprob = args.color_jitter, args.reprob
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        # TEMP(issue25) experiment knobs
+        names = getattr(args, "randaug_op_names", None)
+        self.op_names = None if names in (None, "all") else [n for n in names.split(",") if n]
+        self.fill_value = getattr(args, "aug_fill", None)
+        self.crop_outside = getattr(args, "crop_outside", None) or "fill"
         # Colour jitter only where asked: in DeiT it was inert (timm adds it only without auto-augment).
         self.color_jitter = v2.ColorJitter(self.jitter, self.jitter, self.jitter) if self.jitter > 0 else None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()  # (B, C, H, W), 0-255
         fill = (255 * self.mean).round().to(x.device)  # the mean colour fills what a warp uncovers
+        if self.fill_value is not None:
+            fill = torch.full_like(fill, self.fill_value)
         if self.crop:
-            x = crop_and_flip(x, self.size, self.scale, self.flip, fill).round().clamp(0, 255)
+            x = crop_and_flip(x, self.size, self.scale, self.flip, fill, self.crop_outside).round().clamp(0, 255)
         if self.ops > 0:
-            x = rand_augment(x, self.ops, self.magnitude, self.magnitude_std, fill)
+            x = rand_augment(x, self.ops, self.magnitude, self.magnitude_std, fill, self.op_names)
         x = x / 255
         if self.color_jitter is not None:  # per image: jitter draws one set of factors per call
             x = torch.stack([self.color_jitter(image) for image in x])

@@ -202,6 +202,10 @@ def build_parser() -> ArgumentParser:
     preset(recipe, "repeated-aug", "repeated augmentation: copies of each image per epoch", int)
     preset(recipe, "drop-path", "stochastic depth rate")
     preset(recipe, "ema-decay", "EMA decay per step")
+    # TEMP(issue25): experiment knobs
+    recipe.add_argument("--randaug-op-names", default=None, help="TEMP: comma list of RandAugment ops, or all")
+    recipe.add_argument("--aug-fill", type=float, default=None, help="TEMP: fill level 0-255 (default: mean colour)")
+    recipe.add_argument("--crop-outside", choices=["fill", "border"], default=None, help="TEMP")
     recipe.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (default: the dataset's)")
     recipe.add_argument("--ema", action="store_true",
                         help="keep an exponential moving average of the weights and evaluate it too")
