@@ -6,7 +6,8 @@ Each lesson script runs with --quick in a fresh process, exactly as the README s
 checkout as it was: every committed figure byte for byte, and nothing new. Each text must
 embed every figure its script writes, and every figure a text embeds must be committed under
 lessons/figures. No text calls the gates Fig. 5 or the nonlocality Fig. 6 (the paper's are the
-other way round), and the README names the batch and the machine of what it measured.
+other way round), and --redraw draws lessons 5 and 10 again from their JSON without changing it.
+The README names the batch and the machine of what it measured.
 """
 
 import collections
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import checkout_status
+import cli
+from conftest import checkout_status, lesson, one_error_line
 from lessons._command import QUICK_FOLDER  # --quick writes there, under the system's temporary folder
 from lessons._report import cell, mean  # the lessons' own (statistics.mean can round a .x5 the other way)
 
@@ -439,6 +441,31 @@ def test_no_tracked_text_calls_the_gates_fig5_or_the_nonlocality_fig6():
             if found:
                 wrong[name] = found
     assert wrong == {}
+
+
+@pytest.mark.parametrize("number, name", [("05", "05_escaping_locality"), ("10", "10_far_content")])
+def test_redraw_draws_the_recorded_runs_with_their_machine_and_changes_no_file(number, name, tmp_path, capsys,
+                                                                               monkeypatch):
+    """--redraw draws a lesson's figure again from a copy of its committed JSON, training nothing:
+    the paper's figure numbers, the runs' top-1, and the machine the JSON says they were trained
+    on; the JSON byte for byte as it was, nothing written into the checkout. No JSON: one line."""
+    module, before, checkout = lesson(number), committed_figures(), checkout_status()
+    argv, copy = ["--redraw", "--out-dir", str(tmp_path)], tmp_path / f"{name}.json"
+    one_error_line(cli.run_command(module.main, argv), capsys.readouterr().err, f"there is no {copy}")
+    summary = json.loads((LESSONS / "figures" / copy.name).read_text())
+    summary["hardware"] = "the machine that trained these runs"  # whatever machine this test runs on
+    copy.write_text(json.dumps(summary))
+    written, drawn, save_figure = copy.read_bytes(), [], module.save_figure
+    monkeypatch.setattr(module, "save_figure", lambda fig, *args: drawn.append(fig) or save_figure(fig, *args))
+    assert cli.run_command(module.main, argv) == 0, capsys.readouterr().err
+    [figure] = drawn
+    assert figure.texts[-1].get_text() == f"{summary['settings']}\n{summary['hardware']}"
+    titles = "\n".join(ax.get_title() for ax in figure.axes)
+    assert "gates (Fig. 6)" in titles and "nonlocality (Fig. 5)" in titles and not wrong_figure_labels(titles)
+    assert all(f"{run['val_top1']:.1f}%" in titles for run in summary["runs"])
+    assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and copy.read_bytes() == written
+    assert sorted(path.name for path in tmp_path.iterdir()) == [copy.name, f"{name}.png"]
+    assert committed_figures() == before and checkout_status() == checkout
 
 
 # ---------------------------------------------------------------------------------------

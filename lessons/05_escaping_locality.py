@@ -27,6 +27,7 @@ Outputs (in --out-dir):
 
 Run from the repository root:  python lessons/05_escaping_locality.py [--quick]
     on a GPU, longer:            ... --device cuda --epochs 300 --workers 1
+    the figure again from the JSON, training nothing:  ... --redraw
 """
 
 import math
@@ -46,9 +47,10 @@ import convit  # noqa: E402
 import data  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
-from lessons._command import LessonRecipe, parse, run_folder, run_settings, training_parser  # noqa: E402
+from lessons._command import (LessonRecipe, parse, recorded_flags, redraw_flag, run_folder, run_settings,  # noqa: E402
+                              training_parser)
 from lessons._draw import save_figure  # noqa: E402
-from lessons._report import Stopwatch, mean, write_summary  # noqa: E402
+from lessons._report import Stopwatch, hardware, mean, read_summary, write_summary  # noqa: E402
 from lessons._training import run_parallel  # noqa: E402
 from runs import read_metrics  # noqa: E402
 
@@ -61,6 +63,7 @@ QUICK = LessonRecipe(epochs=2, embed_dim=16, num_heads=4, depth=4, batch_size=64
 QUICK_SETTINGS = {"data_fraction": 0.05}
 MEASUREMENTS = 10  # segments of the run, each followed by a measurement of lambda's gradient
 GRADIENT_BATCHES = 16  # training batches per gradient measurement
+SUMMARY = "05_escaping_locality.json"
 
 
 def at_init(settings: dict) -> dict:
@@ -145,7 +148,7 @@ def train_and_measure(job: tuple) -> dict:
     # Adam moves a parameter by at most about lr per step: the sum of the lr bounds lambda's journey.
     lr_sum = sum(r["lr"] for r in records[1:]) * measurements[0]["steps_per_epoch"]
     return {"val_top1": result["val_top1"], "seconds": time.perf_counter() - start, "records": records,
-            "measurements": measurements, "lr_sum": lr_sum, "grid": list(result["model"].cfg.grid)}
+            "measurements": measurements, "lr_sum": lr_sum}
 
 
 def lesson_record(run: dict) -> dict:
@@ -177,7 +180,15 @@ def summarise(seed_runs: list[dict]) -> list[dict]:
     return rows
 
 
-def plot(seed_runs: list[dict], seeds: list[int], args, settings: str):
+def uniform_nonlocality(args) -> float:
+    """Eq. 8 of uniform attention on the patch grid of the lesson's runs, as train.py builds it from args."""
+    cfg, _ = config.resolve(run_settings(args, args.out_dir))
+    side = cfg.data.img_size // cfg.model.patch_size  # train.py's images are square
+    return convit.relative_positions(side, side)[..., 2].sqrt().mean().item()
+
+
+def plot(seed_runs: list[dict], seeds: list[int], args, settings: str, machine: str):
+    """The figure, from the runs as the JSON keeps them (lesson_record); `machine` trained them."""
     epoch = [r["epoch"] for r in seed_runs[0]["records"]]
     gates = torch.tensor([[r["gates"] for r in run["records"]] for run in seed_runs])  # (seeds, epochs, n_gpsa, H)
     nonlocality = torch.tensor([[r["nonlocality"] for r in run["records"]] for run in seed_runs])  # (seeds, epochs, blocks, H)
@@ -188,8 +199,8 @@ def plot(seed_runs: list[dict], seeds: list[int], args, settings: str):
 
     # The panels of every run's own figure (plots.py), here over several seeds.
     plots.draw_gates(ax_gate, epoch, gates, colours, over="heads and seeds")
-    uniform = convit.relative_positions(*seed_runs[0]["grid"])[..., 2].sqrt().mean().item()  # Eq. 8 of uniform attention
-    plots.draw_nonlocality(ax_nonlocal, epoch, nonlocality, n_gpsa, colours, uniform, over="heads and seeds")
+    plots.draw_nonlocality(ax_nonlocal, epoch, nonlocality, n_gpsa, colours, uniform_nonlocality(args),
+                           over="heads and seeds")
     plots.draw_curves(ax_acc, epoch, {f"seed {seed}": [r.get("val_top1") for r in run["records"]]
                                       for run, seed in zip(seed_runs, seeds)},
                       "validation top-1 (%)", "top-1: " + ", ".join(f"{run['val_top1']:.1f}%" for run in seed_runs),
@@ -222,14 +233,20 @@ def plot(seed_runs: list[dict], seeds: list[int], args, settings: str):
     ax_lambda.set(xlabel="epoch", ylabel="$\\lambda$ (mean of heads and seeds)",
                   title=f"$\\lambda$; the lr allowed a move of up to {reach:.3g} in this run")
     ax_lambda.legend(fontsize=7, ncol=2)
-    save_figure(fig, args.out_dir, "05_escaping_locality.png", settings, args.device)
+    save_figure(fig, args.out_dir, "05_escaping_locality.png", settings, args.device, machine)
 
 
 def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="one run per seed, --workers at a time (default 0 1; --quick: 0)")
+    redraw_flag(parser, SUMMARY)
     args = parse(parser, argv)
+    if args.redraw:
+        summary = read_summary(args.out_dir / SUMMARY)
+        plot(summary["runs"], summary["seeds"], recorded_flags(parser, summary, args.out_dir), summary["settings"],
+             summary["hardware"])
+        return
     clock = Stopwatch("lesson 5")
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     count = min(MEASUREMENTS, args.epochs)
@@ -247,7 +264,7 @@ def main(argv=None):
                 f"({max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW lr {args.lr:g}, "
                 f"{args.warmup_epochs} warmup epoch(s) from {args.warmup_lr:g}, cosine, {args.epochs} epochs, "
                 f"no RandAugment, seeds {', '.join(map(str, seeds))}")
-    plot(seed_runs, seeds, args, settings)
+    plot(seed_runs, seeds, args, settings, hardware(args.device))
 
     rows = summarise(seed_runs)
     print(f"\nPer block, mean of heads and of {len(seeds)} seed(s); init -> after epoch {args.epochs}:")
@@ -267,7 +284,7 @@ def main(argv=None):
           f"a push that never changes sign, 1 and 1.")
     print(f"lr: peak {args.lr:g}, summed over the steps {mean(run['lr_sum'] for run in seed_runs):.3g} (about the farthest "
           f"Adam could move lambda); weight decay on lambda: {decay}; top-1 {top1}")
-    write_summary(args, __file__, "05_escaping_locality.json", clock, argv, indent=None, settings=settings,
+    write_summary(args, __file__, SUMMARY, clock, argv, indent=None, settings=settings,
                   seeds=seeds, per_block=rows, runs=[lesson_record(run) for run in seed_runs])
     clock.done()
 

@@ -19,6 +19,7 @@ Outputs (in --out-dir):
   10_far_content.json  every epoch's gates, nonlocality and top-1, the lambda measurements, the class token's split
 
 Run from the repository root:  python lessons/10_far_content.py [--quick]
+    the figure again from the JSON, training nothing:  ... --redraw
 """
 
 import importlib
@@ -38,9 +39,9 @@ import convit  # noqa: E402
 import data  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
-from lessons._command import FIGURES, parse, run_folder, run_settings, training_parser  # noqa: E402
+from lessons._command import FIGURES, parse, redraw_flag, run_folder, run_settings, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
-from lessons._report import Stopwatch, write_summary  # noqa: E402
+from lessons._report import Stopwatch, hardware, read_summary, write_summary  # noqa: E402
 from lessons._training import at_repository_root, run_parallel  # noqa: E402
 
 lesson5 = importlib.import_module("lessons.05_escaping_locality")  # its model, recipe and measurements
@@ -54,7 +55,8 @@ TASK_SETTINGS = {"crop_scale": 1.0}
 # neither, the most frequent sum (9): 10.1% of the validation pairs.
 ONE_DIGIT_CEILING = 11.25
 CHANCE = 10.1
-MNIST_RUN = FIGURES / "05_escaping_locality.json"  # lesson 5's committed MNIST-10k run
+MNIST_RUN = FIGURES / lesson5.SUMMARY  # lesson 5's committed MNIST-10k run
+SUMMARY = "10_far_content.json"
 
 
 def corner_attention(run_dir: Path, images: torch.Tensor) -> list[dict]:
@@ -76,7 +78,8 @@ def corner_attention(run_dir: Path, images: torch.Tensor) -> list[dict]:
     return shares
 
 
-def plot(seed_runs: list[dict], mnist: dict, seeds: list[int], args, settings: str):
+def plot(seed_runs: list[dict], mnist: dict, seeds: list[int], args, settings: str, machine: str):
+    """The figure, from the runs as the JSON keeps them (lesson5.lesson_record); `machine` trained them."""
     fig, axes = plt.subplots(2, 4, figsize=(22, 9), layout="constrained")
     for row, (name, these) in zip(axes, (("two digits, their sum", seed_runs), ("MNIST-10k (lesson 5)", mnist["runs"]))):
         ax_gate, ax_nonlocal, ax_adam, ax_acc = row
@@ -107,14 +110,20 @@ def plot(seed_runs: list[dict], mnist: dict, seeds: list[int], args, settings: s
             ax_acc.axhline(CHANCE, color="0.5", ls=":", label=f"chance (most frequent sum), {CHANCE}%")
             ax_acc.axhline(ONE_DIGIT_CEILING, color="tab:red", ls=":", label=f"one digit alone, at most {ONE_DIGIT_CEILING}%")
             ax_acc.legend(fontsize=8)
-    save_figure(fig, args.out_dir, "10_far_content.png", settings, args.device)
+    save_figure(fig, args.out_dir, "10_far_content.png", settings, args.device, machine)
 
 
 def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.set_defaults(dataset="mnist10k-sum")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
+    redraw_flag(parser, SUMMARY)
     args = parse(parser, argv)
+    if args.redraw:
+        summary = read_summary(args.out_dir / SUMMARY)
+        plot(summary["runs"], json.loads(MNIST_RUN.read_text()), summary["seeds"], args, summary["settings"],
+             summary["hardware"])
+        return
     clock = Stopwatch("lesson 10")
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     count = min(lesson5.MEASUREMENTS, args.epochs)
@@ -137,7 +146,7 @@ def main(argv=None):
                 f"({max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW lr {args.lr:g}, "
                 f"{args.warmup_epochs} warmup epoch(s) from {args.warmup_lr:g}, cosine, {args.epochs} epochs, no crops, "
                 f"seeds {', '.join(map(str, seeds))}; below: lesson 5's committed MNIST-10k run")
-    plot(seed_runs, mnist, seeds, args, settings)
+    plot(seed_runs, mnist, seeds, args, settings, hardware(args.device))
 
     rows, mnist_rows = lesson5.summarise(seed_runs), mnist["per_block"]
     print(f"\nPer block, mean of heads and of {len(seeds)} seed(s), init -> after epoch {args.epochs}; "
@@ -158,7 +167,7 @@ def main(argv=None):
                                              f"{s['second_digit']:.2f}" for s in shares))
     top1 = ", ".join(f"{run['val_top1']:.1f}%" for run in seed_runs)
     print(f"top-1 {top1} (chance {CHANCE}%, one digit alone at most {ONE_DIGIT_CEILING}%)")
-    write_summary(args, __file__, "10_far_content.json", clock, argv, indent=None, settings=settings, seeds=seeds,
+    write_summary(args, __file__, SUMMARY, clock, argv, indent=None, settings=settings, seeds=seeds,
                   per_block=rows, mnist_per_block=mnist_rows, class_token_split=corners, chance=CHANCE,
                   one_digit_ceiling=ONE_DIGIT_CEILING, runs=[lesson5.lesson_record(run) for run in seed_runs])
     clock.done()

@@ -1,6 +1,7 @@
 """A lesson's command line: the options every lesson shares, the recipe flags of the lessons that
-train and the settings of one run they make (run_settings), the folders a lesson writes, and one
-way to fail (cli.run_command: one `error:` line).
+train and the settings of one run they make (run_settings), the folders a lesson writes, --redraw
+(a figure drawn again from the JSON of its runs), and one way to fail (cli.run_command: one
+`error:` line).
 
 Every lesson runs as `python lessons/NN_name.py [--quick]` and ends with sys.exit(cli.run_command(main)).
 Its flags are checked as train.py checks its own: a recipe flag (--epochs, --lr ...) against the
@@ -109,6 +110,8 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     import config
 
     args = parser.parse_args(argv)
+    if getattr(args, "redraw", False):
+        check_redraw(parser, args)
     cli.torch_device(args.device)  # a typo or a missing GPU: one ValueError, now
     cli.check_range("threads", args.threads, config.FIELDS["threads"].metadata["interval"])
     if hasattr(args, "recipes"):  # a training lesson: unset recipe flags take the recipe's values
@@ -125,6 +128,34 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    return args
+
+
+def redraw_flag(parser: argparse.ArgumentParser, summary: str):
+    """--redraw: draw the lesson's figure again from the JSON its finished runs wrote (`summary`),
+    training nothing, so that a change of drawing needs no new runs."""
+    parser.add_argument("--redraw", action="store_true",
+                        help=f"train nothing: draw the figure again from {summary} in --out-dir (default "
+                             "lessons/figures), with the machine its runs were trained on in the caption; takes no "
+                             "other flag but --out-dir")
+
+
+def check_redraw(parser: argparse.ArgumentParser, args):
+    """--redraw trains nothing: any flag but --out-dir would be silently ignored, so it is refused."""
+    given = [name for name, value in vars(args).items()
+             if name not in ("redraw", "out_dir") and value != parser.get_default(name)]
+    if given:
+        raise ValueError(f"--redraw draws the figure from the JSON of finished runs and trains nothing: "
+                         f"drop --{given[0].replace('_', '-')}, or drop --redraw")
+
+
+def recorded_flags(parser: argparse.ArgumentParser, summary: dict, out_dir: Path) -> argparse.Namespace:
+    """The flags of the command a lesson's JSON records, filled as parse() fills them, with
+    `out_dir` for the figure: the configuration of the runs a figure is drawn again from (--redraw).
+    Nothing is checked against this machine (its device, its folders): nothing will run."""
+    args = parser.parse_args(summary["command"].split()[2:])  # write_summary joined it with spaces
+    check_training_flags(args)
+    args.out_dir = out_dir
     return args
 
 

@@ -42,11 +42,12 @@ def draw_map(ax, values: torch.Tensor, rows: int, cols: int, title: str = "", qu
     return image
 
 
-def save_figure(fig, out_dir: Path, name: str, settings: str, device: str) -> Path:
-    """Write the figure as out_dir/name with its settings and hardware printed underneath."""
+def save_figure(fig, out_dir: Path, name: str, settings: str, device: str, machine: str | None = None) -> Path:
+    """Write the figure as out_dir/name with its settings and hardware printed underneath: this
+    machine's, or `machine`, the one its runs were trained on, for a figure drawn again from its JSON."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig.text(0.5, -0.01, f"{settings}\n{hardware(device)}", ha="center", va="top", fontsize=7, color="0.35")
+    fig.text(0.5, -0.01, f"{settings}\n{machine or hardware(device)}", ha="center", va="top", fontsize=7, color="0.35")
     path = out_dir / name
     try:
         fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -54,6 +54,23 @@ def write_summary(args, lesson_file: str, name: str, clock: Stopwatch, argv, ind
     return path
 
 
+def read_summary(path: Path) -> dict:
+    """A lesson's JSON as write_summary wrote it, to draw its figure again (--redraw); one line
+    if it is missing or holds no lesson's runs. json never runs code."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--redraw: there is no {path}; run the lesson without --redraw first, "
+                         "or give --out-dir the folder that holds its JSON") from None
+    except (OSError, ValueError) as err:  # unreadable, or not JSON (json's error is a ValueError)
+        raise ValueError(f"--redraw: cannot read {path} ({err})") from None
+    missing = [key for key in ("command", "hardware", "settings", "seeds", "runs")
+               if not isinstance(summary, dict) or key not in summary]
+    if missing:
+        raise ValueError(f"--redraw: {path} is not a lesson's JSON with its runs (no {', '.join(missing)})")
+    return summary
+
+
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
