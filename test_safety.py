@@ -437,9 +437,9 @@ def test_create_model_names_the_bad_field(field, value):
         convit.create_model("convit_tiny", **{field: value})
 
 
-def test_readme_lists_every_overridable_field():
-    readme = (HERE / "README.md").read_text()
-    paragraph = readme[readme.index("`create_model(name, **overrides)`"):]
+def test_docs_list_every_overridable_field():
+    reference = (HERE / "docs" / "checkpoints.md").read_text()
+    paragraph = reference[reference.index("`create_model(name, **overrides)`"):]
     paragraph = paragraph[: paragraph.index("\n\n")]
     missing = [f.name for f in convit.fields(convit.ConViTConfig) if f"`{f.name}`" not in paragraph]
     assert missing == []
