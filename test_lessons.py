@@ -45,6 +45,7 @@ FIGURES = {  # script -> the PNG files it writes
     "11_locality_over_training.py": ["11_locality_over_training.png", "11_deit_attention_maps.png"],
     "12_what_heads_use.py": ["12_curves.png", "12_table6.png", "12_maps_convit.png", "12_maps_convit_mean.png",
                              "12_maps_deit.png", "12_maps_deit_mean.png", "12_maps_psa.png"],
+    "13_what_makes_attention_local.py": ["13_what_makes_attention_local.png"],
 }
 
 
@@ -56,6 +57,7 @@ SUMMARIES = {  # script -> the machine-readable results it writes beside its fig
     "10_far_content.py": ["10_far_content.json"],
     "11_locality_over_training.py": ["11_locality_over_training.json"],
     "12_what_heads_use.py": ["12_what_heads_use.json"],
+    "13_what_makes_attention_local.py": ["13_what_makes_attention_local.json"],
 }
 
 
@@ -334,6 +336,48 @@ def test_lesson11_quotes_its_runs_and_its_finding():
     assert all(mean(gates) < init for run in by_model["ConViT, mean head, all GPSA"] for gates in run["gates"][-1][-2:])
     top1 = line_of(text, "Top-1 after 20 epochs:")
     assert all(f"{name} {cell([run['top1'] for run in runs])}" in top1 for name, runs in by_model.items()), top1
+def spread_of(values: list[float], digits: int) -> str:
+    """What lessons 11 and 13 print for a set of seeds: '1.48 (1.46-1.50)'."""
+    return f"{mean(values):.{digits}f}" + (f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else "")
+
+
+LESSON13_MEASURES = {"mean_pull": "DeiT: pull below uniform, mean of blocks (%)",
+                     "deepest_pull": "DeiT: pull of the most local block (%)",
+                     "upper_gates": "ConViT: mean gate of the upper half of the GPSA blocks",
+                     "last_gate": "ConViT: mean gate of the last GPSA block"}
+
+
+def test_lesson13_quotes_its_verdicts_and_reads_lesson11s_runs_unchanged():
+    lesson13, text = committed("13_what_makes_attention_local.json"), text_of("13_what_makes_attention_local.md")
+    lesson11 = {run["command"]: run for run in committed("11_locality_over_training.json")["runs"]}
+    for name, run in lesson13["runs"].items():
+        assert run["command"].startswith("python train.py ") and f"--seed {run['seed']}" in run["command"], name
+        if run.get("read_from") == "lesson 11":  # read, not trained: it is lesson 11's run, number for number
+            twin = lesson11[run["command"]]
+            assert (twin["top1"], twin["gates"], twin["nonlocality"]) == (run["top1"], run["gates"], run["nonlocality"])
+    assert {p["seed"] for p in lesson13["plan"]} == {0, 1}
+    table = [line.replace("**", "") for line in text.splitlines() if line.startswith("| ")]
+    for row in lesson13["verdicts"]:
+        for key, measure in LESSON13_MEASURES.items():
+            if key not in row:
+                continue
+            scale, digits = (100, 1) if "pull" in key else (1, 3)
+            cells = [spread_of([scale * v for v in row[key][arm]], digits) for arm in ("without", "with")]
+            start = f"| {row['question']} | {measure} | {cells[0]} | {cells[1]} |"
+            found = [line for line in table if line.startswith(start)]
+            assert found, f"lesson 13: no table line starts with {start!r}"
+            assert f"| {cell(row['top1']['without'])} | {cell(row['top1']['with'])} |" in found[0], found[0]
+            if key in ("mean_pull", "upper_gates"):
+                assert f"| {row['moved']} |" in found[0], found[0]
+    # The findings the text states: with the paper's layout no change takes the upper gates below
+    # their init in both seeds; the grid and depth lower them, the rest do not; the paper's
+    # augmentation pulls DeiT's blocks further below uniform in every seed, the grid and length do not.
+    moved = {(row["question"], row["model"]): row["moved"] for row in lesson13["verdicts"]}
+    assert not any(all(row["upper_gates_below_init"]["with"]) for row in lesson13["verdicts"] if row["model"] == "ConViT")
+    assert [q for (q, m), way in moved.items() if m == "ConViT" and way == "down"] == ["grid", "depth"]
+    assert [q for (q, m), way in moved.items() if m == "DeiT" and way == "up"] == ["RandAugment", "MixUp/CutMix"]
+
+
 def test_lesson12_quotes_its_runs_its_table6_and_its_gates():
     lesson12, text = committed("12_what_heads_use.json"), text_of("12_what_heads_use.md")
     runs = collections.defaultdict(list)
@@ -398,6 +442,12 @@ def test_readme_findings_quote_the_lessons():
     lesson10 = committed("10_far_content.json")
     line = readme_finding("the later gates close where far content matters")
     assert all(f"{run['val_top1']:.1f}%" in line for run in lesson10["runs"]), line
+    verdicts = {(row["question"], row["model"]): row for row in committed("13_what_makes_attention_local.json")["verdicts"]}
+    line = readme_finding("what makes SA layers local and gates close")
+    gates = [f"{mean(verdicts[q, 'ConViT']['upper_gates']['with']):.3f}" for q in ("grid", "depth")]
+    pulls = [f"{100 * mean(verdicts[q, 'DeiT']['mean_pull'][arm]):.1f}%" for q, arm in
+             (("RandAugment", "with"), ("MixUp/CutMix", "with"), ("RandAugment", "without"))]
+    assert all(quoted in line for quoted in gates + pulls), (gates, pulls, line)
 
 
 def test_ci_runs_the_readmes_test_command():

@@ -1,0 +1,290 @@
+"""Lesson 13: what would make our SA layers local, and our gates close? Lesson 11's open questions,
+each tested with 2 seeds.
+
+Lesson 11 trained DeiT and ConViT on MNIST-10k (a 7x7 grid, 20 epochs) and found the nonlocality of
+DeiT's blocks only a little below uniform attention (Fig. 5 left, nonlocality), ConViT's gates rising (Fig. 6),
+where the paper's fall to 0 in layers 6-10. The issue behind it names what could make the
+difference. Each is one change to lesson 11's recipe, trained for DeiT and ConViT (or ConViT alone
+where only the gates are in question), seeds 0 and 1, and compared with the runs without it:
+
+  grid          a 14x14 grid (2x2 patches, ImageNet's grid), against the 7x7 grid; both on half of
+                the training set, so that a 14x14 run fits (it is 5x slower)
+  length        40 epochs, against lesson 11's 20
+  depth         ConViT with 10 GPSA blocks, the paper's, then 2 MHSA blocks (12 in all), against 4 + 2
+  RandAugment   the paper's 2 ops at magnitude 9 (std 0.5), drawn from the digits' 11 ops (the
+                other 4 make a digit another digit: docs/digits_recipe.md), against none
+  MixUp/CutMix  the paper's 0.8 / 1.0, against none
+  class token   ConViT whose head reads the mean of the patch tokens, 2 MHSA blocks still on top
+
+A run whose train.py flags equal one of lesson 11's runs (all but --output-dir) is read from
+lesson 11's JSON instead of being trained again: one-thread CPU runs are deterministic. That is
+where the reference runs (lesson 11's DeiT and ConViT, seeds 0 and 1) and the seed-0 controls come
+from; `python lessons/11_locality_over_training.py --controls` makes them again.
+
+Outputs (in --out-dir):
+  13_what_makes_attention_local.png   one row per question: DeiT's nonlocality per block
+                                      against uniform attention (Fig. 5 left, nonlocality), and ConViT's gate
+                                      per GPSA block (Fig. 6), with and without the change
+  13_what_makes_attention_local.json  every run's train.py command, top-1, and per epoch its
+                                      nonlocality per block and head and its gates per block and head
+
+Run from the repository root:  python lessons/13_what_makes_attention_local.py [--quick] [--questions ...]
+"""
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import config  # noqa: E402
+import data  # noqa: E402
+import plots  # noqa: E402
+from lessons._command import FIGURES, parse, run_folder, run_settings, training_parser  # noqa: E402
+from lessons._draw import save_figure  # noqa: E402
+from lessons._protocol import add_keep_finished, reuse_finished_run  # noqa: E402
+from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
+from lessons._training import run_parallel, train_one  # noqa: E402
+
+lesson11 = importlib.import_module("lessons.11_locality_over_training")  # its recipe, runs and measures
+
+RANDAUGMENT = {"randaug_ops": 2, "randaug_magnitude": 9, "randaug_magnitude_std": 0.5, "randaug_op_set": data.DIGIT_OPS}
+DEIT, CONVIT = {"model": "deit_tiny"}, {}
+
+
+def questions(args) -> dict[str, tuple]:
+    """question -> (what it changes, the models it trains, the settings without and with the change),
+    for the recipe of `args` (--quick halves nothing: its length question doubles its epochs too)."""
+    return {
+        "grid": ("a 14x14 grid (2x2 patches) against 7x7, both on 50% of the data", (DEIT, CONVIT),
+                 {"data_fraction": 0.5}, {"data_fraction": 0.5, "patch_size": 2}),
+        "length": (f"{2 * args.epochs} epochs against {args.epochs}", (DEIT, CONVIT), {}, {"epochs": 2 * args.epochs}),
+        "depth": (f"{args.depth + 6} blocks, {args.depth + 4} of them GPSA, against {args.depth}, {args.depth - 2} GPSA "
+                  "(the paper: 10 GPSA)",
+                  (CONVIT,), {}, {"depth": args.depth + 6, "local_up_to_layer": args.depth + 4}),
+        "RandAugment": ("2 ops, magnitude 9, std 0.5, against none", (DEIT, CONVIT), {}, RANDAUGMENT),
+        "MixUp/CutMix": ("MixUp 0.8 / CutMix 1.0 against none", (DEIT, CONVIT), {}, lesson11.MIXING),
+        # lesson 11's control names its GPSA blocks (depth - 2, the default) on the command line
+        "class token": ("a mean-pooled head (no class token) against the class token", (CONVIT,), {},
+                        {"global_pool": "avg", "local_up_to_layer": args.depth - 2}),
+    }
+
+
+QUESTION_NAMES = ("grid", "length", "depth", "RandAugment", "MixUp/CutMix", "class token")
+SEEDS = (0, 1)
+LESSON11_JSON = FIGURES / "11_locality_over_training.json"
+
+
+def plan_of(args) -> list[tuple[str, str, str, dict, int]]:
+    """Every run of the chosen questions: (question, model, 'without' or 'with', settings, seed).
+    The runs without a change that several questions share are trained once (same folder name)."""
+    seeds = SEEDS[:1] if args.quick else SEEDS
+    return [(question, "DeiT" if model else "ConViT", arm, {**model, **changes}, seed)
+            for question in args.questions
+            for model in questions(args)[question][1]
+            for arm, changes in zip(("without", "with"), questions(args)[question][2:])
+            for seed in seeds]
+
+
+def folder_name(model: str, settings: dict, seed: int) -> str:
+    """A folder per distinct run, named after what it changes: the same run shares one folder."""
+    changes = "_".join(f"{k}-{v}" for k, v in sorted(settings.items()) if k != "model" and k != "randaug_op_set")
+    return re.sub("[^A-Za-z0-9_.-]+", "_", f"{model}-{changes or 'recipe'}-seed{seed}")
+
+
+def without_output_dir(command: str) -> str:
+    return re.sub(r" --output-dir \S+", "", command)
+
+
+def lesson11_runs() -> dict[str, dict]:
+    """Lesson 11's committed runs by their train.py command without --output-dir."""
+    if not LESSON11_JSON.is_file():
+        return {}
+    return {without_output_dir(run["command"]): run for run in json.loads(LESSON11_JSON.read_text())["runs"]}
+
+
+def train_plan(args, plan: list[tuple]) -> dict[str, dict]:
+    """Run (or read) every distinct run of the plan; returns each run's record by folder name."""
+    known = {} if args.quick else lesson11_runs()
+    jobs, records = {}, {}
+    with run_folder(args) as run_root:
+        for _question, model, _arm, settings, seed in plan:
+            name = folder_name(model, settings, seed)
+            jobs[name] = run_settings(args, Path(run_root) / name, seed=seed, **settings)
+        for name, job in jobs.items():
+            found = known.get(without_output_dir(config.command(job)))
+            if found is not None:
+                records[name] = {**found, "read_from": "lesson 11"}
+        found = {name: reuse_finished_run(job) for name, job in jobs.items()
+                 if name not in records and args.keep_finished}
+        # Longest first, so that the two workers finish together (a 14x14 run is 5x a 7x7 one).
+        todo = sorted((name for name in jobs if name not in records and found.get(name) is None),
+                      key=lambda name: -expected_cost(jobs[name]))
+        print(f"{len(jobs)} distinct runs: {len(records)} read from lesson 11, "
+              f"{sum(r is not None for r in found.values())} finished before, {len(todo)} to train, "
+              f"{args.workers} at a time", flush=True)
+        trained = run_parallel(train_one, [jobs[name] for name in todo], args.workers, args.threads,
+                               done=lambda job, run: print(f"  {Path(job['output_dir']).name}: top-1 "
+                                                           f"{run['val_top1']:.1f}% ({run['seconds']:.0f} s)", flush=True))
+        for name, result in [*((n, r) for n, r in found.items() if r is not None), *zip(todo, trained)]:
+            records[name] = lesson11.run_record(name.split("-")[0], jobs[name]["seed"],
+                                                {**result, "command": config.command(jobs[name])})
+    return records
+
+
+def expected_cost(job: dict) -> float:
+    """A run's time, roughly: epochs x data x blocks x tokens^1.15 (attention grows faster than the tokens)."""
+    tokens = (28 // job.get("patch_size", 4)) ** 2
+    return job["epochs"] * job.get("data_fraction", 1) * job["depth"] * tokens ** 1.15
+
+
+def uniform(run: dict) -> list[float]:
+    """Eq. 8 of uniform attention for each block of the run: over the N patches for a GPSA block,
+    N / (N + 1) of it for a block that also attends to the class token (the token has no distance)."""
+    n = _patches(run)
+    grid = round(n ** 0.5)
+    over_patches = lesson11.uniform_nonlocality(grid, grid)
+    gpsa = len(run["gates"][0]) if run["gates"] else 0
+    token = "--global-pool avg" not in run["command"]
+    return [over_patches * (n / (n + 1) if block >= gpsa and token else 1) for block in range(len(run["nonlocality"][0]))]
+
+
+def _patches(run: dict) -> int:
+    size = {"mnist10k": 28, "digits": 8}[re.search(r"--dataset (\S+)", run["command"]).group(1)]
+    patch = re.search(r"--patch-size (\d+)", run["command"])
+    return (size // int(patch.group(1) if patch else 2 if size == 8 else 4)) ** 2
+
+
+def measures(run: dict) -> dict:
+    """What each question is judged on, at the end of the run. pull: how far DeiT's blocks fell below
+    uniform attention, 1 - Eq. 8 / uniform, per block (Fig. 5, left; lesson 11's DeiT: 3-6%).
+    gates: each GPSA block's mean gate (Fig. 6: falls to 0 in layers 6-10; init 0.731)."""
+    last = torch.tensor(run["nonlocality"][-1]).mean(-1)  # (blocks,)
+    pull = (1 - last / torch.tensor(uniform(run))).tolist()
+    gates = torch.tensor(run["gates"][-1]).mean(-1).tolist() if run["gates"] else None
+    return {"pull": pull, "gates": gates}
+
+
+def verdicts(plan: list[tuple], records: dict[str, dict]) -> list[dict]:
+    """Per question and model: the measure without and with the change, per seed, and whether the
+    change moved it beyond the other arm's range in every seed."""
+    rows = []
+    for question in dict.fromkeys(q for q, *_ in plan):
+        for model in dict.fromkeys(m for q, m, *_ in plan if q == question):
+            arms = {arm: [records[folder_name(model, s, seed)] for q, m, a, s, seed in plan
+                          if q == question and m == model and a == arm] for arm in ("without", "with")}
+            row = {"question": question, "model": model, "top1": {a: [r["top1"] for r in rs] for a, rs in arms.items()}}
+            if model == "DeiT":
+                row["mean_pull"] = {a: [mean(measures(r)["pull"]) for r in rs] for a, rs in arms.items()}
+                row["deepest_pull"] = {a: [max(measures(r)["pull"]) for r in rs] for a, rs in arms.items()}
+            else:  # the upper half of the GPSA stack: where the paper's gates reach 0
+                row["upper_gates"] = {a: [mean(g[len(g) // 2:]) for g in (measures(r)["gates"] for r in rs)]
+                                      for a, rs in arms.items()}
+                row["last_gate"] = {a: [measures(r)["gates"][-1] for r in rs] for a, rs in arms.items()}
+            key = "mean_pull" if model == "DeiT" else "upper_gates"
+            before, after = row[key]["without"], row[key]["with"]
+            row["moved"] = ("up" if min(after) > max(before) else "down" if max(after) < min(before)
+                            else "within the seeds' range")
+            if model == "ConViT":  # the paper's finding: the upper gates fall below their init
+                row["upper_gates_below_init"] = {a: [g < plots.INIT_GATE for g in v] for a, v in row[key].items()}
+            rows.append(row)
+    return rows
+
+
+MEASURES = {"mean_pull": "DeiT: pull below uniform, mean of blocks (%)",
+            "deepest_pull": "DeiT: pull of the most local block (%)",
+            "upper_gates": "ConViT: mean gate of the upper half of the GPSA blocks",
+            "last_gate": "ConViT: mean gate of the last GPSA block"}
+
+
+def verdict_table(rows: list[dict]) -> list[str]:
+    """The lesson's table: per question and measure, without -> with the change (mean and range of
+    the seeds), whether every seed with the change lies beyond the other arm's range, and top-1."""
+    lines = ["| question | measure | without | with | every seed beyond the other arm's | top-1 without | top-1 with |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for key in [k for k in MEASURES if k in row]:
+            scale, digits = (100, 1) if "pull" in key else (1, 3)
+            values = {arm: [scale * v for v in row[key][arm]] for arm in ("without", "with")}
+            moved = row["moved"] if key in ("mean_pull", "upper_gates") else ""
+            lines.append(f"| {row['question']} | {MEASURES[key]} | {lesson11.spread(values['without'], digits)} | "
+                         f"{lesson11.spread(values['with'], digits)} | {moved} | {cell(row['top1']['without'])} | "
+                         f"{cell(row['top1']['with'])} |")
+    return lines
+
+
+def draw_question(axes, question: str, about: str, plan: list[tuple], records: dict[str, dict]):
+    """One row: DeiT's pull below uniform per block, and ConViT's gate per GPSA block, over the
+    share of training done; the run without the change dashed grey, with it in colour."""
+    for ax, model, key in zip(axes, ("DeiT", "ConViT"), ("pull", "gates")):
+        runs = {arm: [records[folder_name(m, s, seed)] for q, m, arm_, s, seed in plan
+                      if q == question and m == model and arm_ == arm] for arm in ("without", "with")}
+        if not runs["with"]:
+            ax.axis("off")
+            continue
+        for arm, arm_runs in runs.items():
+            curves = torch.tensor([[[_measure(run, epoch, key)] for epoch in range(len(run["epochs"]))]
+                                   for run in arm_runs])[:, :, 0]  # (seeds, epochs, blocks)
+            share = torch.tensor(arm_runs[0]["epochs"], dtype=torch.float) / arm_runs[0]["epochs"][-1]
+            colours = plots.layer_colours(curves.shape[2])
+            for block in range(curves.shape[2]):
+                style = dict(color="0.6", ls="--", lw=1) if arm == "without" else dict(color=colours[block], lw=1.8)
+                ax.plot(share, curves[:, :, block].mean(0), **style,
+                        label=f"block {block + 1}" if arm == "with" else ("without" if block == 0 else None))
+        if key == "gates":
+            ax.axhline(plots.INIT_GATE, color="k", lw=0.6, ls=":")
+        else:
+            ax.axhline(0, color="k", lw=0.6, ls=":")
+        ax.set(xlabel="share of training done", ylabel="1 - Eq. 8 / uniform" if key == "pull" else "gate sigma(lambda)",
+               title=f"{question}, {model}: {'Fig. 5 left, pull below uniform' if key == 'pull' else 'Fig. 6, gates'}\n"
+                     f"with: {about} (colour); without: dashed; mean of seeds")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6, ncol=3)
+
+
+def _measure(run: dict, epoch: int, key: str) -> list[float]:
+    return measures({**run, "nonlocality": run["nonlocality"][: epoch + 1],
+                     "gates": run["gates"][: epoch + 1] if run["gates"] else None})[key]
+
+
+def main(argv=None):
+    parser = training_parser(__doc__, __file__, lesson11.RECIPE, lesson11.QUICK)
+    parser.add_argument("--questions", nargs="+", choices=QUESTION_NAMES, default=list(QUESTION_NAMES),
+                        help="which questions to run (default: all); their runs are trained or read as above")
+    add_keep_finished(parser)
+    args = parse(parser, argv)
+    clock = Stopwatch("lesson 13")
+    plan = plan_of(args)
+    if args.quick:  # a tiny model on the 8x8 digits (2x2 patches; 1x1 for the finer grid), one seed: seconds
+        plan = [(q, m, a, {**s, "dataset": "digits", "img_size": 8, "patch_size": 1 if "patch_size" in s else 2,
+                           "data_fraction": 0.2}, seed) for q, m, a, s, seed in plan]
+    records = train_plan(args, plan)
+    rows = verdicts(plan, records)
+    fig, axes = plt.subplots(len(args.questions), 2, figsize=(13, 3.6 * len(args.questions)), layout="constrained",
+                             squeeze=False)
+    for row, question in zip(axes, args.questions):
+        draw_question(row, question, questions(args)[question][0], plan, records)
+    settings = (f"lesson 11's recipe (train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, "
+                f"{args.depth} blocks, {args.epochs} epochs), one change per row; seeds {', '.join(map(str, SEEDS[:1] if args.quick else SEEDS))}")
+    save_figure(fig, args.out_dir, "13_what_makes_attention_local.png", settings, args.device)
+    deep = [records[folder_name(m, s, seed)] for q, m, arm, s, seed in plan if q == "depth" and arm == "with"]
+    if deep:  # every head of the deep ConViT: the paper's Fig. 6 has 10 GPSA layers
+        print("\nthe last gate of each head of the deep ConViT, per seed")
+        print("\n".join(lesson11.heads_table(deep)))
+    print("\n" + "\n".join(verdict_table(rows)))
+    write_summary(args, __file__, "13_what_makes_attention_local.json", clock, argv, indent=None, settings=settings,
+                  questions={q: questions(args)[q][0] for q in args.questions}, verdicts=rows,
+                  plan=[{"question": q, "model": m, "arm": a, "seed": seed, "run": folder_name(m, s, seed)}
+                        for q, m, a, s, seed in plan],
+                  runs=records)
+    clock.done()
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_command(main))
