@@ -336,11 +336,6 @@ def test_lesson11_quotes_its_runs_and_its_finding():
     assert all(mean(gates) < init for run in by_model["ConViT, mean head, all GPSA"] for gates in run["gates"][-1][-2:])
     top1 = line_of(text, "Top-1 after 20 epochs:")
     assert all(f"{name} {cell([run['top1'] for run in runs])}" in top1 for name, runs in by_model.items()), top1
-def spread_of(values: list[float], digits: int) -> str:
-    """What lessons 11 and 13 print for a set of seeds: '1.48 (1.46-1.50)'."""
-    return f"{mean(values):.{digits}f}" + (f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else "")
-
-
 LESSON13_MEASURES = {"mean_pull": "DeiT: pull below uniform, mean of blocks (%)",
                      "deepest_pull": "DeiT: pull of the most local block (%)",
                      "upper_gates": "ConViT: mean gate of the upper half of the GPSA blocks",
@@ -362,7 +357,7 @@ def test_lesson13_quotes_its_verdicts_and_reads_lesson11s_runs_unchanged():
             if key not in row:
                 continue
             scale, digits = (100, 1) if "pull" in key else (1, 3)
-            cells = [spread_of([scale * v for v in row[key][arm]], digits) for arm in ("without", "with")]
+            cells = [cell([scale * v for v in row[key][arm]], digits) for arm in ("without", "with")]
             start = f"| {row['question']} | {measure} | {cells[0]} | {cells[1]} |"
             found = [line for line in table if line.startswith(start)]
             assert found, f"lesson 13: no table line starts with {start!r}"

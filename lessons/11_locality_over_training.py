@@ -210,15 +210,9 @@ def plot(results: dict[str, list[dict]], args, settings: str, grid: int):
     save_figure(fig, args.out_dir, "11_locality_over_training.png", settings, args.device)
 
 
-def spread(values: list[float], digits: int = 2) -> str:
-    """'1.48', or with several seeds '1.48 (1.46-1.50)': the mean and the range."""
-    text = f"{mean(values):.{digits}f}"
-    return text + (f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else "")
-
-
 def change(first: list[float], last: list[float], digits: int) -> str:
     """'1.64 -> 1.48 (1.47-1.50)': the mean after epoch 1, then the mean (range) of the seeds at the end."""
-    return f"{mean(first):.{digits}f} -> {spread(last, digits)}"
+    return f"{mean(first):.{digits}f} -> {cell(last, digits)}"
 
 
 def fig5_table(summaries: dict[str, list[dict]]) -> list[str]:
@@ -313,7 +307,7 @@ def main(argv=None):
     for name, runs in by_model.items():
         blocks = [[run["class_token_share"][b] for run in runs] for b in range(len(runs[0]["class_token_share"]))]
         if any(v is not None for v in blocks[-1]):
-            print(f"  {name}: " + "; ".join(f"block {b + 1} {spread(v, 3)}" for b, v in enumerate(blocks)
+            print(f"  {name}: " + "; ".join(f"block {b + 1} {cell(v, 3)}" for b, v in enumerate(blocks)
                                            if v[0] is not None))
     centre = (grid // 2) * (grid + 1)  # the middle patch of the grid
     from_centre = convit.relative_positions(grid, grid)[centre, :, 2].sqrt().mean().item()

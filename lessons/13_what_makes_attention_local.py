@@ -50,28 +50,29 @@ from lessons._command import FIGURES, parse, run_folder, run_settings, training_
 from lessons._draw import save_figure  # noqa: E402
 from lessons._protocol import add_keep_finished, reuse_finished_run  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
-from lessons._training import run_parallel, train_one  # noqa: E402
+from lessons._training import at_repository_root, run_parallel, train_one  # noqa: E402
 
 lesson11 = importlib.import_module("lessons.11_locality_over_training")  # its recipe, runs and measures
 
 RANDAUGMENT = {"randaug_ops": 2, "randaug_magnitude": 9, "randaug_magnitude_std": 0.5, "randaug_op_set": data.DIGIT_OPS}
-DEIT, CONVIT = {"model": "deit_tiny"}, {}
+MODELS = {"DeiT": {"model": "deit_tiny"}, "ConViT": {}}  # the settings each adds to the recipe
+BOTH = tuple(MODELS)
 
 
 def questions(args) -> dict[str, tuple]:
     """question -> (what it changes, the models it trains, the settings without and with the change),
-    for the recipe of `args` (--quick halves nothing: its length question doubles its epochs too)."""
+    for the recipe of `args` (with --quick too: its length question doubles the quick recipe's epochs)."""
     return {
-        "grid": ("a 14x14 grid (2x2 patches) against 7x7, both on 50% of the data", (DEIT, CONVIT),
+        "grid": ("a 14x14 grid (2x2 patches) against 7x7, both on 50% of the data", BOTH,
                  {"data_fraction": 0.5}, {"data_fraction": 0.5, "patch_size": 2}),
-        "length": (f"{2 * args.epochs} epochs against {args.epochs}", (DEIT, CONVIT), {}, {"epochs": 2 * args.epochs}),
+        "length": (f"{2 * args.epochs} epochs against {args.epochs}", BOTH, {}, {"epochs": 2 * args.epochs}),
         "depth": (f"{args.depth + 6} blocks, {args.depth + 4} of them GPSA, against {args.depth}, {args.depth - 2} GPSA "
                   "(the paper: 10 GPSA)",
-                  (CONVIT,), {}, {"depth": args.depth + 6, "local_up_to_layer": args.depth + 4}),
-        "RandAugment": ("2 ops, magnitude 9, std 0.5, against none", (DEIT, CONVIT), {}, RANDAUGMENT),
-        "MixUp/CutMix": ("MixUp 0.8 / CutMix 1.0 against none", (DEIT, CONVIT), {}, lesson11.MIXING),
+                  ("ConViT",), {}, {"depth": args.depth + 6, "local_up_to_layer": args.depth + 4}),
+        "RandAugment": ("2 ops, magnitude 9, std 0.5, against none", BOTH, {}, RANDAUGMENT),
+        "MixUp/CutMix": ("MixUp 0.8 / CutMix 1.0 against none", BOTH, {}, lesson11.MIXING),
         # lesson 11's control names its GPSA blocks (depth - 2, the default) on the command line
-        "class token": ("a mean-pooled head (no class token) against the class token", (CONVIT,), {},
+        "class token": ("a mean-pooled head (no class token) against the class token", ("ConViT",), {},
                         {"global_pool": "avg", "local_up_to_layer": args.depth - 2}),
     }
 
@@ -84,11 +85,11 @@ LESSON11_JSON = FIGURES / "11_locality_over_training.json"
 def plan_of(args) -> list[tuple[str, str, str, dict, int]]:
     """Every run of the chosen questions: (question, model, 'without' or 'with', settings, seed).
     The runs without a change that several questions share are trained once (same folder name)."""
-    seeds = SEEDS[:1] if args.quick else SEEDS
-    return [(question, "DeiT" if model else "ConViT", arm, {**model, **changes}, seed)
+    seeds, asked = SEEDS[:1] if args.quick else SEEDS, questions(args)
+    return [(question, model, arm, {**MODELS[model], **changes}, seed)
             for question in args.questions
-            for model in questions(args)[question][1]
-            for arm, changes in zip(("without", "with"), questions(args)[question][2:])
+            for model in asked[question][1]
+            for arm, changes in zip(("without", "with"), asked[question][2:])
             for seed in seeds]
 
 
@@ -109,8 +110,9 @@ def lesson11_runs() -> dict[str, dict]:
     return {without_output_dir(run["command"]): run for run in json.loads(LESSON11_JSON.read_text())["runs"]}
 
 
-def train_plan(args, plan: list[tuple]) -> dict[str, dict]:
-    """Run (or read) every distinct run of the plan; returns each run's record by folder name."""
+def train_plan(args, plan: list[tuple]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Run (or read) every distinct run of the plan; returns each run's record and its curves
+    (`curves`), by folder name."""
     known = {} if args.quick else lesson11_runs()
     jobs, records = {}, {}
     with run_folder(args) as run_root:
@@ -123,9 +125,11 @@ def train_plan(args, plan: list[tuple]) -> dict[str, dict]:
                 records[name] = {**found, "read_from": "lesson 11"}
         found = {name: reuse_finished_run(job) for name, job in jobs.items()
                  if name not in records and args.keep_finished}
+        with at_repository_root():  # the jobs' paths start there
+            configs = {name: config.resolve(job)[0] for name, job in jobs.items()}
         # Longest first, so that the two workers finish together (a 14x14 run is 5x a 7x7 one).
         todo = sorted((name for name in jobs if name not in records and found.get(name) is None),
-                      key=lambda name: -expected_cost(jobs[name]))
+                      key=lambda name: -expected_cost(configs[name]))
         print(f"{len(jobs)} distinct runs: {len(records)} read from lesson 11, "
               f"{sum(r is not None for r in found.values())} finished before, {len(todo)} to train, "
               f"{args.workers} at a time", flush=True)
@@ -135,58 +139,49 @@ def train_plan(args, plan: list[tuple]) -> dict[str, dict]:
         for name, result in [*((n, r) for n, r in found.items() if r is not None), *zip(todo, trained)]:
             records[name] = lesson11.run_record(name.split("-")[0], jobs[name]["seed"],
                                                 {**result, "command": config.command(jobs[name])})
-    return records
+    return records, {name: curves(records[name], configs[name]) for name in jobs}
 
 
-def expected_cost(job: dict) -> float:
+def expected_cost(cfg: config.RunConfig) -> float:
     """A run's time, roughly: epochs x data x blocks x tokens^1.15 (attention grows faster than the tokens)."""
-    tokens = (28 // job.get("patch_size", 4)) ** 2
-    return job["epochs"] * job.get("data_fraction", 1) * job["depth"] * tokens ** 1.15
+    tokens = (cfg.data.img_size // cfg.model.patch_size) ** 2
+    return cfg.recipe.epochs * cfg.data.data_fraction * cfg.model.depth * tokens ** 1.15
 
 
-def uniform(run: dict) -> list[float]:
-    """Eq. 8 of uniform attention for each block of the run: over the N patches for a GPSA block,
-    N / (N + 1) of it for a block that also attends to the class token (the token has no distance)."""
-    n = _patches(run)
-    grid = round(n ** 0.5)
-    over_patches = lesson11.uniform_nonlocality(grid, grid)
-    gpsa = len(run["gates"][0]) if run["gates"] else 0
-    token = "--global-pool avg" not in run["command"]
-    return [over_patches * (n / (n + 1) if block >= gpsa and token else 1) for block in range(len(run["nonlocality"][0]))]
+def curves(run: dict, cfg: config.RunConfig) -> dict[str, torch.Tensor | None]:
+    """Per epoch, what each question is judged on:
+    pull (epochs, blocks), the nonlocality of Fig. 5 left: how far each block's Eq. 8 (mean of its
+        heads) lies below uniform attention, 1 - Eq. 8 / uniform, so that two grids compare
+        (lesson 11's DeiT: 3-6%);
+    gates (epochs, GPSA blocks), Fig. 6: each GPSA block's mean sigma(lambda) (init 0.731; the
+        paper's fall to 0 in layers 6-10)."""
+    side = cfg.data.img_size // cfg.model.patch_size  # train.py's images are square
+    n, uniform = side * side, lesson11.uniform_nonlocality(side, side)
+    nonlocality = torch.tensor(run["nonlocality"]).mean(-1)  # (epochs, blocks)
+    # A block that also attends to the class token reads N / (N + 1) of uniform: the token has no distance.
+    with_token = (torch.arange(nonlocality.shape[1]) >= cfg.model.gpsa_blocks) & (cfg.model.global_pool == "token")
+    pull = 1 - nonlocality / torch.where(with_token, uniform * n / (n + 1), uniform)
+    return {"pull": pull, "gates": torch.tensor(run["gates"]).mean(-1) if run["gates"] else None}
 
 
-def _patches(run: dict) -> int:
-    size = {"mnist10k": 28, "digits": 8}[re.search(r"--dataset (\S+)", run["command"]).group(1)]
-    patch = re.search(r"--patch-size (\d+)", run["command"])
-    return (size // int(patch.group(1) if patch else 2 if size == 8 else 4)) ** 2
-
-
-def measures(run: dict) -> dict:
-    """What each question is judged on, at the end of the run. pull: how far DeiT's blocks fell below
-    uniform attention, 1 - Eq. 8 / uniform, per block (Fig. 5, left; lesson 11's DeiT: 3-6%).
-    gates: each GPSA block's mean gate (Fig. 6: falls to 0 in layers 6-10; init 0.731)."""
-    last = torch.tensor(run["nonlocality"][-1]).mean(-1)  # (blocks,)
-    pull = (1 - last / torch.tensor(uniform(run))).tolist()
-    gates = torch.tensor(run["gates"][-1]).mean(-1).tolist() if run["gates"] else None
-    return {"pull": pull, "gates": gates}
-
-
-def verdicts(plan: list[tuple], records: dict[str, dict]) -> list[dict]:
-    """Per question and model: the measure without and with the change, per seed, and whether the
-    change moved it beyond the other arm's range in every seed."""
+def verdicts(plan: list[tuple], records: dict[str, dict], measured: dict[str, dict]) -> list[dict]:
+    """Per question and model: the measure at the end without and with the change, per seed, and
+    whether the change moved it beyond the other arm's range in every seed."""
     rows = []
     for question in dict.fromkeys(q for q, *_ in plan):
         for model in dict.fromkeys(m for q, m, *_ in plan if q == question):
-            arms = {arm: [records[folder_name(model, s, seed)] for q, m, a, s, seed in plan
+            arms = {arm: [folder_name(model, s, seed) for q, m, a, s, seed in plan
                           if q == question and m == model and a == arm] for arm in ("without", "with")}
-            row = {"question": question, "model": model, "top1": {a: [r["top1"] for r in rs] for a, rs in arms.items()}}
+            last = {arm: [{key: None if c is None else c[-1].tolist() for key, c in measured[name].items()}
+                          for name in names] for arm, names in arms.items()}
+            row = {"question": question, "model": model,
+                   "top1": {a: [records[name]["top1"] for name in names] for a, names in arms.items()}}
             if model == "DeiT":
-                row["mean_pull"] = {a: [mean(measures(r)["pull"]) for r in rs] for a, rs in arms.items()}
-                row["deepest_pull"] = {a: [max(measures(r)["pull"]) for r in rs] for a, rs in arms.items()}
+                row["mean_pull"] = {a: [mean(m["pull"]) for m in ms] for a, ms in last.items()}
+                row["deepest_pull"] = {a: [max(m["pull"]) for m in ms] for a, ms in last.items()}
             else:  # the upper half of the GPSA stack: where the paper's gates reach 0
-                row["upper_gates"] = {a: [mean(g[len(g) // 2:]) for g in (measures(r)["gates"] for r in rs)]
-                                      for a, rs in arms.items()}
-                row["last_gate"] = {a: [measures(r)["gates"][-1] for r in rs] for a, rs in arms.items()}
+                row["upper_gates"] = {a: [mean(m["gates"][len(m["gates"]) // 2:]) for m in ms] for a, ms in last.items()}
+                row["last_gate"] = {a: [m["gates"][-1] for m in ms] for a, ms in last.items()}
             key = "mean_pull" if model == "DeiT" else "upper_gates"
             before, after = row[key]["without"], row[key]["with"]
             row["moved"] = ("up" if min(after) > max(before) else "down" if max(after) < min(before)
@@ -213,29 +208,30 @@ def verdict_table(rows: list[dict]) -> list[str]:
             scale, digits = (100, 1) if "pull" in key else (1, 3)
             values = {arm: [scale * v for v in row[key][arm]] for arm in ("without", "with")}
             moved = row["moved"] if key in ("mean_pull", "upper_gates") else ""
-            lines.append(f"| {row['question']} | {MEASURES[key]} | {lesson11.spread(values['without'], digits)} | "
-                         f"{lesson11.spread(values['with'], digits)} | {moved} | {cell(row['top1']['without'])} | "
+            lines.append(f"| {row['question']} | {MEASURES[key]} | {cell(values['without'], digits)} | "
+                         f"{cell(values['with'], digits)} | {moved} | {cell(row['top1']['without'])} | "
                          f"{cell(row['top1']['with'])} |")
     return lines
 
 
-def draw_question(axes, question: str, about: str, plan: list[tuple], records: dict[str, dict]):
+def draw_question(axes, question: str, about: str, plan: list[tuple], records: dict[str, dict],
+                  measured: dict[str, dict]):
     """One row: DeiT's pull below uniform per block, and ConViT's gate per GPSA block, over the
     share of training done; the run without the change dashed grey, with it in colour."""
     for ax, model, key in zip(axes, ("DeiT", "ConViT"), ("pull", "gates")):
-        runs = {arm: [records[folder_name(m, s, seed)] for q, m, arm_, s, seed in plan
-                      if q == question and m == model and arm_ == arm] for arm in ("without", "with")}
-        if not runs["with"]:
+        names = {arm: [folder_name(m, s, seed) for q, m, arm_, s, seed in plan
+                       if q == question and m == model and arm_ == arm] for arm in ("without", "with")}
+        if not names["with"]:
             ax.axis("off")
             continue
-        for arm, arm_runs in runs.items():
-            curves = torch.tensor([[[_measure(run, epoch, key)] for epoch in range(len(run["epochs"]))]
-                                   for run in arm_runs])[:, :, 0]  # (seeds, epochs, blocks)
-            share = torch.tensor(arm_runs[0]["epochs"], dtype=torch.float) / arm_runs[0]["epochs"][-1]
-            colours = plots.layer_colours(curves.shape[2])
-            for block in range(curves.shape[2]):
+        for arm, arm_names in names.items():
+            curve = torch.stack([measured[name][key] for name in arm_names])  # (seeds, epochs, blocks)
+            epochs = records[arm_names[0]]["epochs"]
+            share = torch.tensor(epochs, dtype=torch.float) / epochs[-1]
+            colours = plots.layer_colours(curve.shape[2])
+            for block in range(curve.shape[2]):
                 style = dict(color="0.6", ls="--", lw=1) if arm == "without" else dict(color=colours[block], lw=1.8)
-                ax.plot(share, curves[:, :, block].mean(0), **style,
+                ax.plot(share, curve[:, :, block].mean(0), **style,
                         label=f"block {block + 1}" if arm == "with" else ("without" if block == 0 else None))
         if key == "gates":
             ax.axhline(plots.INIT_GATE, color="k", lw=0.6, ls=":")
@@ -246,11 +242,6 @@ def draw_question(axes, question: str, about: str, plan: list[tuple], records: d
                      f"with: {about} (colour); without: dashed; mean of seeds")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6, ncol=3)
-
-
-def _measure(run: dict, epoch: int, key: str) -> list[float]:
-    return measures({**run, "nonlocality": run["nonlocality"][: epoch + 1],
-                     "gates": run["gates"][: epoch + 1] if run["gates"] else None})[key]
 
 
 def main(argv=None):
@@ -264,12 +255,12 @@ def main(argv=None):
     if args.quick:  # a tiny model on the 8x8 digits (2x2 patches; 1x1 for the finer grid), one seed: seconds
         plan = [(q, m, a, {**s, "dataset": "digits", "img_size": 8, "patch_size": 1 if "patch_size" in s else 2,
                            "data_fraction": 0.2}, seed) for q, m, a, s, seed in plan]
-    records = train_plan(args, plan)
-    rows = verdicts(plan, records)
+    records, measured = train_plan(args, plan)
+    rows = verdicts(plan, records, measured)
     fig, axes = plt.subplots(len(args.questions), 2, figsize=(13, 3.6 * len(args.questions)), layout="constrained",
                              squeeze=False)
     for row, question in zip(axes, args.questions):
-        draw_question(row, question, questions(args)[question][0], plan, records)
+        draw_question(row, question, questions(args)[question][0], plan, records, measured)
     settings = (f"lesson 11's recipe (train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, "
                 f"{args.depth} blocks, {args.epochs} epochs), one change per row; seeds {', '.join(map(str, SEEDS[:1] if args.quick else SEEDS))}")
     save_figure(fig, args.out_dir, "13_what_makes_attention_local.png", settings, args.device)

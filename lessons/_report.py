@@ -76,6 +76,6 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def cell(values: list[float]) -> str:
-    """'86.9', or with several seeds '87.5 (85.8-89.7)': the mean and the range."""
-    return f"{mean(values):.1f}" + (f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else "")
+def cell(values: list[float], digits: int = 1) -> str:
+    """'86.9', or with several seeds '87.5 (85.8-89.7)': the mean and the range, to `digits` decimals."""
+    return f"{mean(values):.{digits}f}" + (f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else "")
