@@ -12,6 +12,7 @@ The README names the batch and the machine of what it measured.
 
 import collections
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli
 from conftest import checkout_status, lesson, one_error_line
@@ -340,6 +342,32 @@ LESSON13_MEASURES = {"mean_pull": "DeiT: pull below uniform, mean of blocks (%)"
                      "deepest_pull": "DeiT: pull of the most local block (%)",
                      "upper_gates": "ConViT: mean gate of the upper half of the GPSA blocks",
                      "last_gate": "ConViT: mean gate of the last GPSA block"}
+
+
+@pytest.mark.parametrize("model", ["deit_tiny", "convit_tiny"])
+@pytest.mark.parametrize("patch", [4, 2])  # lesson 13's two grids, 7x7 and 14x14
+def test_lesson13_pull_of_uniform_attention_is_zero_on_either_grid(model, patch):
+    """Lesson 13's pull, 1 - Eq. 8 / uniform, against the model's own Eq. 8 (convit.nonlocality) of
+    uniform attention: queries and keys zeroed, every gate on content. It is 0 in every block, GPSA
+    and MHSA, only if the lesson's uniform value has the right grid and leaves out the class
+    token's share where a block attends to it (N / (N + 1) of the mean distance)."""
+    import config
+    import train
+
+    lesson13 = importlib.import_module("lessons.13_what_makes_attention_local")
+    cfg, _ = config.resolve({"dataset": "mnist10k", "data_dir": "data", "model": model, "embed_dim": 48,
+                             "num_heads": 4, "depth": 6, "patch_size": patch})
+    net = train.build_model(cfg, 10).eval()
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if ".attn.qk" in name:  # qkv (MHSA) or qk (GPSA): every attention logit 0
+                param.zero_()
+            elif name.endswith("gating_param"):
+                param.fill_(-100.0)  # sigma(lambda) = 0: content attention only
+    eq8 = net.nonlocality(torch.randn(2, 1, 28, 28))  # (blocks, H)
+    run = {"nonlocality": [eq8.tolist()], "gates": [[[0.0] * 4] * cfg.model.gpsa_blocks] if cfg.model.gpsa_blocks else None}
+    pull = lesson13.curves(run, cfg)["pull"]
+    assert pull.shape == (1, 6) and pull.abs().max() < 1e-5, pull
 
 
 def test_lesson13_quotes_its_verdicts_and_reads_lesson11s_runs_unchanged():
