@@ -39,7 +39,7 @@ def recorded_commands() -> list[str]:
             for value in node:
                 walk(value)
 
-    for path in sorted((HERE / "lessons" / "figures").glob("*.json")):
+    for path in sorted((HERE / "lessons" / "figures").rglob("*.json")):
         walk(json.loads(path.read_text()))
     return found
 

@@ -127,12 +127,14 @@ def test_a_recorded_command_gives_the_recorded_top1_again(tmp_path):
     assert last["val_top1"] == result["val_top1"] and last["val_loss"] == result["val_loss"]
 
 
-def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tmp_path):
+def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tmp_path, monkeypatch):
+    from lessons import _protocol
     from lessons._command import parse, training_parser
     from lessons._protocol import QUICK, RECIPE, reuse_finished_run, run_all
 
     args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
     args.quick = False  # whole runs (of 1 x 1/f epochs), which a sweep may read back
+    monkeypatch.setattr(_protocol, "FLOOR_EPOCHS", 1)
     (first,) = run_all(args, [("t", "DeiT", 0.1, 0, {"model": "deit_tiny"})], tmp_path, reuse=True)
     assert not first.get("reused")
     convit, deit = run_all(args, [("t", "ConViT", 0.1, 0, {}), ("t", "DeiT", 0.1, 0, {"model": "deit_tiny"})],
@@ -147,6 +149,60 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
     assert Path(convit["settings"]["output_dir"]).is_dir()
     other = {**convit["settings"], "local_up_to_layer": 2, "output_dir": str(tmp_path / "other2" / "run")}
     assert reuse_finished_run(other, beside=False, elsewhere=(tmp_path,)) is None  # another model: not the same run
+
+
+def test_each_fraction_trains_the_recipes_epochs_and_never_fewer_steps_than_table2s(tmp_path):
+    """The protocol of lesson 6: max(96, 24 / f) epochs, the warmup 4 / f, 12 evaluations; the twin
+    differs from its run in its length alone (and so in how often it is evaluated)."""
+    from lessons._command import parse, run_settings, training_parser
+    from lessons._protocol import QUICK, RECIPE, schedule, twin
+
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--run-dir", str(tmp_path)])
+    made = {f: schedule(args, f, args.warmup_epochs) for f in (0.05, 0.1, 0.25, 0.5, 1.0)}
+    assert {f: s["epochs"] for f, s in made.items()} == {0.05: 480, 0.1: 240, 0.25: 96, 0.5: 96, 1.0: 96}
+    assert {f: s["warmup_epochs"] for f, s in made.items()} == {0.05: 80, 0.1: 40, 0.25: 16, 0.5: 8, 1.0: 4}
+    assert {f: s["eval_every"] for f, s in made.items()} == {0.05: 40, 0.1: 20, 0.25: 8, 0.5: 8, 1.0: 8}
+    run = run_settings(args, tmp_path / "run", seed=2, **made[0.05])
+    half = twin(run, tmp_path / "run-half")
+    assert (half["epochs"], half["eval_every"], half["output_dir"]) == (240, 20, str(tmp_path / "run-half"))
+    assert {k: v for k, v in half.items() if k not in ("epochs", "eval_every", "output_dir")} == \
+        {k: v for k, v in run.items() if k not in ("epochs", "eval_every", "output_dir")}
+
+
+def test_a_run_typed_with_scale_epochs_is_the_same_run_as_its_epochs_typed_out():
+    import config
+    from lessons._protocol import what_defines
+
+    typed_out = what_defines(config.resolve({"dataset": "digits", "data_fraction": 0.05, "epochs": 20})[0])
+    scaled = {"dataset": "digits", "data_fraction": 0.05, "epochs": 1, "scale_epochs": True}
+    assert what_defines(config.resolve(scaled)[0]) == typed_out
+    assert what_defines(config.resolve({**scaled, "epochs": 2})[0]) != typed_out
+
+
+def test_a_run_is_judged_by_its_twin_trained_half_as_long(tmp_path, monkeypatch):
+    from lessons import _protocol
+    from lessons._command import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, run_all, run_record
+
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
+    args.quick = False  # whole runs, not stopped after QUICK_STOP epochs, so that the twin is shorter ...
+    monkeypatch.setattr(_protocol, "FLOOR_EPOCHS", 1)  # ... of 1 x 1/f epochs: seconds
+    (run,) = run_all(args, [("t", "ConViT", 0.25, 0, {})], tmp_path, twins=True)
+    assert (run["settings"]["epochs"], run["half"]["epochs"]) == (4, 2)
+    assert " --epochs 2 " in run["half"]["command"] and f" --output-dir {run['settings']['output_dir']}-half " in \
+        run["half"]["command"]
+    assert run["second_half_adds"] == round(run["val_top1"] - run["half"]["top1"], 2)
+    assert run["converged"] == (run["val_top1"] - run["half"]["top1"] < 0.5)
+    record = run_record("t", "ConViT", 0.25, 0, run)
+    assert record["half"] == run["half"] and record["second_half_adds"] == run["second_half_adds"]
+
+
+@pytest.mark.parametrize("at_full, answer", [((1.0, 0.5, 1.2), "yes"), ((3.6, 4.0, 5.0), "no, it grows"),
+                                            ((2.0, 3.0, 4.0), "not beyond the seeds' spread")])
+def test_lesson6_says_the_gain_shrinks_only_when_the_seeds_ranges_part(at_full, answer):
+    gains = {0.05: {"relative": [3.0, 2.5, 3.5]}, 0.5: {"relative": [9.0, 9.0, 9.0]}, 1.0: {"relative": list(at_full)}}
+    said = lesson("06").does_the_gain_shrink(gains)
+    assert said.startswith(answer + ":") and "at f = 5%" in said and "at f = 100%" in said, said
 
 
 def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():
@@ -235,7 +291,7 @@ def test_lesson5_quotes_its_runs():
     assert f"Top-1 after {epochs} epochs: {quoted}." in " ".join(text.split()), f"lesson 5: top-1 {quoted}"
 
 
-def test_lesson6_quotes_its_runs_its_sweep_and_its_budget_check():
+def test_lesson6_quotes_its_runs_and_its_sweep():
     lesson6, text = committed("06_sample_efficiency.json"), text_of("06_sample_efficiency.md")
     top1 = collections.defaultdict(list)
     for run in lesson6["runs"]:
@@ -256,10 +312,6 @@ def test_lesson6_quotes_its_runs_its_sweep_and_its_budget_check():
                      if run["name"] == name and run["fraction"] == fraction]
             line = line_of(text, f"| {name}, f = {fraction:.0%} |")
             assert re.search(r"\s*\|\s*".join(map(re.escape, cells)), line), f"lesson 6's sweep, {name} at {fraction}: {line}"
-    budget = committed("06_budget.json")
-    for key, added in budget["longer_run_adds"].items():
-        name, fraction = key.split()
-        assert f"{added:+.1f}" in line_of(text, f"| {name} | {float(fraction):.0%} |"), f"lesson 6's budget check, {key}"
     deit_full = top1["table2", "DeiT", 1.0]
     sanity = line_of(text, "- **The sanity check: DeiT's own network at f = 100% reaches")
     assert f"reaches {mean(deit_full):.1f}% ({min(deit_full):.1f}-{max(deit_full):.1f})" in sanity, sanity

@@ -4,21 +4,21 @@ Table 2 trains ConViT and DeiT on a fraction f of every class for 1/f times the 
 every run takes the same number of steps; Table 3 removes ConViT's ingredients one at a time
 on 10% of the data. Here both run on MNIST-10k (real 28x28 digits in 4x4 patches: a 7x7 grid)
 with train.py, for a small ConViT and DeiT's own network at the same width, heads and depth,
-3 seeds each, every run trained until its validation top-1 stops improving (checked, not
-assumed: see `convergence` in lessons/_training.py).
+3 seeds each. Every run is trained until it stops improving, and checked: beside it trains its
+twin, the same run half as long, and the run counts as converged when the twin comes within 0.5
+points of it (lessons/_protocol.py says why, and how long each fraction trains).
 
 The recipe was chosen by a sweep of lr and warmup for both models at f = 100% and 10%
 (`--sweep`, its results in 06_sweep.json); every run of the default run uses it.
 
 Outputs (in --out-dir):
   06_sample_efficiency.png   top-1 against f, ours beside the paper's Table 2, the relative gain,
-                             and the top-1 curves that show each run has converged
+                             and what the second half of every run added (its convergence)
   06_ablations.png           Table 3 rows a-g at f = 10%, ours beside the paper's 10% column
-  06_sample_efficiency.json  every run's train.py command, top-1, curve and convergence, and the paper's numbers
+  06_sample_efficiency.json  every run's and its twin's train.py command and top-1, its verdict, and the paper's numbers
   with --sweep instead:      06_sweep.png and 06_sweep.json (the lr x warmup sweep that chose the recipe)
-  with --budget-check:       06_budget.png and 06_budget.json (what twice the epochs would add)
 
-Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep]
+Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep] [--fractions F ...]
 """
 
 import sys
@@ -75,13 +75,13 @@ TABLE3 = {
 SHARED_ROWS = {"a": "ConViT", "e": "DeiT"}  # Table 3 rows that are Table 2 runs
 
 
-def plot_table2(table2: dict, curves: dict, seeds: list[int], args, settings: str):
-    """table2[f][model]: top-1 over the seeds (mean drawn, bars min to max); curves[(model, f)]:
-    each seed's top-1 against the fraction of the run done."""
+def plot_table2(table2: dict, gains: dict, runs: list[tuple], seeds: list[int], args, settings: str):
+    """table2[f][model]: top-1 over the seeds (mean drawn, bars min to max); gains[f]: each seed's
+    gain (gains_of); runs: (plan entry, result) of every run, each with its twin's verdict."""
     fractions, paper_f = sorted(table2), sorted(PAPER_TABLE2)
     ticks = ([0.05, 0.1, 0.25, 0.5, 1.0], ["5%", "10%", "25%", "50%", "100%"])
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.6), layout="constrained")
-    ours, paper, gain, curve_ax = axes
+    ours, paper, gain, twins = axes
     for name in MODELS:
         means = [mean(table2[f][name]) for f in fractions]
         spread = [[m - min(table2[f][name]) for f, m in zip(fractions, means)],
@@ -94,30 +94,31 @@ def plot_table2(table2: dict, curves: dict, seeds: list[int], args, settings: st
     low = min(min(v) for by_model in table2.values() for v in by_model.values())
     for ax, title, floor in ((ours, f"ours: {args.dataset}, C = {args.embed_dim}, H = {args.num_heads} ({what})",
                               max(0, 5 * int(low / 5) - 5)), (paper, "paper, Table 2: ImageNet, -S models", 0)):
-        ax.set(xscale="log", xlabel="fraction f of the training set (epochs x 1/f)", ylabel="top-1 (%)", title=title,
-               ylim=(floor, 100))
+        ax.set(xscale="log", xlabel="fraction f of the training set", ylabel="top-1 (%)", title=title, ylim=(floor, 100))
         ax.set_xticks(*ticks)
         ax.legend(fontsize=8, loc="lower right")
-    errors = [100 * (mean(table2[f]["ConViT"]) - mean(table2[f]["DeiT"])) / (100 - mean(table2[f]["DeiT"]))
-              for f in fractions]
-    gain.plot(fractions, [100 * (mean(table2[f]["ConViT"]) / mean(table2[f]["DeiT"]) - 1) for f in fractions], "o-",
-              color="k", label="ours: ConViT / DeiT - 1")
-    gain.plot(fractions, errors, "o:", color="k", label="ours: DeiT's errors ConViT avoids")
+    for key, style, label in (("relative", "o-", "ours: ConViT / DeiT - 1"),
+                              ("errors_avoided", "o:", "ours: DeiT's errors ConViT avoids")):
+        means = [mean(gains[f][key]) for f in fractions]
+        gain.errorbar(fractions, means, yerr=[[m - min(gains[f][key]) for f, m in zip(fractions, means)],
+                                              [max(gains[f][key]) - m for f, m in zip(fractions, means)]],
+                      fmt=style, color="k", capsize=3, label=label)
     gain.plot(paper_f, [100 * (PAPER_TABLE2[f][1] / PAPER_TABLE2[f][0] - 1) for f in paper_f], "s--", color="0.5",
               label="paper: ConViT-S / DeiT-S - 1")
     gain.axhline(0, color="0.8")
-    gain.set(xscale="log", xlabel="fraction f", ylabel="%", title="ConViT's gain over DeiT")
+    gain.set(xscale="log", xlabel="fraction f", ylabel="%", title="ConViT's gain over DeiT (bars: the seeds' range)")
     gain.set_xticks(*ticks)
     gain.legend(fontsize=8)
-    for (name, f), seed_curves in sorted(curves.items()):
-        for i, curve in enumerate(seed_curves):
-            last = curve[-1][0]
-            curve_ax.plot([e / last for e, _ in curve], [t for _, t in curve], color=COLOURS[name],
-                          ls="-" if f == max(fractions) else ":", lw=1, alpha=0.8,
-                          label=f"{name}, f = {f:.0%}" if i == 0 else None)
-    curve_ax.set(xlabel="fraction of the run done", ylabel="validation top-1 (%)", ylim=(max(0, low - 30), 100),
-                 title=f"every seed's curve at f = {max(fractions):.0%} and {min(fractions):.0%}")
-    curve_ax.legend(fontsize=8, loc="lower right")
+    for (table, name, f, _seed, _), result in runs:
+        if table == "table2":
+            twins.plot(f * (1.06 if name == "ConViT" else 0.94), result["second_half_adds"], "o", color=COLOURS[name],
+                       alpha=0.8, label=name if f == fractions[0] else None)
+    twins.axhline(CONVERGED_WITHIN, color="k", ls="--", lw=1, label=f"{CONVERGED_WITHIN} points: converged below")
+    twins.axhline(0, color="0.8")
+    twins.set(xscale="log", xlabel="fraction f", ylabel="top-1 of the run - top-1 of its twin (points)",
+              title="what the second half of each run added (twin: the run half as long)")
+    twins.set_xticks(*ticks)
+    twins.legend(fontsize=8)
     save_figure(fig, args.out_dir, "06_sample_efficiency.png", settings, args.device)
 
 
@@ -140,20 +141,21 @@ def plot_table3(table3: dict, seeds: list[int], args, settings: str):
     save_figure(fig, args.out_dir, "06_ablations.png", settings, args.device)
 
 
-def print_tables(table2: dict, table3: dict):
+def print_tables(table2: dict, gains: dict, table3: dict):
     print("\nTable 2, ours (top-1 %, mean of the seeds and their range) beside the paper's (ImageNet, -S models):")
-    print("| f | DeiT | ConViT | gain vs DeiT | paper: DeiT-S | paper: ConViT-S | paper gain |")
-    print("|---|---|---|---|---|---|---|")
+    print("| f | DeiT | ConViT | gain vs DeiT | DeiT's errors avoided | paper: DeiT-S | paper: ConViT-S | paper gain |")
+    print("|---|---|---|---|---|---|---|---|")
     for f in sorted(set(table2) | set(PAPER_TABLE2)):
         if f in table2:
-            top1 = table2[f]
-            ours = (f"{cell(top1['DeiT'])} | {cell(top1['ConViT'])} | "
-                    f"{100 * (mean(top1['ConViT']) / mean(top1['DeiT']) - 1):+.1f}%")
+            ours = (f"{cell(table2[f]['DeiT'])} | {cell(table2[f]['ConViT'])} | {cell(gains[f]['relative'])}% | "
+                    f"{cell(gains[f]['errors_avoided'], 0)}%")
         else:
-            ours = "- | - | -"
+            ours = "- | - | - | -"
         paper = PAPER_TABLE2.get(f)
         paper_cells = f"{paper[0]} | {paper[1]} | {100 * (paper[1] / paper[0] - 1):+.0f}%" if paper else "- | - | -"
         print(f"| {f:.0%} | {ours} | {paper_cells} |")
+    if not table3:
+        return
     print(f"\nTable 3 at f = {ABLATION_FRACTION:.0%}, ours beside the paper's (ConViT-S+ on ImageNet):")
     print("| row | train gating | conv init | train GPSA | use GPSA | ours, 10% | paper, 10% | paper, full |")
     print("|---|---|---|---|---|---|---|---|")
@@ -198,40 +200,6 @@ def sweep(args, run_root: Path, clock: Stopwatch, argv):
                         for (name, f, lr, warmup), result in results])
 
 
-def budget_check(args, run_root: Path, clock: Stopwatch, argv):
-    """Is RECIPE's budget enough? Seed 0 of both models at SWEEP_FRACTIONS, trained for the
-    recipe's epochs and for twice as many: what the longer run adds is what a run of the default
-    one still lacked (a cosine schedule always ends with a rise, as the lr anneals, so the last
-    quarter of one run cannot say this by itself)."""
-    fractions = tuple(args.fractions or ((0.1,) if args.quick else SWEEP_FRACTIONS))
-    cells = [(name, f, epochs) for name in MODELS for f in fractions for epochs in (args.epochs, 2 * args.epochs)]
-    plan = [("budget", name, f, 0, {**MODELS[name], "epochs": epochs}) for name, f, epochs in cells]
-    # The runs of the recipe's length are Table 2's: read from the lesson's run folder if it holds them.
-    results = run_all(args, plan, run_root, reuse=True, elsewhere=(run_root.parent,))
-    fig, axes = plt.subplots(1, len(MODELS) * len(fractions), figsize=(16, 3.8), layout="constrained", squeeze=False)
-    found = dict(zip(cells, results))
-    print("\n| model | f | top-1, recipe's epochs | top-1, twice the epochs | the longer run adds |")
-    print("|---|---|---|---|---|")
-    for ax, (name, f) in zip(axes[0], [(n, f) for n in MODELS for f in fractions]):
-        short, long = found[name, f, args.epochs], found[name, f, 2 * args.epochs]
-        for result, style, label in ((short, "o-", f"{args.epochs} x 1/f epochs"), (long, "s--", f"{2 * args.epochs} x 1/f")):
-            last = result["records"][-1]["epoch"]
-            ax.plot([r["epoch"] / last for r in result["records"]], [r["val_top1"] for r in result["records"]], style,
-                    label=f"{label}: {result['val_top1']:.1f}%")
-        ax.set(xlabel="fraction of the run done", ylabel="validation top-1 (%)", ylim=(80, 100),
-               title=f"{name}, f = {f:.0%}: the longer run adds {long['val_top1'] - short['val_top1']:+.1f}")
-        ax.legend(fontsize=8, loc="lower right")
-        print(f"| {name} | {f:.0%} | {short['val_top1']:.1f} | {long['val_top1']:.1f} | "
-              f"{long['val_top1'] - short['val_top1']:+.1f} |")
-    save_figure(fig, args.out_dir, "06_budget.png", f"seed 0; {recipe_line(args)}; the longer runs with twice the epochs",
-                args.device)
-    write_summary(args, __file__, "06_budget.json", clock, argv,
-                  runs=[{**run_record("budget", name, f, 0, result), "epochs": epochs}
-                        for (name, f, epochs), result in zip(cells, results)],
-                  longer_run_adds={f"{name} {f:g}": found[name, f, 2 * args.epochs]["val_top1"]
-                                   - found[name, f, args.epochs]["val_top1"] for name in MODELS for f in fractions})
-
-
 def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
@@ -242,56 +210,92 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help=f"instead: the lr x warmup sweep that chose the recipe ({len(MODELS) * len(SWEEP_FRACTIONS)}"
                              f" x {len(SWEEP['lr']) * len(SWEEP['warmup_epochs'])} runs of seed 0)")
-    parser.add_argument("--budget-check", action="store_true",
-                        help="instead: seed 0 of both models at f = 100%% and 10%% (or --fractions), trained for the "
-                             "recipe's epochs and for twice as many, to show what a longer run would add")
     add_keep_finished(parser)
     args = parse(parser, argv)
     if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
         raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
     clock = Stopwatch("lesson 6")
-    if args.sweep or args.budget_check:
+    if args.sweep:
         with run_folder(args) as run_root:
-            if args.sweep:
-                return sweep(args, Path(run_root) / "sweep", clock, argv)
-            return budget_check(args, Path(run_root) / "budget", clock, argv)
+            return sweep(args, Path(run_root) / "sweep", clock, argv)
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
-    fractions = sorted(set(args.fractions or (QUICK_FRACTIONS if args.quick else FRACTIONS)) | {ABLATION_FRACTION})
-    # Every run: (table, row or model, fraction, seed, extra flags). Table 3's rows a and e are Table 2's.
+    fractions = sorted(set(args.fractions or (QUICK_FRACTIONS if args.quick else FRACTIONS)))
+    # Every run: (table, row or model, fraction, seed, extra flags). Table 3 (at 10%, so only when
+    # 10% is among the fractions) shares its rows a and e with Table 2.
     plan = [("table2", name, f, seed, changes) for f in fractions for name, changes in MODELS.items() for seed in seeds]
-    plan += [("table3", row, ABLATION_FRACTION, seed, ablation.settings) for row, ablation in TABLE3.items()
-             if row not in SHARED_ROWS for seed in seeds]
-    print(f"{len(plan)} training runs, {args.workers} at a time: {args.epochs} epochs x 1/f of {args.dataset}, "
-          f"C = {args.embed_dim}, H = {args.num_heads}, {args.depth} blocks, batch {args.batch_size}, lr {args.lr:g}")
+    if ABLATION_FRACTION in fractions:
+        plan += [("table3", row, ABLATION_FRACTION, seed, ablation.settings) for row, ablation in TABLE3.items()
+                 if row not in SHARED_ROWS for seed in seeds]
+    print(f"{len(plan)} training runs and their twins (half as long), {args.workers} at a time: {recipe_line(args)}")
     with run_folder(args) as run_root:
-        results = run_all(args, plan, run_root, reuse=args.keep_finished)
+        results = run_all(args, plan, run_root, reuse=args.keep_finished, twins=True)
 
-    table2 = {f: {name: [] for name in MODELS} for f in fractions}
+    table2 = {f: {name: {} for name in MODELS} for f in fractions}  # top-1 by seed
     table3 = {row: [] for row in TABLE3}
-    curves = {}
-    for (table, name, f, _seed, _settings), result in zip(plan, results):
-        (table2[f][name] if table == "table2" else table3[name]).append(result["val_top1"])
-        if table == "table2" and f in (min(fractions), max(fractions)):
-            curves.setdefault((name, f), []).append([[r["epoch"], r["val_top1"]] for r in result["records"]])
-    for row, name in SHARED_ROWS.items():
-        table3[row] = table2[ABLATION_FRACTION][name]
-    table2_shown = {f: table2[f] for f in fractions if args.fractions is None or f in args.fractions}
+    for (table, name, f, seed, _settings), result in zip(plan, results):
+        if table == "table2":
+            table2[f][name][seed] = result["val_top1"]
+        else:
+            table3[name].append(result["val_top1"])
+    if ABLATION_FRACTION in fractions:
+        for row, name in SHARED_ROWS.items():
+            table3[row] = list(table2[ABLATION_FRACTION][name].values())
+    gains = {f: gains_of(table2[f]) for f in fractions}
 
     what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
     settings = f"{recipe_line(args)}, {what}"
-    plot_table2(table2_shown, curves, seeds, args, settings)
-    plot_table3(table3, seeds, args, settings)
-    print_tables(table2_shown, table3)
+    top1 = {f: {name: list(by_seed.values()) for name, by_seed in runs_f.items()} for f, runs_f in table2.items()}
+    plot_table2(top1, gains, [(entry, r) for entry, r in zip(plan, results)], seeds, args, settings)
+    if ABLATION_FRACTION in fractions:
+        plot_table3(table3, seeds, args, settings)
+    print_tables(top1, gains, table3 if ABLATION_FRACTION in fractions else {})
+    print_convergence(plan, results)
+    answer = does_the_gain_shrink(gains)
+    print(f"\nDoes the gain shrink with data? {answer}")
     print(convergence_line(results))
     write_summary(
         args, __file__, "06_sample_efficiency.json", clock, argv, settings=settings, seeds=seeds,
         rule=convergence_line(results),
         runs=[run_record(table, name, f, seed, result) for (table, name, f, seed, _), result in zip(plan, results)],
-        table2_mean_top1={f"{f:g}": {name: mean(v) for name, v in runs_f.items()} for f, runs_f in table2_shown.items()},
-        table3_mean_top1={row: mean(v) for row, v in table3.items()},
+        table2_mean_top1={f"{f:g}": {name: mean(v) for name, v in runs_f.items()} for f, runs_f in top1.items()},
+        gain_per_seed={f"{f:g}": g for f, g in gains.items()}, does_the_gain_shrink=answer,
+        table3_mean_top1={row: mean(v) for row, v in table3.items() if v},
         paper={"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
                "table3": {row: {"full": row_.paper_full, "10%": row_.paper_tenth} for row, row_ in TABLE3.items()}})
     clock.done()
+
+
+def gains_of(by_model: dict) -> dict:
+    """ConViT's gain over DeiT at one fraction, seed by seed (a seed draws both models' subset):
+    the paper's measure, ConViT / DeiT - 1, and the share of DeiT's errors that ConViT avoids, in %."""
+    seeds = sorted(set(by_model["ConViT"]) & set(by_model["DeiT"]))
+    convit, deit = ([by_model[name][s] for s in seeds] for name in ("ConViT", "DeiT"))
+    return {"relative": [round(100 * (c / d - 1), 2) for c, d in zip(convit, deit)],
+            "errors_avoided": [round(100 * (c - d) / (100 - d), 1) for c, d in zip(convit, deit)]}
+
+
+def does_the_gain_shrink(gains: dict) -> str:
+    """The answer in one sentence: the gain (ConViT / DeiT - 1) at the largest fraction against
+    the smallest, seed by seed; a change counts only when the two ranges of seeds do not overlap."""
+    low, high = min(gains), max(gains)
+    at_low, at_high = gains[low]["relative"], gains[high]["relative"]
+    said = (f"the gain is {cell(at_low, 2)}% at f = {low:.0%} and {cell(at_high, 2)}% at f = {high:.0%} "
+            f"(mean and range of {len(at_high)} seeds)")
+    if max(at_high) < min(at_low):
+        return f"yes: {said}; every seed's gain at {high:.0%} is below every seed's at {low:.0%}."
+    if min(at_high) > max(at_low):
+        return f"no, it grows: {said}; every seed's gain at {high:.0%} is above every seed's at {low:.0%}."
+    return f"not beyond the seeds' spread: {said}; the two ranges overlap."
+
+
+def print_convergence(plan: list[tuple], results: list[dict]):
+    print(f"\nEvery run against its twin, trained half as long (converged: the twin within {CONVERGED_WITHIN} points):")
+    print("| table | run | f | seed | epochs | top-1 | twin's epochs | twin's top-1 | second half added | converged |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (table, name, f, seed, _), result in zip(plan, results):
+        print(f"| {table} | {name} | {f:.0%} | {seed} | {result['settings']['epochs']} | {result['val_top1']:.2f} | "
+              f"{result['half']['epochs']} | {result['half']['top1']:.2f} | {result['second_half_adds']:+.2f} | "
+              f"{'yes' if result['converged'] else 'no'} |")
 
 
 if __name__ == "__main__":

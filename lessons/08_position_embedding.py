@@ -94,7 +94,8 @@ def main(argv=None):
           f"{recipe_line(args)}")
     with run_folder(args) as run_root:
         # The runs with the position embedding are lesson 6's at f = 100%: read from its run folder if it holds them.
-        results = run_all(args, plan, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",))
+        results = run_all(args, plan, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",),
+                          twins=True)
         masked = [None if result["settings"].get("no_pos_embed") else masked_evaluation(result["settings"])
                   for result in results]
 

@@ -88,7 +88,8 @@ def main(argv=None):
     print(f"{len(plan)} training runs, {args.workers} at a time: {recipe_line(args)}, f = {FRACTION:.0%}")
     with run_folder(args) as run_root:
         # 2 GPSA blocks at alpha 1 is lesson 6's ConViT at f = 10%: read from its run folder if it holds them.
-        results = run_all(args, plan, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",))
+        results = run_all(args, plan, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",),
+                          twins=True)
     top1 = {setting: [] for setting in grid}
     records = []
     for (n, a), seed, result in zip([s for s in grid for _ in seeds], [s for _ in grid for s in seeds], results):

@@ -1,12 +1,20 @@
 """The training protocol of the lessons that compare models (6, 8 and 9): one recipe, chosen by
 lesson 6's sweep for ConViT and DeiT alike, and every run trained until it stops improving.
 
-A run at fraction f of the training set trains 1/f times the epochs (Table 2's protocol, so
-every run takes the same steps), is evaluated EVALUATIONS times the same steps apart, and is
-judged converged when the last quarter of those evaluations adds less than CONVERGED_WITHIN
-points to its best top-1 (`convergence`, lessons/_training.py). Each run keeps its train.py
-command, relative to the repository root: run from there, it gives the same top-1 again
-(one-thread CPU runs are deterministic).
+A run at fraction f of the training set trains max(epochs, FLOOR_EPOCHS / f) epochs: the recipe's
+epochs, the fewest that converge a run on all the data, and never fewer steps than Table 2's
+equal-steps protocol gives (FLOOR_EPOCHS on all the data: 3,000 steps), so that a small fraction
+still sees its images as often as the paper's protocol shows them. It is evaluated EVALUATIONS
+times the same steps apart.
+
+A run is judged converged by its twin (`twin`; run_all(twins=True)): the same run, trained half
+as long. When the twin comes within CONVERGED_WITHIN points of the run's top-1, training twice
+as long as the twin added less than that, and the run, twice the twin's length, is past the
+point where more training stops paying. The last quarter of one run's evaluations cannot say this: a cosine
+schedule ends with a rise, as the lr anneals, in a run that has learnt what it can.
+
+Each run keeps its train.py command, relative to the repository root: run from there, it gives
+the same top-1 again (one-thread CPU runs are deterministic).
 """
 
 from __future__ import annotations
@@ -23,16 +31,20 @@ import runs
 from lessons._command import LessonRecipe, run_settings
 from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, train_one
 
-# The recipe (the warmup is in epochs at f = 100% and, like the epochs, multiplied by 1/f; it
-# starts from lr / 100). The rest is train.py's small preset: AdamW, weight decay 0.05, label
-# smoothing 0.1, cosine to 1e-5, crops of 50-100% of the image; and no RandAugment.
-RECIPE = LessonRecipe(epochs=24, embed_dim=48, num_heads=4, depth=4, batch_size=64, lr=4e-3, warmup_epochs=4,
+# The recipe (the warmup is in epochs at f = 100% and multiplied by 1/f; it starts from lr / 100).
+# Its epochs are the fewest that lesson 6's twins found to converge both models on all the data
+# (see FLOOR_EPOCHS for the other fractions). The rest is train.py's small preset: AdamW, weight
+# decay 0.05, label smoothing 0.1, cosine to 1e-5, crops of 50-100% of the image; no RandAugment.
+RECIPE = LessonRecipe(epochs=96, embed_dim=48, num_heads=4, depth=4, batch_size=64, lr=4e-3, warmup_epochs=4,
                       warmup_lr=4e-5)
 # --quick: a tiny model, each run stopped after QUICK_STOP epochs of its schedule (seconds in all).
 QUICK = LessonRecipe(epochs=1, embed_dim=16, num_heads=4, depth=3, batch_size=64, lr=2e-3, warmup_epochs=0,
                      warmup_lr=2e-5)
 QUICK_STOP = 2
 EVALUATIONS = 12  # per run, the same steps apart at every fraction
+# Table 2's equal steps: 24 epochs on all the data (3,000 steps of 64 images), 24 / f at fraction f.
+# Every run trains at least this long, so that runs on little data keep the paper's many epochs.
+FLOOR_EPOCHS = 24
 
 # The two models every comparison trains: the settings each adds to the recipe's ConViT.
 MODELS = {
@@ -42,20 +54,34 @@ MODELS = {
 
 
 def schedule(args, fraction: float, warmup_epochs: int) -> dict:
-    """The settings that make a run at fraction f: the data, 1/f the epochs and the warmup (scaled
-    too, so that it is the same share of every run), and EVALUATIONS evaluations the same steps
-    apart (--quick: QUICK_STOP epochs, each evaluated)."""
-    every = 1 if args.quick else max(1, round(args.epochs / fraction / EVALUATIONS))
-    settings = {"data_fraction": fraction, "scale_epochs": True, "warmup_epochs": round(warmup_epochs / fraction),
-                "eval_every": every}
+    """The settings that make a run at fraction f: the data, max(epochs, FLOOR_EPOCHS / f) epochs,
+    the warmup times 1/f, and EVALUATIONS evaluations the same steps apart. --quick: epochs / f
+    epochs, stopped after QUICK_STOP, each evaluated."""
+    epochs = max(args.epochs, round(floor_epochs(args) / fraction))
+    settings = {"data_fraction": fraction, "epochs": epochs, "warmup_epochs": round(warmup_epochs / fraction),
+                "eval_every": 1 if args.quick else max(1, round(epochs / EVALUATIONS))}
     return {**settings, "stop_after": QUICK_STOP} if args.quick else settings
+
+
+def floor_epochs(args) -> int:
+    return args.epochs if args.quick else FLOOR_EPOCHS
+
+
+def twin(settings: dict, folder: Path) -> dict:
+    """The run of `settings` trained half as long, in `folder`: the same data, seed, warmup (in
+    epochs) and number of evaluations; only the cosine is half as long."""
+    epochs = max(1, settings["epochs"] // 2)
+    return {**settings, "epochs": epochs, "eval_every": max(1, settings["eval_every"] // 2),
+            "output_dir": str(folder)}
 
 
 def what_defines(cfg: config.RunConfig) -> dict:
     """The fields that define a run (cli.RUN: not where or how it ran), its GPSA blocks counted the
     same whether they were typed or left to the model's default."""
-    return {**{name: value for name, value in cfg.flat().items() if config.FIELDS[name].metadata["role"] == cli.RUN},
-            "local_up_to_layer": cfg.model.gpsa_blocks}
+    defining = {name: value for name, value in cfg.flat().items()
+                if config.FIELDS[name].metadata["role"] == cli.RUN and name != "scale_epochs"}
+    # --scale-epochs is left out: the epochs it scaled are in the resolved configuration.
+    return {**defining, "local_up_to_layer": cfg.model.gpsa_blocks}
 
 
 def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Path, ...] = ()) -> dict | None:
@@ -92,13 +118,16 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
     return None
 
 
-def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewhere: tuple[Path, ...] = ()) -> list[dict]:
+def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewhere: tuple[Path, ...] = (),
+            twins: bool = False) -> list[dict]:
     """Train every (table, name, fraction, seed, settings[, warmup epochs]) of `plan`, args.workers
-    at a time; each result gains its settings and its train.py command. A run that a folder of
-    `elsewhere` (another lesson's) or, with reuse, of run_root already holds, finished with the same
-    settings, is read rather than trained again (`reuse_finished_run`): how lessons share runs, a
-    sweep grows, and an interrupted lesson goes on, without training what they have."""
-    jobs = []
+    at a time; each result gains its settings and its train.py command. With `twins`, each run's
+    twin trains too (`twin`), and the result gains the twin's top-1 and command, what the second
+    half of the run added, and its verdict, `converged`. A run that a folder of `elsewhere`
+    (another lesson's) or, with reuse, of run_root already holds, finished with the same settings,
+    is read rather than trained again (`reuse_finished_run`): how lessons share runs, a sweep
+    grows, and an interrupted lesson goes on, without training what they have."""
+    jobs, labels = [], []
     for table, name, f, seed, changes, *rest in plan:
         changes = {**changes, **schedule(args, f, (*rest, args.warmup_epochs)[0])}
         # The folder is named after the run's flags, so that the same run keeps its folder when a sweep grows.
@@ -106,34 +135,52 @@ def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewh
         digest = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
         folder = Path(run_root) / f"{table}-{name.replace(' ', '_')}-{f:g}-seed{seed}-{digest}"
         jobs.append(run_settings(args, folder, seed=seed, **changes))
+        labels.append(f"{name:<26} f = {f:<5g} seed {seed}")
+    if twins:
+        jobs += [twin(job, Path(f"{job['output_dir']}-half")) for job in jobs[:len(plan)]]
+        labels += [f"{label}, half as long" for label in labels]
+    results = train_or_read(args, jobs, labels, reuse, elsewhere)
+    results = [{**result, "settings": job, "command": config.command(job)} for job, result in zip(jobs, results)]
+    if not twins:
+        return results
+    return [{**run, "converged": run["val_top1"] - half["val_top1"] < CONVERGED_WITHIN,
+             "second_half_adds": round(run["val_top1"] - half["val_top1"], 2),
+             "half": {"epochs": half["settings"]["epochs"], "top1": half["val_top1"], "command": half["command"],
+                      "seconds": None if half["seconds"] is None else round(half["seconds"], 1)}}
+            for run, half in zip(results[:len(plan)], results[len(plan):])]
+
+
+def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewhere: tuple[Path, ...]) -> list[dict]:
+    """Each job's result: read from a finished run of the same settings where one is found, else trained."""
     started = time.perf_counter()
     found = {i: reuse_finished_run(job, reuse, elsewhere) for i, job in enumerate(jobs)} if reuse or elsewhere else {}
     found = {i: result for i, result in found.items() if result is not None}
     if found:
         print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders")
+    todo = [i for i in range(len(jobs)) if i not in found]
 
     def report(job, result):
-        _table, name, f, seed, *_ = plan[jobs.index(job)]
         gain = result["last_quarter_gain"]
-        print(f"  [{time.perf_counter() - started:5.0f} s] {name:<26} f = {f:<5g} seed {seed}: top-1 "
-              f"{result['val_top1']:5.1f}%, the last quarter added {gain if gain is None else f'{gain:+.2f}'} "
-              f"({result['seconds']:.0f} s)", flush=True)
+        print(f"  [{time.perf_counter() - started:5.0f} s] {labels[jobs.index(job)]}: top-1 {result['val_top1']:5.1f}%, "
+              f"the last quarter added {gain if gain is None else f'{gain:+.2f}'} ({result['seconds']:.0f} s)", flush=True)
 
-    todo = [job for i, job in enumerate(jobs) if i not in found]
-    trained = iter(run_parallel(train_one, todo, args.workers, args.threads, done=report))
-    results = [found[i] if i in found else next(trained) for i in range(len(jobs))]
-    return [{**result, "settings": job, "command": config.command(job)} for job, result in zip(jobs, results)]
+    trained = run_parallel(train_one, [jobs[i] for i in todo], args.workers, args.threads, done=report)
+    return [found[i] if i in found else trained[todo.index(i)] for i in range(len(jobs))]
 
 
 def run_record(table: str, name: str, fraction: float, seed: int, result: dict) -> dict:
-    """What a lesson's JSON keeps of a run: enough to check it and to run it again."""
-    return {"table": table, "name": name, "fraction": fraction, "seed": seed, "top1": result["val_top1"],
-            "top5": result["val_top5"], "converged": result["converged"],
-            "last_quarter_gain": result["last_quarter_gain"],
-            "curve": [[r["epoch"], r["val_top1"]] for r in result["records"]],
-            "parameters": result["parameters"],
-            "seconds": None if result["seconds"] is None else round(result["seconds"], 1),
-            "read_back": result.get("reused", False), "command": result["command"]}
+    """What a lesson's JSON keeps of a run: enough to check it and to run it again, and with a twin
+    (run_all's twins), the evidence of its verdict."""
+    record = {"table": table, "name": name, "fraction": fraction, "seed": seed, "top1": result["val_top1"],
+              "top5": result["val_top5"], "converged": result["converged"],
+              "last_quarter_gain": result["last_quarter_gain"],
+              "curve": [[r["epoch"], r["val_top1"]] for r in result["records"]],
+              "parameters": result["parameters"],
+              "seconds": None if result["seconds"] is None else round(result["seconds"], 1),
+              "read_back": result.get("reused", False), "command": result["command"]}
+    if "half" in result:
+        record.update(second_half_adds=result["second_half_adds"], half=result["half"])
+    return record
 
 
 def add_keep_finished(parser):
@@ -142,7 +189,10 @@ def add_keep_finished(parser):
                              "from their folders rather than training them again (one-thread runs are deterministic)")
 
 
-def convergence_rule() -> str:
+def convergence_rule(twins: bool = True) -> str:
+    if twins:
+        return (f"converged: the same run trained half as long came within {CONVERGED_WITHIN} points of its top-1, "
+                f"so training twice as long as that added less than {CONVERGED_WITHIN}")
     return (f"converged: the best validation top-1 of the last quarter of a run's {EVALUATIONS} evaluations is less "
             f"than {CONVERGED_WITHIN} points above the best before them")
 
@@ -150,10 +200,11 @@ def convergence_rule() -> str:
 def convergence_line(results: list[dict]) -> str:
     verdicts = [r["converged"] for r in results]
     return (f"converged: {verdicts.count(True)} runs, not converged: {verdicts.count(False)}, too few evaluations to "
-            f"judge: {verdicts.count(None)} ({convergence_rule()})")
+            f"judge: {verdicts.count(None)} ({convergence_rule(all('half' in r for r in results))})")
 
 
 def recipe_line(args) -> str:
     return (f"train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, {args.depth} blocks "
             f"(ConViT: {max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW, peak lr {args.lr:g}, warmup "
-            f"{args.warmup_epochs} x 1/f epochs from lr / 100, cosine, {args.epochs} x 1/f epochs, no RandAugment")
+            f"{args.warmup_epochs} x 1/f epochs from lr / 100, cosine, max({args.epochs}, {floor_epochs(args)} x 1/f) epochs, "
+            f"no RandAugment")
