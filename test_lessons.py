@@ -203,6 +203,7 @@ def test_lesson6_says_the_gain_shrinks_only_when_the_seeds_ranges_part(at_full, 
     gains = {0.05: {"relative": [3.0, 2.5, 3.5]}, 0.5: {"relative": [9.0, 9.0, 9.0]}, 1.0: {"relative": list(at_full)}}
     said = lesson("06").does_the_gain_shrink(gains)
     assert said.startswith(answer + ":") and "at f = 5%" in said and "at f = 100%" in said, said
+    assert lesson("06").does_the_gain_shrink({1.0: gains[1.0]}).startswith("one fraction (100%) cannot say")
 
 
 def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():

@@ -115,7 +115,7 @@ def plot_table2(table2: dict, gains: dict, runs: list[tuple], seeds: list[int], 
                        alpha=0.8, label=name if f == fractions[0] else None)
     twins.axhline(CONVERGED_WITHIN, color="k", ls="--", lw=1, label=f"{CONVERGED_WITHIN} points: converged below")
     twins.axhline(0, color="0.8")
-    twins.set(xscale="log", xlabel="fraction f", ylabel="top-1 of the run - top-1 of its twin (points)",
+    twins.set(xscale="log", xlim=(0.04, 1.3), xlabel="fraction f", ylabel="top-1 of the run - top-1 of its twin (points)",
               title="what the second half of each run added (twin: the run half as long)")
     twins.set_xticks(*ticks)
     twins.legend(fontsize=8)
@@ -278,9 +278,11 @@ def does_the_gain_shrink(gains: dict) -> str:
     """The answer in one sentence: the gain (ConViT / DeiT - 1) at the largest fraction against
     the smallest, seed by seed; a change counts only when the two ranges of seeds do not overlap."""
     low, high = min(gains), max(gains)
+    if low == high:
+        return f"one fraction ({low:.0%}) cannot say: run two or more (--fractions)."
     at_low, at_high = gains[low]["relative"], gains[high]["relative"]
-    said = (f"the gain is {cell(at_low, 2)}% at f = {low:.0%} and {cell(at_high, 2)}% at f = {high:.0%} "
-            f"(mean and range of {len(at_high)} seeds)")
+    seeds = f"mean and range of {len(at_high)} seeds" if len(at_high) > 1 else "one seed"
+    said = f"the gain is {cell(at_low, 2)}% at f = {low:.0%} and {cell(at_high, 2)}% at f = {high:.0%} ({seeds})"
     if max(at_high) < min(at_low):
         return f"yes: {said}; every seed's gain at {high:.0%} is below every seed's at {low:.0%}."
     if min(at_high) > max(at_low):
