@@ -569,6 +569,15 @@ def test_no_tracked_text_calls_the_gates_fig5_or_the_nonlocality_fig6():
     assert wrong == {}
 
 
+def test_lesson10_without_lesson5s_run_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    module = lesson("10")
+    copy = tmp_path / "10_far_content.json"
+    copy.write_text((LESSONS / "figures" / copy.name).read_text())
+    monkeypatch.setattr(module, "MNIST_RUN", tmp_path / "05_escaping_locality.json")
+    one_error_line(cli.run_command(module.main, ["--redraw", "--out-dir", str(tmp_path)]), capsys.readouterr().err,
+                   "lesson 5's committed run", "05_escaping_locality.json is missing")
+
+
 @pytest.mark.parametrize("number, name", [("05", "05_escaping_locality"), ("10", "10_far_content")])
 def test_redraw_draws_the_recorded_runs_with_their_machine_and_changes_no_file(number, name, tmp_path, capsys,
                                                                                monkeypatch):

@@ -23,7 +23,6 @@ Run from the repository root:  python lessons/10_far_content.py [--quick]
 """
 
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -78,6 +77,14 @@ def corner_attention(run_dir: Path, images: torch.Tensor) -> list[dict]:
     return shares
 
 
+def lesson5_run() -> dict:
+    """Lesson 5's committed MNIST-10k run, which the figure draws beside this lesson's own."""
+    if not MNIST_RUN.is_file():
+        raise ValueError(f"lesson 10 draws lesson 5's committed run beside its own, and {MNIST_RUN} is missing: "
+                         "restore it (git checkout lessons/figures) or run lesson 5 first")
+    return read_summary(MNIST_RUN)
+
+
 def plot(seed_runs: list[dict], mnist: dict, seeds: list[int], args, settings: str, machine: str):
     """The figure, from the runs as the JSON keeps them (lesson5.lesson_record); `machine` trained them."""
     fig, axes = plt.subplots(2, 4, figsize=(22, 9), layout="constrained")
@@ -121,7 +128,7 @@ def main(argv=None):
     args = parse(parser, argv)
     if args.redraw:
         summary = read_summary(args.out_dir / SUMMARY)
-        plot(summary["runs"], json.loads(MNIST_RUN.read_text()), summary["seeds"], args, summary["settings"],
+        plot(summary["runs"], lesson5_run(), summary["seeds"], args, summary["settings"],
              summary["hardware"])
         return
     clock = Stopwatch("lesson 10")
@@ -141,7 +148,7 @@ def main(argv=None):
             _, val_set, _ = data.build_datasets(cfg.data, cfg.augment, cfg.recipe.seed)
             images = train.nonlocality_images(data.transformed_once(val_set))
             corners = [corner_attention(Path(settings["output_dir"]), images) for settings, _ in jobs]
-    mnist = json.loads(MNIST_RUN.read_text())
+    mnist = lesson5_run()
     settings = (f"train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, {args.depth} blocks "
                 f"({max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW lr {args.lr:g}, "
                 f"{args.warmup_epochs} warmup epoch(s) from {args.warmup_lr:g}, cosine, {args.epochs} epochs, no crops, "
