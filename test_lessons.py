@@ -200,9 +200,12 @@ def test_a_run_is_judged_by_its_twin_trained_half_as_long(tmp_path, monkeypatch)
 @pytest.mark.parametrize("at_full, answer", [((1.0, 0.5, 1.2), "yes"), ((3.6, 4.0, 5.0), "no, it grows"),
                                             ((2.0, 3.0, 4.0), "not beyond the seeds' spread")])
 def test_lesson6_says_the_gain_shrinks_only_when_the_seeds_ranges_part(at_full, answer):
-    gains = {0.05: {"relative": [3.0, 2.5, 3.5]}, 0.5: {"relative": [9.0, 9.0, 9.0]}, 1.0: {"relative": list(at_full)}}
+    gains = {0.05: {"relative": [3.0, 2.5, 3.5], "errors_avoided": [30, 20, 25]},
+             0.5: {"relative": [9.0, 9.0, 9.0], "errors_avoided": [50, 50, 50]},
+             1.0: {"relative": list(at_full), "errors_avoided": [40, 45, 50]}}
     said = lesson("06").does_the_gain_shrink(gains)
     assert said.startswith(answer + ":") and "at f = 5%" in said and "at f = 100%" in said, said
+    assert "ConViT avoids 25 (20-30)% and 45 (40-50)% of DeiT's errors" in said, said
     assert lesson("06").does_the_gain_shrink({1.0: gains[1.0]}).startswith("one fraction (100%) cannot say")
 
 
@@ -316,6 +319,21 @@ def test_lesson6_quotes_its_runs_and_its_sweep():
     deit_full = top1["table2", "DeiT", 1.0]
     sanity = line_of(text, "- **The sanity check: DeiT's own network at f = 100% reaches")
     assert f"reaches {mean(deit_full):.1f}% ({min(deit_full):.1f}-{max(deit_full):.1f})" in sanity, sanity
+
+
+def test_lesson6_quotes_the_twins_that_test_its_protocol():
+    """The runs that tested the new protocol's length: every run and its twin, as the table quotes them."""
+    text = text_of("06_sample_efficiency.md")
+    for check in ("e96_seed0", "e96_seed1", "e192_seed0"):
+        lesson6 = committed(f"06_check/{check}/06_sample_efficiency.json")
+        assert lesson6["command"].startswith("python lessons/06_sample_efficiency.py --fractions ")
+        for run in lesson6["runs"]:
+            epochs = int(re.search(r" --epochs (\d+) ", run["command"])[1])
+            quoted = (f"| {run['name']} | {run['seed']} | {run['fraction']:.0%} | {run['half']['epochs']}: "
+                      f"{run['half']['top1']:.2f} | "
+                      f"{epochs}: {run['top1']:.2f} | {run['second_half_adds']:+.2f} | {'yes' if run['converged'] else 'no'} |")
+            assert run["half"]["epochs"] * 2 == epochs and f" --epochs {epochs // 2} " in run["half"]["command"]
+            assert quoted in text, f"lesson 6's twins: {quoted}"
 
 
 def test_lesson8_quotes_its_runs():
