@@ -4,9 +4,9 @@ Table 2 trains ConViT and DeiT on a fraction f of every class for 1/f times the 
 every run takes the same number of steps; Table 3 removes ConViT's ingredients one at a time
 on 10% of the data. Here both run on MNIST-10k (real 28x28 digits in 4x4 patches: a 7x7 grid)
 with train.py, for a small ConViT and DeiT's own network at the same width, heads and depth,
-3 seeds each. Every run is trained until it stops improving, and checked: beside it trains its
-twin, the same run half as long, and the run counts as converged when the twin comes within 0.5
-points of it (lessons/_protocol.py says why, and how long each fraction trains).
+3 seeds each. Whether each run has stopped improving is checked, not assumed: beside it trains
+its twin, the same run half as long, and the run counts as converged when the twin comes within
+0.5 points of it (lessons/_protocol.py says why, and how long each fraction trains).
 
 The recipe was chosen by a sweep of lr and warmup for both models at f = 100% and 10%
 (`--sweep`, its results in 06_sweep.json); every run of the default run uses it.
@@ -245,7 +245,7 @@ def main(argv=None):
     what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
     settings = f"{recipe_line(args)}, {what}"
     top1 = {f: {name: list(by_seed.values()) for name, by_seed in runs_f.items()} for f, runs_f in table2.items()}
-    plot_table2(top1, gains, [(entry, r) for entry, r in zip(plan, results)], seeds, args, settings)
+    plot_table2(top1, gains, list(zip(plan, results)), seeds, args, settings)
     if ABLATION_FRACTION in fractions:
         plot_table3(table3, seeds, args, settings)
     print_tables(top1, gains, table3 if ABLATION_FRACTION in fractions else {})

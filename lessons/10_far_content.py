@@ -126,10 +126,10 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
     redraw_flag(parser, SUMMARY)
     args = parse(parser, argv)
+    mnist = lesson5_run()  # read first: a missing file should stop the lesson before it trains
     if args.redraw:
         summary = read_summary(args.out_dir / SUMMARY)
-        plot(summary["runs"], lesson5_run(), summary["seeds"], args, summary["settings"],
-             summary["hardware"])
+        plot(summary["runs"], mnist, summary["seeds"], args, summary["settings"], summary["hardware"])
         return
     clock = Stopwatch("lesson 10")
     seeds = args.seeds or ([0] if args.quick else [0, 1])
@@ -148,7 +148,6 @@ def main(argv=None):
             _, val_set, _ = data.build_datasets(cfg.data, cfg.augment, cfg.recipe.seed)
             images = train.nonlocality_images(data.transformed_once(val_set))
             corners = [corner_attention(Path(settings["output_dir"]), images) for settings, _ in jobs]
-    mnist = lesson5_run()
     settings = (f"train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, {args.depth} blocks "
                 f"({max(args.depth - 2, 1)} GPSA), batch {args.batch_size}, AdamW lr {args.lr:g}, "
                 f"{args.warmup_epochs} warmup epoch(s) from {args.warmup_lr:g}, cosine, {args.epochs} epochs, no crops, "

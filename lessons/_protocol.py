@@ -10,8 +10,8 @@ times the same steps apart.
 A run is judged converged by its twin (`twin`; run_all(twins=True)): the same run, trained half
 as long. When the twin comes within CONVERGED_WITHIN points of the run's top-1, training twice
 as long as the twin added less than that, and the run, twice the twin's length, is past the
-point where more training stops paying. The last quarter of one run's evaluations cannot say this: a cosine
-schedule ends with a rise, as the lr anneals, in a run that has learnt what it can.
+point where more training stops paying. The last quarter of one run's evaluations cannot say
+this: a cosine schedule ends with a rise, as the lr anneals, in a run that has learnt what it can.
 
 Each run keeps its train.py command, relative to the repository root: run from there, it gives
 the same top-1 again (one-thread CPU runs are deterministic).
@@ -145,11 +145,15 @@ def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewh
     results = [{**result, "settings": job, "command": config.command(job)} for job, result in zip(jobs, results)]
     if not twins:
         return results
-    return [{**run, "converged": run["val_top1"] - half["val_top1"] < CONVERGED_WITHIN,
-             "second_half_adds": round(run["val_top1"] - half["val_top1"], 2),
-             "half": {"epochs": half["settings"]["epochs"], "top1": half["val_top1"], "command": half["command"],
-                      "seconds": None if half["seconds"] is None else round(half["seconds"], 1)}}
-            for run, half in zip(results[:len(plan)], results[len(plan):])]
+    return [judged(run, half) for run, half in zip(results[:len(plan)], results[len(plan):])]
+
+
+def judged(run: dict, half: dict) -> dict:
+    """A run's result with its twin's evidence and the verdict of the twins' rule."""
+    adds = run["val_top1"] - half["val_top1"]
+    return {**run, "converged": adds < CONVERGED_WITHIN, "second_half_adds": round(adds, 2),
+            "half": {"epochs": half["settings"]["epochs"], "top1": half["val_top1"], "command": half["command"],
+                     "seconds": None if half["seconds"] is None else round(half["seconds"], 1)}}
 
 
 def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewhere: tuple[Path, ...]) -> list[dict]:
@@ -159,15 +163,15 @@ def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewh
     found = {i: result for i, result in found.items() if result is not None}
     if found:
         print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders")
-    todo = [i for i in range(len(jobs)) if i not in found]
 
     def report(job, result):
         gain = result["last_quarter_gain"]
         print(f"  [{time.perf_counter() - started:5.0f} s] {labels[jobs.index(job)]}: top-1 {result['val_top1']:5.1f}%, "
               f"the last quarter added {gain if gain is None else f'{gain:+.2f}'} ({result['seconds']:.0f} s)", flush=True)
 
-    trained = run_parallel(train_one, [jobs[i] for i in todo], args.workers, args.threads, done=report)
-    return [found[i] if i in found else trained[todo.index(i)] for i in range(len(jobs))]
+    todo = [job for i, job in enumerate(jobs) if i not in found]
+    trained = iter(run_parallel(train_one, todo, args.workers, args.threads, done=report))
+    return [found[i] if i in found else next(trained) for i in range(len(jobs))]
 
 
 def run_record(table: str, name: str, fraction: float, seed: int, result: dict) -> dict:
@@ -191,7 +195,7 @@ def add_keep_finished(parser):
                              "from their folders rather than training them again (one-thread runs are deterministic)")
 
 
-def convergence_rule(twins: bool = True) -> str:
+def convergence_rule(twins: bool) -> str:
     if twins:
         return (f"converged: the same run trained half as long came within {CONVERGED_WITHIN} points of its top-1, "
                 f"so training twice as long as that added less than {CONVERGED_WITHIN}")
