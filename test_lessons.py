@@ -48,6 +48,9 @@ FIGURES = {  # script -> the PNG files it writes
     "12_what_heads_use.py": ["12_curves.png", "12_table6.png", "12_maps_convit.png", "12_maps_convit_mean.png",
                              "12_maps_deit.png", "12_maps_deit_mean.png", "12_maps_psa.png"],
     "13_what_makes_attention_local.py": ["13_what_makes_attention_local.png"],
+    "14_augmentation_and_locality.py": ["14_augmentation_and_locality.png"],
+    "15_depth_and_class_token.py": ["15_depth_and_class_token.png"],
+    "16_the_grid.py": ["16_the_grid.png"],
 }
 
 
@@ -60,6 +63,9 @@ SUMMARIES = {  # script -> the machine-readable results it writes beside its fig
     "11_locality_over_training.py": ["11_locality_over_training.json"],
     "12_what_heads_use.py": ["12_what_heads_use.json"],
     "13_what_makes_attention_local.py": ["13_what_makes_attention_local.json"],
+    "14_augmentation_and_locality.py": ["14_augmentation_and_locality.json"],
+    "15_depth_and_class_token.py": ["15_depth_and_class_token.json"],
+    "16_the_grid.py": ["16_the_grid.json"],
 }
 
 
@@ -441,17 +447,33 @@ def test_lesson13_pull_of_uniform_attention_is_zero_on_either_grid(model, patch)
     assert pull.shape == (1, 6) and pull.abs().max() < 1e-5, pull
 
 
-def test_lesson13_quotes_its_verdicts_and_reads_lesson11s_runs_unchanged():
-    lesson13, text = committed("13_what_makes_attention_local.json"), text_of("13_what_makes_attention_local.md")
-    lesson11 = {run["command"]: run for run in committed("11_locality_over_training.json")["runs"]}
-    for name, run in lesson13["runs"].items():
+QUESTION_LESSONS = ("13_what_makes_attention_local", "14_augmentation_and_locality", "15_depth_and_class_token",
+                    "16_the_grid")  # lesson 13's questions, one lesson each for what fits in 45 minutes
+
+
+def question_verdicts() -> dict[tuple[str, str], dict]:
+    """Lessons 13 to 16's verdicts by (question, model)."""
+    return {(row["question"], row["model"]): row for stem in QUESTION_LESSONS
+            for row in committed(f"{stem}.json")["verdicts"]}
+
+
+@pytest.mark.parametrize("stem", QUESTION_LESSONS)
+def test_lessons_13_to_16_quote_their_verdicts_and_read_earlier_runs_unchanged(stem):
+    summary, text = committed(f"{stem}.json"), text_of(f"{stem}.md")
+    earlier = {}
+    for name in ("11_locality_over_training", *QUESTION_LESSONS):
+        runs = committed(f"{name}.json")["runs"]
+        for run in (runs.values() if isinstance(runs, dict) else runs):
+            if "read_from" not in run:  # a run the lesson trained itself
+                earlier[f"lesson {int(name[:2])}", re.sub(r" --(output-dir|eval-every) \S+", "", run["command"])] = run
+    for name, run in summary["runs"].items():
         assert run["command"].startswith("python train.py ") and f"--seed {run['seed']}" in run["command"], name
-        if run.get("read_from") == "lesson 11":  # read, not trained: it is lesson 11's run, number for number
-            twin = lesson11[run["command"]]
+        if "read_from" in run:  # read, not trained: it is that lesson's run, number for number
+            twin = earlier[run["read_from"], re.sub(r" --(output-dir|eval-every) \S+", "", run["command"])]
             assert (twin["top1"], twin["gates"], twin["nonlocality"]) == (run["top1"], run["gates"], run["nonlocality"])
-    assert {p["seed"] for p in lesson13["plan"]} == {0, 1}
+    assert {p["seed"] for p in summary["plan"]} == {0, 1}
     table = [line.replace("**", "") for line in text.splitlines() if line.startswith("| ")]
-    for row in lesson13["verdicts"]:
+    for row in summary["verdicts"]:
         for key, measure in LESSON13_MEASURES.items():
             if key not in row:
                 continue
@@ -459,17 +481,26 @@ def test_lesson13_quotes_its_verdicts_and_reads_lesson11s_runs_unchanged():
             cells = [cell([scale * v for v in row[key][arm]], digits) for arm in ("without", "with")]
             start = f"| {row['question']} | {measure} | {cells[0]} | {cells[1]} |"
             found = [line for line in table if line.startswith(start)]
-            assert found, f"lesson 13: no table line starts with {start!r}"
+            assert found, f"{stem}: no table line starts with {start!r}"
             assert f"| {cell(row['top1']['without'])} | {cell(row['top1']['with'])} |" in found[0], found[0]
             if key in ("mean_pull", "upper_gates"):
                 assert f"| {row['moved']} |" in found[0], found[0]
-    # The findings the text states: with the paper's layout no change takes the upper gates below
-    # their init in both seeds; the grid and depth lower them, the rest do not; the paper's
-    # augmentation pulls DeiT's blocks further below uniform in every seed, the grid and length do not.
-    moved = {(row["question"], row["model"]): row["moved"] for row in lesson13["verdicts"]}
-    assert not any(all(row["upper_gates_below_init"]["with"]) for row in lesson13["verdicts"] if row["model"] == "ConViT")
-    assert [q for (q, m), way in moved.items() if m == "ConViT" and way == "down"] == ["grid", "depth"]
+
+
+def test_lessons_13_to_16_state_what_they_find_together():
+    """The findings lesson 16 states for the four: with the paper's layout no change takes the upper
+    gates below their init in both seeds; less data, depth and the grid lower them, the rest do not;
+    the paper's augmentation pulls DeiT's blocks further below uniform in every seed, nothing else does."""
+    verdicts = question_verdicts()
+    assert not any(all(row["upper_gates_below_init"]["with"]) for row in verdicts.values() if row["model"] == "ConViT")
+    moved = {key: row["moved"] for key, row in verdicts.items()}
+    assert [q for (q, m), way in moved.items() if m == "ConViT" and way == "down"] == ["data", "depth", "grid"]
+    assert [q for (q, m), way in moved.items() if m == "ConViT" and way == "up"] == \
+        ["length", "RandAugment", "MixUp/CutMix"]
     assert [q for (q, m), way in moved.items() if m == "DeiT" and way == "up"] == ["RandAugment", "MixUp/CutMix"]
+    assert not [q for (q, m), way in moved.items() if m == "DeiT" and way == "down"]
+    grid = committed("16_the_grid.json")
+    assert all(run["epochs"] == list(range(2, 21, 2)) for name, run in grid["runs"].items() if "patch_size-2" in name)
 
 
 def test_lesson12_quotes_its_runs_its_table6_and_its_gates():
@@ -536,9 +567,10 @@ def test_readme_findings_quote_the_lessons():
     lesson10 = committed("10_far_content.json")
     line = readme_finding("the later gates close where far content matters")
     assert all(f"{run['val_top1']:.1f}%" in line for run in lesson10["runs"]), line
-    verdicts = {(row["question"], row["model"]): row for row in committed("13_what_makes_attention_local.json")["verdicts"]}
+    verdicts = question_verdicts()
     line = readme_finding("what makes SA layers local and gates close")
-    gates = [f"{mean(verdicts[q, 'ConViT']['upper_gates']['with']):.3f}" for q in ("grid", "depth")]
+    gates = [f"{mean(verdicts[q, 'ConViT']['upper_gates'][arm]):.3f}" for q, arm in
+             (("grid", "with"), ("grid", "without"), ("depth", "with"), ("data", "with"), ("data", "without"))]
     pulls = [f"{100 * mean(verdicts[q, 'DeiT']['mean_pull'][arm]):.1f}%" for q, arm in
              (("RandAugment", "with"), ("MixUp/CutMix", "with"), ("RandAugment", "without"))]
     assert all(quoted in line for quoted in gates + pulls), (gates, pulls, line)

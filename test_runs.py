@@ -178,6 +178,17 @@ def same_weights(result: dict, reference: dict) -> bool:
     return all(torch.equal(state[key], reference["state"][key]) for key in reference["state"])
 
 
+def test_evaluating_changes_no_weight(folder, uninterrupted, tmp_path):
+    """How often a run is measured (--eval-every) changes nothing it learns: evaluation has a
+    generator of its own and draws nothing from training's. Lessons 13 to 16 rely on it: they read
+    a run evaluated every epoch as the run evaluated every 2nd, and evaluate 14x14 runs half as often."""
+    result = train.main([*flags(folder, 3, "--seed", "1", "--lr", "2e-3", "--smoothing", "0.2"), "--eval-every", "2",
+                         "--output-dir", str(tmp_path / "run")])
+    assert same_weights(result, uninterrupted)
+    assert [(m["epoch"], m["val_loss"], m["nonlocality"]) for m in metrics_of(tmp_path / "run")] == \
+        [(m["epoch"], m["val_loss"], m["nonlocality"]) for m in uninterrupted["metrics"] if m["epoch"] in (2, 3)]
+
+
 def test_ctrl_c_message_typed_word_for_word_continues_the_same_run(folder, uninterrupted, tmp_path):
     run = tmp_path / "run"
     holder = start_stalled(tmp_path, [*flags(folder, 3, "--seed", "1", "--lr", "2e-3", "--smoothing", "0.2"),

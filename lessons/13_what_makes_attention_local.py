@@ -1,30 +1,32 @@
-"""Lesson 13: what would make our SA layers local, and our gates close? Lesson 11's open questions,
-each tested with 2 seeds.
+"""Lesson 13: what would make our SA layers local, and our gates close? Longer training, and less data.
 
 Lesson 11 trained DeiT and ConViT on MNIST-10k (a 7x7 grid, 20 epochs) and found the nonlocality of
-DeiT's blocks only a little below uniform attention (Fig. 5 left, nonlocality), ConViT's gates rising (Fig. 6),
-where the paper's fall to 0 in layers 6-10. The issue behind it names what could make the
-difference. Each is one change to lesson 11's recipe, trained for DeiT and ConViT (or ConViT alone
-where only the gates are in question), seeds 0 and 1, and compared with the runs without it:
+DeiT's blocks only a little below uniform attention (Fig. 5 left, nonlocality), and ConViT's gates
+rising (Fig. 6), where the paper's fall to 0 in layers 6-10. The issue behind it names what could
+make the difference. Each is one change to lesson 11's recipe, trained for DeiT and ConViT (or
+ConViT alone where only the gates are in question), seeds 0 and 1, and compared with the runs
+without it. Lessons 13 to 16 share this file's machinery; each asks what fits in 45 minutes:
 
-  grid          a 14x14 grid (2x2 patches, ImageNet's grid), against the 7x7 grid; both on half of
-                the training set, so that a 14x14 run fits (it is 5x slower)
-  length        40 epochs, against lesson 11's 20
-  depth         ConViT with 10 GPSA blocks, the paper's, then 2 MHSA blocks (12 in all), against 4 + 2
-  RandAugment   the paper's 2 ops at magnitude 9 (std 0.5), drawn from the digits' 11 ops (the
-                other 4 make a digit another digit: docs/digits_recipe.md), against none
-  MixUp/CutMix  the paper's 0.8 / 1.0, against none
-  class token   ConViT whose head reads the mean of the patch tokens, 2 MHSA blocks still on top
+  13  length        40 epochs, against lesson 11's 20
+      data          50% of the training set, against all of it
+  14  RandAugment   the paper's 2 ops at magnitude 9 (std 0.5), drawn from the digits' 11 ops (the
+                    other 4 make a digit another digit: docs/digits_recipe.md), against none
+      MixUp/CutMix  the paper's 0.8 / 1.0, against none
+  15  depth         ConViT with 10 GPSA blocks, the paper's, then 2 MHSA blocks (12 in all), against 4 + 2
+      class token   ConViT whose head reads the mean of the patch tokens, 2 MHSA blocks still on top
+  16  grid          a 14x14 grid (2x2 patches, ImageNet's grid), against the 7x7 grid; both on half of
+                    the training set (the 7x7 runs are lesson 13's)
 
-A run whose train.py flags equal one of lesson 11's runs (all but --output-dir) is read from
-lesson 11's JSON instead of being trained again: one-thread CPU runs are deterministic. That is
-where the reference runs (lesson 11's DeiT and ConViT, seeds 0 and 1) and the seed-0 controls come
-from; `python lessons/11_locality_over_training.py --controls` makes them again.
+A run whose train.py flags equal one of an earlier lesson's runs (all but --output-dir and
+--eval-every) is read from that lesson's committed JSON instead of being trained again: one-thread
+CPU runs are deterministic. That is where the reference runs (lesson 11's DeiT and ConViT, seeds 0
+and 1) and the seed-0 controls come from; `python lessons/11_locality_over_training.py --controls`
+makes them again.
 
 Outputs (in --out-dir):
   13_what_makes_attention_local.png   one row per question: DeiT's nonlocality per block
-                                      against uniform attention (Fig. 5 left, nonlocality), and ConViT's gate
-                                      per GPSA block (Fig. 6), with and without the change
+                                      against uniform attention (Fig. 5 left, nonlocality), and ConViT's
+                                      gate per GPSA block (Fig. 6), with and without the change
   13_what_makes_attention_local.json  every run's train.py command, top-1, and per epoch its
                                       nonlocality per block and head and its gates per block and head
 
@@ -36,6 +38,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives in the repository root
 
@@ -63,23 +66,36 @@ def questions(args) -> dict[str, tuple]:
     """question -> (what it changes, the models it trains, the settings without and with the change),
     for the recipe of `args` (with --quick too: its length question doubles the quick recipe's epochs)."""
     return {
-        "grid": ("a 14x14 grid (2x2 patches) against 7x7, both on 50% of the data", BOTH,
-                 {"data_fraction": 0.5}, {"data_fraction": 0.5, "patch_size": 2}),
         "length": (f"{2 * args.epochs} epochs against {args.epochs}", BOTH, {}, {"epochs": 2 * args.epochs}),
+        # MNIST-10k is all the data we have offline, so "more data" can only be tested as less
+        "data": ("50% of the training set against all of it", BOTH, {}, {"data_fraction": 0.5}),
+        "RandAugment": ("2 ops, magnitude 9, std 0.5, against none", BOTH, {}, RANDAUGMENT),
+        "MixUp/CutMix": ("MixUp 0.8 / CutMix 1.0 against none", BOTH, {}, lesson11.MIXING),
         "depth": (f"{args.depth + 6} blocks, {args.depth + 4} of them GPSA, against {args.depth}, {args.depth - 2} GPSA "
                   "(the paper: 10 GPSA)",
                   ("ConViT",), {}, {"depth": args.depth + 6, "local_up_to_layer": args.depth + 4}),
-        "RandAugment": ("2 ops, magnitude 9, std 0.5, against none", BOTH, {}, RANDAUGMENT),
-        "MixUp/CutMix": ("MixUp 0.8 / CutMix 1.0 against none", BOTH, {}, lesson11.MIXING),
         # lesson 11's control names its GPSA blocks (depth - 2, the default) on the command line
         "class token": ("a mean-pooled head (no class token) against the class token", ("ConViT",), {},
                         {"global_pool": "avg", "local_up_to_layer": args.depth - 2}),
+        # Both arms on half the data, so that a 14x14 run (5x the time of a 7x7 one) fits; the 14x14
+        # runs are evaluated every 2nd epoch. Evaluating draws nothing from the training's random
+        # numbers (test_evaluating_changes_no_weight), so that saves time and changes no result.
+        "grid": ("a 14x14 grid (2x2 patches) against 7x7, both on 50% of the data", BOTH,
+                 {"data_fraction": 0.5}, {"data_fraction": 0.5, "patch_size": 2, "eval_every": 2}),
     }
 
 
-QUESTION_NAMES = ("grid", "length", "depth", "RandAugment", "MixUp/CutMix", "class token")
+class Part(NamedTuple):
+    """One lesson of these questions. Each asks what one lesson can answer in 45 minutes on our 2
+    cores, and reads the runs it shares with earlier lessons from their committed JSON."""
+    number: int
+    stem: str  # the name of its figure and JSON
+    asks: tuple[str, ...]
+    reads: tuple[str, ...]  # earlier lessons' JSON files, in lessons/figures
+
+
+LESSON = Part(13, "13_what_makes_attention_local", ("length", "data"), ("11_locality_over_training.json",))
 SEEDS = (0, 1)
-LESSON11_JSON = FIGURES / "11_locality_over_training.json"
 
 
 def plan_of(args) -> list[tuple[str, str, str, dict, int]]:
@@ -95,34 +111,40 @@ def plan_of(args) -> list[tuple[str, str, str, dict, int]]:
 
 def folder_name(model: str, settings: dict, seed: int) -> str:
     """A folder per distinct run, named after what it changes: the same run shares one folder."""
-    changes = "_".join(f"{k}-{v}" for k, v in sorted(settings.items()) if k != "model" and k != "randaug_op_set")
+    changes = "_".join(f"{k}-{v}" for k, v in sorted(settings.items()) if k not in ("model", "randaug_op_set", "eval_every"))
     return re.sub("[^A-Za-z0-9_.-]+", "_", f"{model}-{changes or 'recipe'}-seed{seed}")
 
 
-def without_output_dir(command: str) -> str:
-    return re.sub(r" --output-dir \S+", "", command)
+def earlier_runs(part: Part) -> dict[str, dict]:
+    """The committed runs of the lessons `part` reads, by their train.py command without
+    --output-dir and --eval-every (how often a run was measured, not what it learnt)."""
+    found = {}
+    for name in part.reads:
+        if (FIGURES / name).is_file():
+            runs = json.loads((FIGURES / name).read_text())["runs"]  # lesson 11: a list; these lessons: by folder
+            for run in runs.values() if isinstance(runs, dict) else runs:
+                run = {**run, "read_from": run.get("read_from", f"lesson {int(name[:2])}")}
+                found.setdefault(as_run(run["command"]), run)
+    return found
 
 
-def lesson11_runs() -> dict[str, dict]:
-    """Lesson 11's committed runs by their train.py command without --output-dir."""
-    if not LESSON11_JSON.is_file():
-        return {}
-    return {without_output_dir(run["command"]): run for run in json.loads(LESSON11_JSON.read_text())["runs"]}
+def as_run(command: str) -> str:
+    return re.sub(r" --(output-dir|eval-every) \S+", "", command)
 
 
-def train_plan(args, plan: list[tuple]) -> tuple[dict[str, dict], dict[str, dict]]:
+def train_plan(args, part: Part, plan: list[tuple]) -> tuple[dict[str, dict], dict[str, dict]]:
     """Run (or read) every distinct run of the plan; returns each run's record and its curves
     (`curves`), by folder name."""
-    known = {} if args.quick else lesson11_runs()
+    known = {} if args.quick else earlier_runs(part)
     jobs, records = {}, {}
     with run_folder(args) as run_root:
         for _question, model, _arm, settings, seed in plan:
             name = folder_name(model, settings, seed)
             jobs[name] = run_settings(args, Path(run_root) / name, seed=seed, **settings)
         for name, job in jobs.items():
-            found = known.get(without_output_dir(config.command(job)))
+            found = known.get(as_run(config.command(job)))
             if found is not None:
-                records[name] = {**found, "read_from": "lesson 11"}
+                records[name] = found
         found = {name: reuse_finished_run(job) for name, job in jobs.items()
                  if name not in records and args.keep_finished}
         with at_repository_root():  # the jobs' paths start there
@@ -130,7 +152,7 @@ def train_plan(args, plan: list[tuple]) -> tuple[dict[str, dict], dict[str, dict
         # Longest first, so that the two workers finish together (a 14x14 run is 5x a 7x7 one).
         todo = sorted((name for name in jobs if name not in records and found.get(name) is None),
                       key=lambda name: -expected_cost(configs[name]))
-        print(f"{len(jobs)} distinct runs: {len(records)} read from lesson 11, "
+        print(f"{len(jobs)} distinct runs: {len(records)} read from earlier lessons, "
               f"{sum(r is not None for r in found.values())} finished before, {len(todo)} to train, "
               f"{args.workers} at a time", flush=True)
         trained = run_parallel(train_one, [jobs[name] for name in todo], args.workers, args.threads,
@@ -244,18 +266,19 @@ def draw_question(axes, question: str, about: str, plan: list[tuple], records: d
         ax.legend(fontsize=6, ncol=3)
 
 
-def main(argv=None):
-    parser = training_parser(__doc__, __file__, lesson11.RECIPE, lesson11.QUICK)
-    parser.add_argument("--questions", nargs="+", choices=QUESTION_NAMES, default=list(QUESTION_NAMES),
+def main(argv=None, part: Part = LESSON, doc: str = __doc__, script: str = __file__):
+    """Lessons 13 to 16: `part` names the questions, `doc` and `script` are the lesson's own."""
+    parser = training_parser(doc, script, lesson11.RECIPE, lesson11.QUICK)
+    parser.add_argument("--questions", nargs="+", choices=part.asks, default=list(part.asks),
                         help="which questions to run (default: all); their runs are trained or read as above")
     add_keep_finished(parser)
     args = parse(parser, argv)
-    clock = Stopwatch("lesson 13")
+    clock = Stopwatch(f"lesson {part.number}")
     plan = plan_of(args)
     if args.quick:  # a tiny model on the 8x8 digits (2x2 patches; 1x1 for the finer grid), one seed: seconds
         plan = [(q, m, a, {**s, "dataset": "digits", "img_size": 8, "patch_size": 1 if "patch_size" in s else 2,
                            "data_fraction": 0.2}, seed) for q, m, a, s, seed in plan]
-    records, measured = train_plan(args, plan)
+    records, measured = train_plan(args, part, plan)
     rows = verdicts(plan, records, measured)
     fig, axes = plt.subplots(len(args.questions), 2, figsize=(13, 3.6 * len(args.questions)), layout="constrained",
                              squeeze=False)
@@ -263,13 +286,13 @@ def main(argv=None):
         draw_question(row, question, questions(args)[question][0], plan, records, measured)
     settings = (f"lesson 11's recipe (train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, "
                 f"{args.depth} blocks, {args.epochs} epochs), one change per row; seeds {', '.join(map(str, SEEDS[:1] if args.quick else SEEDS))}")
-    save_figure(fig, args.out_dir, "13_what_makes_attention_local.png", settings, args.device)
+    save_figure(fig, args.out_dir, f"{part.stem}.png", settings, args.device)
     deep = [records[folder_name(m, s, seed)] for q, m, arm, s, seed in plan if q == "depth" and arm == "with"]
     if deep:  # every head of the deep ConViT: the paper's Fig. 6 has 10 GPSA layers
         print("\nthe last gate of each head of the deep ConViT, per seed")
         print("\n".join(lesson11.heads_table(deep)))
     print("\n" + "\n".join(verdict_table(rows)))
-    write_summary(args, __file__, "13_what_makes_attention_local.json", clock, argv, indent=None, settings=settings,
+    write_summary(args, script, f"{part.stem}.json", clock, argv, indent=None, settings=settings,
                   questions={q: questions(args)[q][0] for q in args.questions}, verdicts=rows,
                   plan=[{"question": q, "model": m, "arm": a, "seed": seed, "run": folder_name(m, s, seed)}
                         for q, m, a, s, seed in plan],
