@@ -460,16 +460,17 @@ def question_verdicts() -> dict[tuple[str, str], dict]:
 @pytest.mark.parametrize("stem", QUESTION_LESSONS)
 def test_lessons_13_to_16_quote_their_verdicts_and_read_earlier_runs_unchanged(stem):
     summary, text = committed(f"{stem}.json"), text_of(f"{stem}.md")
+    as_run = importlib.import_module("lessons.13_what_makes_attention_local").as_run  # how the lessons match runs
     earlier = {}
     for name in ("11_locality_over_training", *QUESTION_LESSONS):
         runs = committed(f"{name}.json")["runs"]
         for run in (runs.values() if isinstance(runs, dict) else runs):
             if "read_from" not in run:  # a run the lesson trained itself
-                earlier[f"lesson {int(name[:2])}", re.sub(r" --(output-dir|eval-every) \S+", "", run["command"])] = run
+                earlier[f"lesson {int(name[:2])}", as_run(run["command"])] = run
     for name, run in summary["runs"].items():
         assert run["command"].startswith("python train.py ") and f"--seed {run['seed']}" in run["command"], name
         if "read_from" in run:  # read, not trained: it is that lesson's run, number for number
-            twin = earlier[run["read_from"], re.sub(r" --(output-dir|eval-every) \S+", "", run["command"])]
+            twin = earlier[run["read_from"], as_run(run["command"])]
             assert (twin["top1"], twin["gates"], twin["nonlocality"]) == (run["top1"], run["gates"], run["nonlocality"])
     assert {p["seed"] for p in summary["plan"]} == {0, 1}
     table = [line.replace("**", "") for line in text.splitlines() if line.startswith("| ")]
