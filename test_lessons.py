@@ -342,6 +342,29 @@ def test_lesson6_quotes_the_twins_that_test_its_protocol():
             assert quoted in text, f"lesson 6's twins: {quoted}"
 
 
+def test_lesson6_quotes_the_longer_twins_and_the_batch_probe():
+    """The next rungs of the ladder (train.py commands in 06_check/ladder.json): each twin is half its
+    run, with the same flags but the epochs and evaluations, and each row and verdict is quoted as
+    the JSON has it; the batch probe's rows too."""
+    text, ladder = text_of("06_sample_efficiency.md"), committed("06_check/ladder.json")
+    assert ladder["runs"], "no twin pairs"
+    for run in ladder["runs"]:
+        epochs, half = run["epochs"], run["half"]
+        assert half["epochs"] * 2 == epochs and f" --epochs {epochs} " in run["command"]
+        # The twins the lesson trained carry --overwrite, which decides where a run may go, not what it is.
+        same = [re.sub(r" --overwrite| --(epochs|eval-every|output-dir) \S+", "", c) for c in (half["command"], run["command"])]
+        assert same[0] == same[1], same
+        assert run["second_half_adds"] == round(run["top1"] - half["top1"], 2)
+        assert run["converged"] == (run["second_half_adds"] < 0.5)
+        quoted = (f"| {run['name']} | {run['seed']} | {run['fraction']:.0%} | {half['epochs']}: {half['top1']:.2f} | "
+                  f"{epochs}: {run['top1']:.2f} | {run['second_half_adds']:+.2f} | {'yes' if run['converged'] else 'no'} |")
+        assert quoted in text, f"lesson 6's longer twins: {quoted}"
+    for probe in ladder["batch_probe"]:
+        steps = probe["epochs"] * 8000 // probe["batch_size"]
+        assert f" --batch-size {probe['batch_size']} " in probe["command"]
+        assert f"| {probe['batch_size']} | {probe['epochs']} ({steps:,}) | {probe['top1']:.2f} |" in text, probe
+
+
 def test_lesson8_quotes_its_runs():
     lesson8, text = committed("08_position_embedding.json"), text_of("08_position_embedding.md")
     for name, cases in lesson8["mean_top1"].items():

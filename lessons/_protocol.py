@@ -34,9 +34,10 @@ from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence,
 # The recipe (the warmup is in epochs at f = 100% and multiplied by 1/f; it starts from lr / 100).
 # Its epochs, the length of a run on all the data (see FLOOR_EPOCHS for the other fractions): 96
 # converge ConViT there by the twins' rule, and not DeiT, which still gains 1.2 points from 96 to
-# 192 epochs (lesson 6, "How long is long enough"); the rule would need 384 or more, a default
-# run of about 14 hours on our CPU. The rest is train.py's small preset: AdamW, weight decay 0.05,
-# label smoothing 0.1, cosine to 1e-5, crops of 50-100% of the image; no RandAugment.
+# 192 epochs and converges at 384 (lesson 6, "How long is long enough" and "Longer still"); every
+# run at the length that converges it would make a default run of about 14 hours on our CPU.
+# The rest is train.py's small preset: AdamW, weight decay 0.05, label smoothing 0.1, cosine to
+# 1e-5, crops of 50-100% of the image; no RandAugment.
 RECIPE = LessonRecipe(epochs=96, embed_dim=48, num_heads=4, depth=4, batch_size=64, lr=4e-3, warmup_epochs=4,
                       warmup_lr=4e-5)
 # --quick: a tiny model, each run stopped after QUICK_STOP epochs of its schedule (seconds in all).
