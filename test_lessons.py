@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import cli
+import config
 from conftest import checkout_status, lesson, one_error_line
 from lessons._command import QUICK_FOLDER  # --quick writes there, under the system's temporary folder
 from lessons._report import cell, mean  # the lessons' own (statistics.mean can round a .x5 the other way)
@@ -343,19 +344,21 @@ def test_lesson6_quotes_the_twins_that_test_its_protocol():
 
 
 def test_lesson6_quotes_the_longer_twins_and_the_batch_probe():
-    """The next rungs of the ladder (train.py commands in 06_check/ladder.json): each twin is half its
-    run, with the same flags but the epochs and evaluations, and each row and verdict is quoted as
-    the JSON has it; the batch probe's rows too."""
+    """The next rungs of the ladder (train.py commands in 06_check/ladder.json): each twin is its
+    run made half as long by the protocol's own `twin`, and each row and verdict is quoted as the
+    JSON has it; the batch probe's rows too, with their steps on MNIST-10k's 8,000 training images."""
+    from lessons._protocol import CONVERGED_WITHIN, twin
     text, ladder = text_of("06_sample_efficiency.md"), committed("06_check/ladder.json")
     assert ladder["runs"], "no twin pairs"
     for run in ladder["runs"]:
         epochs, half = run["epochs"], run["half"]
-        assert half["epochs"] * 2 == epochs and f" --epochs {epochs} " in run["command"]
+        settings, half_settings = (config.parse(shlex.split(c)[2:]) for c in (run["command"], half["command"]))
         # The twins the lesson trained carry --overwrite, which decides where a run may go, not what it is.
-        same = [re.sub(r" --overwrite| --(epochs|eval-every|output-dir) \S+", "", c) for c in (half["command"], run["command"])]
-        assert same[0] == same[1], same
+        half_settings.pop("overwrite", None)
+        assert settings["epochs"] == epochs and half_settings["epochs"] == half["epochs"]
+        assert twin(settings, Path(half_settings["output_dir"])) == half_settings, half["command"]
         assert run["second_half_adds"] == round(run["top1"] - half["top1"], 2)
-        assert run["converged"] == (run["second_half_adds"] < 0.5)
+        assert run["converged"] == (run["second_half_adds"] < CONVERGED_WITHIN)
         quoted = (f"| {run['name']} | {run['seed']} | {run['fraction']:.0%} | {half['epochs']}: {half['top1']:.2f} | "
                   f"{epochs}: {run['top1']:.2f} | {run['second_half_adds']:+.2f} | {'yes' if run['converged'] else 'no'} |")
         assert quoted in text, f"lesson 6's longer twins: {quoted}"
