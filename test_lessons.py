@@ -212,7 +212,7 @@ def test_lesson6_says_the_gain_shrinks_only_when_the_seeds_ranges_part(at_full, 
              1.0: {"relative": list(at_full), "errors_avoided": [40, 45, 50]}}
     said = lesson("06").does_the_gain_shrink(gains)
     assert said.startswith(answer + ":") and "at f = 5%" in said and "at f = 100%" in said, said
-    assert "ConViT avoids 25 (20-30)% and 45 (40-50)% of DeiT's errors" in said, said
+    assert "the share of DeiT's errors that ConViT avoids is 25 (20-30)% and 45 (40-50)%" in said, said
     assert lesson("06").does_the_gain_shrink({1.0: gains[1.0]}).startswith("one fraction (100%) cannot say")
 
 
@@ -226,6 +226,11 @@ def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():
     assert convergence(records(10, 50, 80, 90, 95, 96, 96.2, 97.0)) == {"last_quarter_gain": 1.0, "converged": False}
     assert convergence(records(10, 50, 97, 96, 95, 94, 96.5, 96.0)) == {"last_quarter_gain": -0.5, "converged": True}
     assert convergence(records(10, 50, 80)) == {"last_quarter_gain": None, "converged": None}  # too few to judge
+
+
+def test_a_cell_is_the_mean_and_range_of_the_seeds_and_a_minus_sign_never_reads_as_a_dash():
+    assert cell([86.9]) == "86.9" and cell([85.8, 87.0, 89.7]) == "87.5 (85.8-89.7)"
+    assert cell([-0.35, 0.35], 2) == "0.00 (-0.35 to 0.35)" and cell([-3.0, -1.0]) == "-2.0 (-3.0 to -1.0)"
 
 
 def test_training_runs_in_parallel_processes_keep_their_order():
@@ -309,7 +314,7 @@ def test_lesson6_quotes_its_runs_and_its_sweep():
         top1[run["table"], run["name"], run["fraction"]].append(run["top1"])
         assert run["command"].startswith("python train.py ") and " --seed " in run["command"]
     for fraction in sorted({f for table, _, f in top1 if table == "table2"}):
-        line = line_of(text, f"| {fraction:.0%} |")
+        line = line_of(text.split("## Table 2")[1], f"| {fraction:.0%} |")
         deit, convit = top1["table2", "DeiT", fraction], top1["table2", "ConViT", fraction]
         gain = f"{100 * (mean(convit) / mean(deit) - 1):+.1f}%"
         assert f"| {cell(deit)} | {cell(convit)} | {gain} |" in line, f"lesson 6, f = {fraction:.0%}: {line}"
@@ -362,10 +367,56 @@ def test_lesson6_quotes_the_longer_twins_and_the_batch_probe():
         quoted = (f"| {run['name']} | {run['seed']} | {run['fraction']:.0%} | {half['epochs']}: {half['top1']:.2f} | "
                   f"{epochs}: {run['top1']:.2f} | {run['second_half_adds']:+.2f} | {'yes' if run['converged'] else 'no'} |")
         assert quoted in text, f"lesson 6's longer twins: {quoted}"
+    # The probe's last column: the batch-64 run of the same model, seed and fraction at the same steps.
+    points, _ = lesson("06").ladder_points(lesson("06").ladder_pairs())
     for probe in ladder["batch_probe"]:
         steps = probe["epochs"] * 8000 // probe["batch_size"]
         assert f" --batch-size {probe['batch_size']} " in probe["command"]
-        assert f"| {probe['batch_size']} | {probe['epochs']} ({steps:,}) | {probe['top1']:.2f} |" in text, probe
+        same_steps = steps * 64 // 8000
+        batch64 = points[probe["fraction"], probe["name"], probe["seed"]][same_steps]
+        assert (f"| {probe['batch_size']} | {probe['epochs']} ({steps:,}) | {probe['top1']:.2f} | "
+                f"{batch64:.2f} ({same_steps} epochs) |") in text, probe
+
+
+def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_path, capsys):
+    """--ladder trains nothing: it reads every Table 2 twin pair recorded in figures/06_check (the
+    lesson's own runs and ladder.json's), prints each, each rung of several seeds on their mean, each
+    model's longest run seed by seed and the answer read from them, and draws 06_ladder.png. The page quotes every row and the answer as
+    printed: a recorded pair missing from the page, or a top-1 changed in either, fails."""
+    module, before, checkout = lesson("06"), committed_figures(), checkout_status()
+    assert cli.run_command(module.main, ["--ladder", "--out-dir", str(tmp_path)]) == 0
+    out, text = capsys.readouterr().out, text_of("06_sample_efficiency.md")
+    assert (tmp_path / "06_ladder.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](figures/06_ladder.png)" in text and (LESSONS / "figures" / "06_ladder.png").is_file()
+    assert committed_figures() == before and checkout_status() == checkout
+    recorded = committed("06_check/ladder.json")["runs"] + [
+        run for check in sorted((LESSONS / "figures" / "06_check").glob("e*/06_sample_efficiency.json"))
+        for run in json.loads(check.read_text())["runs"]]
+    epochs = collections.defaultdict(set)  # every length trained, runs and twins, by model, fraction and seed
+    for run in recorded:
+        length = config.parse(shlex.split(run["command"])[2:])["epochs"]
+        epochs[run["name"], run["fraction"], run["seed"]] |= {length, run["half"]["epochs"]}
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(("| model", "| f |"))]
+    pairs = {(run["name"], run["seed"], run["fraction"], run["half"]["epochs"]) for run in recorded}
+    longest = {(f, seed) for (name, f, seed) in epochs if (("ConViT" if name == "DeiT" else "DeiT"), f, seed) in epochs}
+    seeds_of_rung = collections.Counter((name, f, half) for name, _seed, f, half in pairs)
+    rungs = [rung for rung, seeds in seeds_of_rung.items() if seeds > 1]  # printed with the mean of their seeds
+    assert len(rows) == len(pairs) + len(rungs) + len(longest), out
+    for row in rows:
+        assert row in text, f"lesson 6 does not quote --ladder's row {row}"
+    for f, seed in longest:  # each model's longest is the most epochs it was trained at that fraction and seed
+        row = next(row for row in rows if row.startswith(f"| {f:.0%} | {seed} | "))
+        assert [int(cell_.split(":")[0]) for cell_ in row.split(" | ")[2:4]] == [
+            max(epochs["ConViT", f, seed]), max(epochs["DeiT", f, seed])], row
+    answer = out.split("Does the gain shrink with data, at each model's longest run? ")[1].splitlines()[0]
+    assert answer in " ".join(text.split()), answer
+
+
+def test_lesson6_ladder_takes_no_training_flag(tmp_path, capsys):
+    code = cli.run_command(lesson("06").main, ["--ladder", "--seeds", "1", "--out-dir", str(tmp_path)])
+    one_error_line(code, capsys.readouterr().err, "--ladder draws from the JSON of finished runs and trains nothing: "
+                                                  "drop --seeds")
+    assert not any(tmp_path.iterdir())
 
 
 def test_lesson8_quotes_its_runs():

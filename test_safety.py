@@ -479,7 +479,7 @@ def test_an_abbreviated_flag_is_refused_by_every_entry_point(script, capsys):
     (["--quick", "--seeds", "0", "0"], "--seeds 0 0 names a seed twice"),
     (["--quick", "--embed-dim", "10"], "width 10 is not divisible by 4 heads"),
     (["--quick", "--depth", "1"], "--depth 1"),
-    (["--redraw", "--quick"], "--redraw draws the figure from the JSON of finished runs and trains nothing: "
+    (["--redraw", "--quick"], "--redraw draws from the JSON of finished runs and trains nothing: "
                               "drop --quick"),
 ])
 def test_a_lessons_bad_flags_are_refused_before_it_writes(argv, says, tmp_path, capsys):

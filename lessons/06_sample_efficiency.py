@@ -17,10 +17,15 @@ Outputs (in --out-dir):
   06_ablations.png           Table 3 rows a-g at f = 10%, ours beside the paper's 10% column
   06_sample_efficiency.json  every run's and its twin's train.py command and top-1, its verdict, and the paper's numbers
   with --sweep instead:      06_sweep.png and 06_sweep.json (the lr x warmup sweep that chose the recipe)
+  with --ladder instead:     06_ladder.png, training nothing: every twin pair recorded in figures/06_check
+                             (runs longer than the recipe's, at f = 5% and 100%), and the gain at each
+                             model's longest run
 
 Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep] [--fractions F ...]
 """
 
+import json
+import shlex
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -30,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 import matplotlib.pyplot as plt  # noqa: E402
 
 import cli  # noqa: E402
-from lessons._command import parse, run_folder, training_parser  # noqa: E402
+import config  # noqa: E402
+from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_keep_finished, convergence_line,  # noqa: E402
-                               recipe_line, run_all, run_record)
+                               convergence_rule, recipe_line, run_all, run_record)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0), (0.05, 0.1)
 ABLATION_FRACTION = 0.1  # Table 3's last column
@@ -43,6 +49,10 @@ SEEDS = (0, 1, 2)
 SWEEP = {"lr": (1e-3, 2e-3, 4e-3, 8e-3), "warmup_epochs": (1, 4)}
 SWEEP_FRACTIONS = (1.0, 0.1)
 QUICK_SWEEP = {"lr": (2e-3, 4e-3), "warmup_epochs": (1,)}  # --quick --sweep, at f = 10% only
+
+# The twin pairs trained longer than the recipe: the lesson's own runs (e*/06_sample_efficiency.json)
+# and train.py's, for lengths the lesson cannot set yet (ladder.json).
+CHECKS = FIGURES / "06_check"
 
 COLOURS = {"ConViT": "tab:red", "DeiT": "tab:blue"}
 PAPER_TABLE2 = {0.05: (34.8, 47.8), 0.1: (48.0, 59.6), 0.3: (66.1, 73.7), 0.5: (74.6, 78.2), 1.0: (79.9, 81.4)}
@@ -200,6 +210,140 @@ def sweep(args, run_root: Path, clock: Stopwatch, argv):
                         for (name, f, lr, warmup), result in results])
 
 
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())  # json never runs code
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--ladder: cannot read {path} ({err})") from None
+
+
+def ladder_pairs(folder: Path = CHECKS) -> list[dict]:
+    """Every Table 2 twin pair recorded in `folder`, each as ladder.json keeps it: name, seed,
+    fraction, epochs, top1, half (its twin: epochs, top1), second_half_adds, converged, command.
+    A pair recorded twice is kept once."""
+    pairs = []
+    for path in sorted(folder.glob("e*/06_sample_efficiency.json")):
+        pairs += [{**run, "epochs": config.parse(shlex.split(run["command"])[2:])["epochs"]}
+                  for run in read_json(path)["runs"] if run["table"] == "table2"]
+    pairs += read_json(folder / "ladder.json")["runs"]
+    unique = {(p["name"], p["seed"], p["fraction"], p["epochs"]): p for p in reversed(pairs)}
+    return sorted(unique.values(), key=lambda p: (p["fraction"], p["seed"], p["name"], p["epochs"]))
+
+
+def ladder_points(pairs: list[dict]) -> dict:
+    """points[fraction][name][seed]: {epochs: top-1} of every run and twin, and verdicts[...][epochs]
+    the verdict of each run that has a twin."""
+    points, verdicts = {}, {}
+    for p in pairs:
+        key = (p["fraction"], p["name"], p["seed"])
+        points.setdefault(key, {}).update({p["half"]["epochs"]: p["half"]["top1"], p["epochs"]: p["top1"]})
+        verdicts.setdefault(key, {})[p["epochs"]] = p["converged"]
+    return points, verdicts
+
+
+def longest_runs(pairs: list[dict]) -> dict:
+    """longest[fraction][name][seed]: (epochs, top-1, verdict) of the longest run of each model and seed."""
+    points, verdicts = ladder_points(pairs)
+    longest = {}
+    for (f, name, seed), by_epochs in points.items():
+        epochs = max(by_epochs)
+        longest.setdefault(f, {}).setdefault(name, {})[seed] = (epochs, by_epochs[epochs],
+                                                                verdicts[f, name, seed].get(epochs))
+    return longest
+
+
+def ladder(args):
+    """--ladder: the twin pairs of figures/06_check, printed and drawn, and the gain at each model's
+    longest run, seed by seed, with the answer to "does the gain shrink with data?" read from them."""
+    pairs = ladder_pairs()
+    print(f"{len(pairs)} twin pairs in {CHECKS} ({convergence_rule(True)}):")
+    print("| model | seed | f | twin: epochs, top-1 | run: epochs, top-1 | second half added | converged |")
+    print("|---|---|---|---|---|---|---|")
+    for p in pairs:
+        print(f"| {p['name']} | {p['seed']} | {p['fraction']:.0%} | {p['half']['epochs']}: {p['half']['top1']:.2f} | "
+              f"{p['epochs']}: {p['top1']:.2f} | {p['second_half_adds']:+.2f} | {'yes' if p['converged'] else 'no'} |")
+    print_rungs(pairs)
+    longest = longest_runs(pairs)
+    print("\nEach model's longest run, seed by seed (epochs: top-1, converged by its twin?):")
+    print("| f | seed | ConViT | DeiT | gain: ConViT / DeiT - 1 |")
+    print("|---|---|---|---|---|")
+    verdict = {True: "yes", False: "no", None: "no twin"}
+    for f, by_model in sorted(longest.items()):
+        for seed in sorted(set(by_model["ConViT"]) & set(by_model["DeiT"])):
+            (ce, c, cv), (de, d, dv) = by_model["ConViT"][seed], by_model["DeiT"][seed]
+            print(f"| {f:.0%} | {seed} | {ce}: {c:.2f} ({verdict[cv]}) | {de}: {d:.2f} ({verdict[dv]}) | "
+                  f"{100 * (c / d - 1):+.2f}% |")
+    gains = {f: gains_of({name: {seed: top1 for seed, (_, top1, _) in runs.items()} for name, runs in by_model.items()})
+             for f, by_model in longest.items()}
+    print(f"\nDoes the gain shrink with data, at each model's longest run? {does_the_gain_shrink(gains)}")
+    plot_ladder(pairs, args)
+
+
+def print_rungs(pairs: list[dict]):
+    """Each rung (model, fraction, length) trained with two or more seeds: what its second half
+    added, seed by seed and on the mean of the seeds, where the noise of one pair averages out."""
+    rungs = {}
+    for p in pairs:
+        rungs.setdefault((p["name"], p["fraction"], p["half"]["epochs"], p["epochs"]), []).append(p)
+    print("\nEach rung with two or more seeds (top-1 and what the second half added: mean of the seeds, and range):")
+    print("| model | f | twin -> run (epochs) | seeds | run's top-1 | second half added | converged: seeds; on the mean |")
+    print("|---|---|---|---|---|---|---|")
+    for (name, f, half, epochs), found in sorted(rungs.items(), key=lambda item: (item[0][1], item[0][0], item[0][3])):
+        if len(found) < 2:
+            continue
+        adds = [p["second_half_adds"] for p in found]
+        print(f"| {name} | {f:.0%} | {half} -> {epochs} | {', '.join(str(p['seed']) for p in found)} | "
+              f"{cell([p['top1'] for p in found], 2)} | {cell(adds, 2)} | "
+              f"{sum(p['converged'] for p in found)} of {len(found)}; {'yes' if mean(adds) < CONVERGED_WITHIN else 'no'} |")
+
+
+def plot_ladder(pairs: list[dict], args):
+    """Top-1 against epochs at each fraction of the ladder (a line per model and seed; a filled
+    marker: the run is converged by its twin, open: not, a dot: a twin only), and the gain where
+    both models trained the same epochs."""
+    points, verdicts = ladder_points(pairs)
+    fractions = sorted({f for f, _, _ in points})
+    fig, axes = plt.subplots(1, len(fractions) + 1, figsize=(6 * len(fractions) + 6, 4.6), layout="constrained")
+    styles = ("-", "--", ":")
+    for ax, f in zip(axes, fractions):
+        for (f_, name, seed), by_epochs in sorted(points.items()):
+            if f_ != f:
+                continue
+            epochs = sorted(by_epochs)
+            ax.plot(epochs, [by_epochs[e] for e in epochs], styles[seed % 3], color=COLOURS[name], lw=1,
+                    label=f"{name}, seed {seed}")
+            for e in epochs:
+                judged = verdicts[f, name, seed].get(e)
+                ax.plot(e, by_epochs[e], "o" if judged is not None else ".", color=COLOURS[name],
+                        mfc=COLOURS[name] if judged else "white", ms=6)
+        ax.set(xscale="log", xlabel="epochs", ylabel="top-1 (%)",
+               title=f"f = {f:.0%} (filled: converged by its twin; open: not; dot: a twin only)")
+        ax.set_xticks(sorted({e for (f_, _, _), by in points.items() if f_ == f for e in by}))
+        ax.get_xaxis().set_major_formatter("{x:g}")
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+    gain = axes[-1]  # against steps (epochs x f, in epochs of all the data), so that the fractions share an axis
+    for f, marker in zip(fractions, "so^v"):
+        for seed in sorted({s for f_, _, s in points if f_ == f}):
+            convit, deit = points.get((f, "ConViT", seed), {}), points.get((f, "DeiT", seed), {})
+            both = sorted(set(convit) & set(deit))
+            if both:
+                gain.plot([e * f for e in both], [100 * (convit[e] / deit[e] - 1) for e in both],
+                          marker + styles[seed % 3], color="k", mfc="white" if f < 1 else "k",
+                          label=f"f = {f:.0%}, seed {seed}")
+    gain.axhline(0, color="0.7")
+    gain.set(xscale="log", xlabel="steps, in epochs of all the data (epochs x f)", ylabel="ConViT / DeiT - 1 (%)",
+             title="ConViT's gain where both models trained the same epochs")
+    gain.set_xticks(sorted({e * f for (f, _, _), by in points.items() for e in by}))
+    gain.get_xaxis().set_major_formatter("{x:g}")
+    gain.minorticks_off()
+    gain.legend(fontsize=7)
+    save_figure(fig, args.out_dir, "06_ladder.png",
+                "each run beside its twin, the same run half as long; recipe as lesson 6's, epochs as marked; "
+                "every train.py command in lessons/figures/06_check", args.device,
+                machine=read_json(CHECKS / "ladder.json")["hardware"])
+
+
 def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--fractions", type=float, nargs="+", default=None,
@@ -210,8 +354,13 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help=f"instead: the lr x warmup sweep that chose the recipe ({len(MODELS) * len(SWEEP_FRACTIONS)}"
                              f" x {len(SWEEP['lr']) * len(SWEEP['warmup_epochs'])} runs of seed 0)")
+    parser.add_argument("--ladder", action="store_true",
+                        help="train nothing: print and draw every twin pair recorded in lessons/figures/06_check "
+                             "(runs longer than the recipe's) into --out-dir; takes no other flag but --out-dir")
     add_keep_finished(parser)
     args = parse(parser, argv)
+    if args.ladder:
+        return ladder(args)
     if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
         raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
     clock = Stopwatch("lesson 6")
@@ -285,8 +434,8 @@ def does_the_gain_shrink(gains: dict) -> str:
     at_low, at_high = gains[low]["relative"], gains[high]["relative"]
     seeds = f"mean and range of {len(at_high)} seeds" if len(at_high) > 1 else "one seed"
     said = (f"the gain is {cell(at_low, 2)}% at f = {low:.0%} and {cell(at_high, 2)}% at f = {high:.0%} ({seeds}), "
-            f"and ConViT avoids {cell(gains[low]['errors_avoided'], 0)}% and {cell(gains[high]['errors_avoided'], 0)}% "
-            f"of DeiT's errors")
+            f"and the share of DeiT's errors that ConViT avoids is {cell(gains[low]['errors_avoided'], 0)}% and "
+            f"{cell(gains[high]['errors_avoided'], 0)}%")
     if max(at_high) < min(at_low):
         return f"yes: {said}; every seed's gain at {high:.0%} is below every seed's at {low:.0%}."
     if min(at_high) > max(at_low):

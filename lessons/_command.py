@@ -110,8 +110,9 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     import config
 
     args = parser.parse_args(argv)
-    if getattr(args, "redraw", False):
-        check_redraw(parser, args)
+    for flag in ("redraw", "ladder"):  # the flags that train nothing and only draw
+        if getattr(args, flag, False):
+            check_redraw(parser, args, flag)
     cli.torch_device(args.device)  # a typo or a missing GPU: one ValueError, now
     cli.check_range("threads", args.threads, config.FIELDS["threads"].metadata["interval"])
     if hasattr(args, "recipes"):  # a training lesson: unset recipe flags take the recipe's values
@@ -140,13 +141,14 @@ def redraw_flag(parser: argparse.ArgumentParser, summary: str):
                              "other flag but --out-dir")
 
 
-def check_redraw(parser: argparse.ArgumentParser, args):
-    """--redraw trains nothing: any flag but --out-dir would be silently ignored, so it is refused."""
+def check_redraw(parser: argparse.ArgumentParser, args, flag: str = "redraw"):
+    """--redraw (or another `flag` that only draws) trains nothing: any flag but --out-dir would be
+    silently ignored, so it is refused."""
     given = [name for name, value in vars(args).items()
-             if name not in ("redraw", "out_dir") and value != parser.get_default(name)]
+             if name not in (flag, "out_dir") and value != parser.get_default(name)]
     if given:
-        raise ValueError(f"--redraw draws the figure from the JSON of finished runs and trains nothing: "
-                         f"drop --{given[0].replace('_', '-')}, or drop --redraw")
+        raise ValueError(f"--{flag} draws from the JSON of finished runs and trains nothing: "
+                         f"drop --{given[0].replace('_', '-')}, or drop --{flag}")
 
 
 def recorded_flags(parser: argparse.ArgumentParser, summary: dict, out_dir: Path) -> argparse.Namespace:

@@ -34,7 +34,7 @@ from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence,
 # The recipe (the warmup is in epochs at f = 100% and multiplied by 1/f; it starts from lr / 100).
 # Its epochs, the length of a run on all the data (see FLOOR_EPOCHS for the other fractions): 96
 # converge ConViT there by the twins' rule, and not DeiT, which still gains 1.2 points from 96 to
-# 192 epochs and converges at 384 (lesson 6, "How long is long enough" and "Longer still"); every
+# 192 epochs and converges at 384 (lesson 6, "How long is long enough?", 3 seeds); every
 # run at the length that converges it would make a default run of about 14 hours on our CPU.
 # The rest is train.py's small preset: AdamW, weight decay 0.05, label smoothing 0.1, cosine to
 # 1e-5, crops of 50-100% of the image; no RandAugment.

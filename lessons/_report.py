@@ -77,5 +77,9 @@ def mean(values) -> float:
 
 
 def cell(values: list[float], digits: int = 1) -> str:
-    """'86.9', or with several seeds '87.5 (85.8-89.7)': the mean and the range, to `digits` decimals."""
-    return f"{mean(values):.{digits}f}" + (f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else "")
+    """'86.9', or with several seeds '87.5 (85.8-89.7)': the mean and the range, to `digits` decimals;
+    '0.10 (-0.35 to 0.35)' where the range starts below zero, so that no minus sign reads as a dash."""
+    if len(values) == 1:
+        return f"{mean(values):.{digits}f}"
+    low, high = min(values), max(values)
+    return f"{mean(values):.{digits}f} ({low:.{digits}f}{' to ' if low < 0 else '-'}{high:.{digits}f})"
