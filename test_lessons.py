@@ -381,8 +381,9 @@ def test_lesson6_quotes_the_longer_twins_and_the_batch_probe():
 def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_path, capsys):
     """--ladder trains nothing: it reads every Table 2 twin pair recorded in figures/06_check (the
     lesson's own runs and ladder.json's), prints each, each rung of several seeds on their mean, each
-    model's longest run seed by seed and the answer read from them, and draws 06_ladder.png. The page quotes every row and the answer as
-    printed: a recorded pair missing from the page, or a top-1 changed in either, fails."""
+    model's longest run seed by seed and the answer read from them, and draws 06_ladder.png. The
+    page quotes every row and the answer as printed: a recorded pair missing from the page, or a
+    top-1 changed in either, fails."""
     module, before, checkout = lesson("06"), committed_figures(), checkout_status()
     assert cli.run_command(module.main, ["--ladder", "--out-dir", str(tmp_path)]) == 0
     out, text = capsys.readouterr().out, text_of("06_sample_efficiency.md")

@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import cli  # noqa: E402
 import config  # noqa: E402
-from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
+from lessons._command import FIGURES, draw_only_flag, parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_keep_finished, convergence_line,  # noqa: E402
@@ -230,8 +230,8 @@ def ladder_pairs(folder: Path = CHECKS) -> list[dict]:
     return sorted(unique.values(), key=lambda p: (p["fraction"], p["seed"], p["name"], p["epochs"]))
 
 
-def ladder_points(pairs: list[dict]) -> dict:
-    """points[fraction][name][seed]: {epochs: top-1} of every run and twin, and verdicts[...][epochs]
+def ladder_points(pairs: list[dict]) -> tuple[dict, dict]:
+    """points[fraction, name, seed]: {epochs: top-1} of every run and twin, and verdicts[...][epochs]
     the verdict of each run that has a twin."""
     points, verdicts = {}, {}
     for p in pairs:
@@ -241,9 +241,9 @@ def ladder_points(pairs: list[dict]) -> dict:
     return points, verdicts
 
 
-def longest_runs(pairs: list[dict]) -> dict:
-    """longest[fraction][name][seed]: (epochs, top-1, verdict) of the longest run of each model and seed."""
-    points, verdicts = ladder_points(pairs)
+def longest_runs(points: dict, verdicts: dict) -> dict:
+    """longest[fraction][name][seed]: (epochs, top-1, verdict) of the longest run of each model and
+    seed, from ladder_points."""
     longest = {}
     for (f, name, seed), by_epochs in points.items():
         epochs = max(by_epochs)
@@ -263,7 +263,8 @@ def ladder(args):
         print(f"| {p['name']} | {p['seed']} | {p['fraction']:.0%} | {p['half']['epochs']}: {p['half']['top1']:.2f} | "
               f"{p['epochs']}: {p['top1']:.2f} | {p['second_half_adds']:+.2f} | {'yes' if p['converged'] else 'no'} |")
     print_rungs(pairs)
-    longest = longest_runs(pairs)
+    points, verdicts = ladder_points(pairs)
+    longest = longest_runs(points, verdicts)
     print("\nEach model's longest run, seed by seed (epochs: top-1, converged by its twin?):")
     print("| f | seed | ConViT | DeiT | gain: ConViT / DeiT - 1 |")
     print("|---|---|---|---|---|")
@@ -276,7 +277,7 @@ def ladder(args):
     gains = {f: gains_of({name: {seed: top1 for seed, (_, top1, _) in runs.items()} for name, runs in by_model.items()})
              for f, by_model in longest.items()}
     print(f"\nDoes the gain shrink with data, at each model's longest run? {does_the_gain_shrink(gains)}")
-    plot_ladder(pairs, args)
+    plot_ladder(points, verdicts, args)
 
 
 def print_rungs(pairs: list[dict]):
@@ -297,11 +298,10 @@ def print_rungs(pairs: list[dict]):
               f"{sum(p['converged'] for p in found)} of {len(found)}; {'yes' if mean(adds) < CONVERGED_WITHIN else 'no'} |")
 
 
-def plot_ladder(pairs: list[dict], args):
+def plot_ladder(points: dict, verdicts: dict, args):
     """Top-1 against epochs at each fraction of the ladder (a line per model and seed; a filled
     marker: the run is converged by its twin, open: not, a dot: a twin only), and the gain where
-    both models trained the same epochs."""
-    points, verdicts = ladder_points(pairs)
+    both models trained the same epochs; points and verdicts from ladder_points."""
     fractions = sorted({f for f, _, _ in points})
     fig, axes = plt.subplots(1, len(fractions) + 1, figsize=(6 * len(fractions) + 6, 4.6), layout="constrained")
     styles = ("-", "--", ":")
@@ -318,9 +318,7 @@ def plot_ladder(pairs: list[dict], args):
                         mfc=COLOURS[name] if judged else "white", ms=6)
         ax.set(xscale="log", xlabel="epochs", ylabel="top-1 (%)",
                title=f"f = {f:.0%} (filled: converged by its twin; open: not; dot: a twin only)")
-        ax.set_xticks(sorted({e for (f_, _, _), by in points.items() if f_ == f for e in by}))
-        ax.get_xaxis().set_major_formatter("{x:g}")
-        ax.minorticks_off()
+        log_ticks(ax, {e for (f_, _, _), by in points.items() if f_ == f for e in by})
         ax.legend(fontsize=7)
     gain = axes[-1]  # against steps (epochs x f, in epochs of all the data), so that the fractions share an axis
     for f, marker in zip(fractions, "so^v"):
@@ -334,14 +332,19 @@ def plot_ladder(pairs: list[dict], args):
     gain.axhline(0, color="0.7")
     gain.set(xscale="log", xlabel="steps, in epochs of all the data (epochs x f)", ylabel="ConViT / DeiT - 1 (%)",
              title="ConViT's gain where both models trained the same epochs")
-    gain.set_xticks(sorted({e * f for (f, _, _), by in points.items() for e in by}))
-    gain.get_xaxis().set_major_formatter("{x:g}")
-    gain.minorticks_off()
+    log_ticks(gain, {e * f for (f, _, _), by in points.items() for e in by})
     gain.legend(fontsize=7)
     save_figure(fig, args.out_dir, "06_ladder.png",
                 "each run beside its twin, the same run half as long; recipe as lesson 6's, epochs as marked; "
                 "every train.py command in lessons/figures/06_check", args.device,
                 machine=read_json(CHECKS / "ladder.json")["hardware"])
+
+
+def log_ticks(ax, ticks):
+    """A tick at each length trained, written plainly (480, not 4.8 x 10^2), on a log axis."""
+    ax.set_xticks(sorted(ticks))
+    ax.get_xaxis().set_major_formatter("{x:g}")
+    ax.minorticks_off()
 
 
 def main(argv=None):
@@ -354,9 +357,8 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help=f"instead: the lr x warmup sweep that chose the recipe ({len(MODELS) * len(SWEEP_FRACTIONS)}"
                              f" x {len(SWEEP['lr']) * len(SWEEP['warmup_epochs'])} runs of seed 0)")
-    parser.add_argument("--ladder", action="store_true",
-                        help="train nothing: print and draw every twin pair recorded in lessons/figures/06_check "
-                             "(runs longer than the recipe's) into --out-dir; takes no other flag but --out-dir")
+    draw_only_flag(parser, "ladder", "train nothing: print and draw every twin pair recorded in lessons/figures/06_check "
+                                     "(runs longer than the recipe's) into --out-dir; takes no other flag but --out-dir")
     add_keep_finished(parser)
     args = parse(parser, argv)
     if args.ladder:

@@ -110,9 +110,9 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     import config
 
     args = parser.parse_args(argv)
-    for flag in ("redraw", "ladder"):  # the flags that train nothing and only draw
-        if getattr(args, flag, False):
-            check_redraw(parser, args, flag)
+    for flag in getattr(parser, "draw_only", ()):
+        if getattr(args, flag):
+            check_draw_only(parser, args, flag)
     cli.torch_device(args.device)  # a typo or a missing GPU: one ValueError, now
     cli.check_range("threads", args.threads, config.FIELDS["threads"].metadata["interval"])
     if hasattr(args, "recipes"):  # a training lesson: unset recipe flags take the recipe's values
@@ -135,15 +135,20 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 def redraw_flag(parser: argparse.ArgumentParser, summary: str):
     """--redraw: draw the lesson's figure again from the JSON its finished runs wrote (`summary`),
     training nothing, so that a change of drawing needs no new runs."""
-    parser.add_argument("--redraw", action="store_true",
-                        help=f"train nothing: draw the figure again from {summary} in --out-dir (default "
-                             "lessons/figures), with the machine its runs were trained on in the caption; takes no "
-                             "other flag but --out-dir")
+    draw_only_flag(parser, "redraw", f"train nothing: draw the figure again from {summary} in --out-dir (default "
+                                     "lessons/figures), with the machine its runs were trained on in the caption; "
+                                     "takes no other flag but --out-dir")
 
 
-def check_redraw(parser: argparse.ArgumentParser, args, flag: str = "redraw"):
-    """--redraw (or another `flag` that only draws) trains nothing: any flag but --out-dir would be
-    silently ignored, so it is refused."""
+def draw_only_flag(parser: argparse.ArgumentParser, name: str, help: str):
+    """A flag that trains nothing and only draws from finished runs' JSON (--redraw, lesson 6's
+    --ladder). parse() refuses it beside any flag but --out-dir, which it would silently ignore."""
+    parser.add_argument(f"--{name}", action="store_true", help=help)
+    parser.draw_only = (*getattr(parser, "draw_only", ()), name)
+
+
+def check_draw_only(parser: argparse.ArgumentParser, args, flag: str):
+    """--`flag` trains nothing: any flag but --out-dir would be silently ignored, so it is refused."""
     given = [name for name, value in vars(args).items()
              if name not in (flag, "out_dir") and value != parser.get_default(name)]
     if given:
