@@ -204,6 +204,54 @@ def test_a_run_is_judged_by_its_twin_trained_half_as_long(tmp_path, monkeypatch)
     assert record["half"] == run["half"] and record["second_half_adds"] == run["second_half_adds"]
 
 
+def test_a_setting_not_converged_climbs_the_ladder_and_each_rungs_twin_is_the_run_before_it(tmp_path, monkeypatch):
+    """run_until_converged doubles a setting's length while its second half adds 0.5 points or more,
+    up to --max-doublings times; the twin of each new rung is the run of the rung below, read back
+    from its folder, so that a ladder of k rungs trains k + 1 runs, not 2k."""
+    from lessons import _protocol, _training
+    from lessons._command import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, run_until_converged
+
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
+    args.quick, args.max_doublings = False, 2  # whole runs, of 1 x 1/f epochs at the first rung
+    monkeypatch.setattr(_protocol, "FLOOR_EPOCHS", 1)
+    trained = []
+    monkeypatch.setattr(_protocol, "train_one", lambda settings: trained.append(settings["epochs"]) or
+                        _training.train_one(settings))
+    monkeypatch.setattr(_protocol, "CONVERGED_WITHIN", -1000.0)  # never converged: it climbs to the top
+    (run,) = run_until_converged(args, [("t", "ConViT", 0.25, 0, {})], tmp_path)
+    assert [rung["epochs"] for rung in run["rungs"]] == [4, 8, 16] and sorted(trained) == [2, 4, 8, 16]
+    assert (run["settings"]["epochs"], run["half"]["epochs"], run["setting_converged"]) == (16, 8, False)
+    assert run["rungs"][1]["top1"] == run["half"]["top1"]  # the twin of the top rung is the rung below
+    monkeypatch.setattr(_protocol, "CONVERGED_WITHIN", 1000.0)  # always converged: one rung
+    (run,) = run_until_converged(args, [("u", "ConViT", 0.25, 0, {})], tmp_path)
+    assert [rung["epochs"] for rung in run["rungs"]] == [4] and run["setting_converged"]
+
+
+@pytest.mark.parametrize("adds, climbs", [((0.8, 0.0, 0.3), False), ((0.8, 0.4, 0.4), True)])
+def test_a_setting_is_judged_on_the_mean_of_its_seeds(tmp_path, monkeypatch, adds, climbs):
+    """Seed 0's second half adds 0.8 points: a setting whose seeds' mean stays under 0.5 stops there,
+    and one whose mean reaches it trains every seed again twice as long."""
+    from lessons import _protocol
+    from lessons._command import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, run_until_converged
+
+    def fake_run(settings):  # the run at epochs E ends at 90 + adds[seed] where its twin ends at 90
+        top1 = 90.0 + (adds[settings["seed"]] if settings["epochs"] % 4 == 0 else 0.0)
+        return {"val_top1": top1, "val_top5": 100.0, "val_loss": 0.1, "parameters": 1, "seconds": 0.0,
+                "cpu_seconds": 0.0, "records": [], "last_quarter_gain": None, "converged": None}
+
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
+    args.quick, args.max_doublings = False, 1
+    monkeypatch.setattr(_protocol, "FLOOR_EPOCHS", 1)
+    monkeypatch.setattr(_protocol, "train_one", fake_run)
+    plan = [("t", "ConViT", 0.25, seed, {}) for seed in (0, 1, 2)] + [("t", "DeiT", 0.25, 0, {"model": "deit_tiny"})]
+    results = run_until_converged(args, plan, tmp_path)
+    assert [r["rungs"][0]["second_half_adds"] for r in results[:3]] == list(adds)
+    assert [len(r["rungs"]) for r in results] == [2 if climbs else 1] * 3 + [2]  # DeiT, a setting of its own: +0.8
+    assert [r["settings"]["epochs"] for r in results] == [8 if climbs else 4] * 3 + [8]
+
+
 @pytest.mark.parametrize("at_full, answer", [((1.0, 0.5, 1.2), "yes"), ((3.6, 4.0, 5.0), "no, it grows"),
                                             ((2.0, 3.0, 4.0), "not beyond the seeds' spread")])
 def test_lesson6_says_the_gain_shrinks_only_when_the_seeds_ranges_part(at_full, answer):

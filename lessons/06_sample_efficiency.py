@@ -39,8 +39,9 @@ import config  # noqa: E402
 from lessons._command import FIGURES, draw_only_flag, parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
-from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_keep_finished, convergence_line,  # noqa: E402
-                               convergence_rule, recipe_line, run_all, run_record)
+from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_climbing, add_keep_finished,  # noqa: E402
+                               convergence_line, convergence_rule, recipe_line, run_all, run_record,
+                               run_until_converged)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0), (0.05, 0.1)
 ABLATION_FRACTION = 0.1  # Table 3's last column
@@ -360,6 +361,7 @@ def main(argv=None):
     draw_only_flag(parser, "ladder", "train nothing: print and draw every twin pair recorded in lessons/figures/06_check "
                                      "(runs longer than the recipe's) into --out-dir; takes no other flag but --out-dir")
     add_keep_finished(parser)
+    add_climbing(parser)
     args = parse(parser, argv)
     if args.ladder:
         return ladder(args)
@@ -379,7 +381,7 @@ def main(argv=None):
                  if row not in SHARED_ROWS for seed in seeds]
     print(f"{len(plan)} training runs and their twins (half as long), {args.workers} at a time: {recipe_line(args)}")
     with run_folder(args) as run_root:
-        results = run_all(args, plan, run_root, reuse=args.keep_finished, twins=True)
+        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished)
 
     table2 = {f: {name: {} for name in MODELS} for f in fractions}  # top-1 by seed
     table3 = {row: [] for row in TABLE3}
@@ -447,12 +449,14 @@ def does_the_gain_shrink(gains: dict) -> str:
 
 def print_convergence(plan: list[tuple], results: list[dict]):
     print(f"\nEvery run against its twin, trained half as long (converged: the twin within {CONVERGED_WITHIN} points):")
-    print("| table | run | f | seed | epochs | top-1 | twin's epochs | twin's top-1 | second half added | converged |")
+    print("| table | run | f | seed | epochs (each doubling) | top-1 | twin's epochs | twin's top-1 | second half added "
+          "| converged: the run; its setting, on the mean of its seeds |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    yes = {True: "yes", False: "no"}
     for (table, name, f, seed, _), result in zip(plan, results):
-        print(f"| {table} | {name} | {f:.0%} | {seed} | {result['settings']['epochs']} | {result['val_top1']:.2f} | "
-              f"{result['half']['epochs']} | {result['half']['top1']:.2f} | {result['second_half_adds']:+.2f} | "
-              f"{'yes' if result['converged'] else 'no'} |")
+        print(f"| {table} | {name} | {f:.0%} | {seed} | {' -> '.join(str(r['epochs']) for r in result['rungs'])} | "
+              f"{result['val_top1']:.2f} | {result['half']['epochs']} | {result['half']['top1']:.2f} | "
+              f"{result['second_half_adds']:+.2f} | {yes[result['converged']]}; {yes[result['setting_converged']]} |")
 
 
 if __name__ == "__main__":

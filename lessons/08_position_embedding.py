@@ -31,8 +31,8 @@ from lessons._command import parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._training import at_repository_root  # noqa: E402
-from lessons._protocol import (MODELS, QUICK, RECIPE, add_keep_finished, convergence_line, recipe_line,  # noqa: E402
-                               run_all, run_record)
+from lessons._protocol import (MODELS, QUICK, RECIPE, add_climbing, add_keep_finished, convergence_line,  # noqa: E402
+                               recipe_line, run_record, run_until_converged)
 
 SEEDS = (0, 1, 2)
 PAPER_TABLE5 = {"DeiT": ("DeiT-Ti", 72.2, 38.3), "ConViT": ("ConViT-Ti", 73.1, 67.1)}  # no mask, masked
@@ -84,6 +84,7 @@ def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     add_keep_finished(parser)
+    add_climbing(parser)
     args = parse(parser, argv)
     clock = Stopwatch("lesson 8")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
@@ -94,8 +95,8 @@ def main(argv=None):
           f"{recipe_line(args)}")
     with run_folder(args) as run_root:
         # The runs with the position embedding are lesson 6's at f = 100%: read from its run folder if it holds them.
-        results = run_all(args, plan, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",),
-                          twins=True)
+        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
+                                      elsewhere=(Path(run_root).parent / "06",))
         masked = [None if result["settings"].get("no_pos_embed") else masked_evaluation(result["settings"])
                   for result in results]
 

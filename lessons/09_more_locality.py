@@ -26,8 +26,8 @@ import cli  # noqa: E402
 from lessons._command import parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
-from lessons._protocol import (QUICK, RECIPE, add_keep_finished, convergence_line, recipe_line, run_all,  # noqa: E402
-                               run_record)
+from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, convergence_line,  # noqa: E402
+                               recipe_line, run_record, run_until_converged)
 
 LAYERS = (0, 2, 3)  # GPSA blocks of the 4: none, lesson 6's ConViT (2), all but the last
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
@@ -79,6 +79,7 @@ def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
     add_keep_finished(parser)
+    add_climbing(parser)
     args = parse(parser, argv)
     clock = Stopwatch("lesson 9")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
@@ -88,8 +89,8 @@ def main(argv=None):
     print(f"{len(plan)} training runs, {args.workers} at a time: {recipe_line(args)}, f = {FRACTION:.0%}")
     with run_folder(args) as run_root:
         # 2 GPSA blocks at alpha 1 is lesson 6's ConViT at f = 10%: read from its run folder if it holds them.
-        results = run_all(args, plan, run_root, reuse=args.keep_finished, elsewhere=(Path(run_root).parent / "06",),
-                          twins=True)
+        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
+                                      elsewhere=(Path(run_root).parent / "06",))
     top1 = {setting: [] for setting in grid}
     records = []
     for (n, a), seed, result in zip([s for s in grid for _ in seeds], [s for _ in grid for s in seeds], results):

@@ -180,6 +180,8 @@ def check_training_flags(args):
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     args.workers = args.workers or (1 if args.quick else 2)
+    if getattr(args, "max_doublings", 0) < 0:
+        raise ValueError(f"--max-doublings must be 0 or more, got {args.max_doublings}")
     seeds = getattr(args, "seeds", None) or []
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"--seeds {' '.join(map(str, seeds))} names a seed twice: its runs would share one folder")

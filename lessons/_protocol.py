@@ -13,6 +13,13 @@ as long as the twin added less than that, and the run, twice the twin's length, 
 point where more training stops paying. The last quarter of one run's evaluations cannot say
 this: a cosine schedule ends with a rise, as the lr anneals, in a run that has learnt what it can.
 
+One pair's verdict is noisy (a top-1 on 2,000 images moves by half a point between evaluations of
+a run that has stopped improving), so a setting, the runs that differ only in their seed, is
+judged on the mean of its seeds. `run_until_converged` trains every run with its twin, then
+trains each setting that the mean does not pass again twice as long, its twin being the run just
+trained, and so on up the ladder of doublings until every setting has converged or has doubled
+--max-doublings times: each model and fraction trains as long as it needs, no longer.
+
 Each run keeps its train.py command, relative to the repository root: run from there, it gives
 the same top-1 again (one-thread CPU runs are deterministic).
 """
@@ -20,6 +27,7 @@ the same top-1 again (one-thread CPU runs are deterministic).
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -29,13 +37,14 @@ import cli
 import config
 import runs
 from lessons._command import LessonRecipe, run_settings
+from lessons._report import mean
 from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, train_one
 
 # The recipe (the warmup is in epochs at f = 100% and multiplied by 1/f; it starts from lr / 100).
-# Its epochs, the length of a run on all the data (see FLOOR_EPOCHS for the other fractions): 96
-# converge ConViT there by the twins' rule, and not DeiT, which still gains 1.2 points from 96 to
-# 192 epochs and converges at 384 (lesson 6, "How long is long enough?", 3 seeds); every
-# run at the length that converges it would make a default run of about 14 hours on our CPU.
+# Its epochs, the length of a run on all the data (see FLOOR_EPOCHS for the other fractions), are
+# where run_until_converged starts: 96 converge ConViT there by the twins' rule, and not DeiT,
+# which still gains 1.2 points from 96 to 192 epochs and converges at 384, two doublings up
+# (lesson 6, "How long is long enough?", 3 seeds).
 # The rest is train.py's small preset: AdamW, weight decay 0.05, label smoothing 0.1, cosine to
 # 1e-5, crops of 50-100% of the image; no RandAugment.
 RECIPE = LessonRecipe(epochs=96, embed_dim=48, num_heads=4, depth=4, batch_size=64, lr=4e-3, warmup_epochs=4,
@@ -48,6 +57,9 @@ EVALUATIONS = 12  # per run, the same steps apart at every fraction
 # Table 2's equal steps: 24 epochs on all the data (3,000 steps of 64 images), 24 / f at fraction f.
 # Every run trains at least this long, so that runs on little data keep the paper's many epochs.
 FLOOR_EPOCHS = 24
+# How many times run_until_converged may double a setting's length (--max-doublings): 16 times the
+# first length. The longest setting measured so far, DeiT at f = 5%, needs 8 (lesson 6's ladder).
+MAX_DOUBLINGS = 4
 
 # The two models every comparison trains: the settings each adds to the recipe's ConViT.
 MODELS = {
@@ -56,11 +68,12 @@ MODELS = {
 }
 
 
-def schedule(args, fraction: float, warmup_epochs: int) -> dict:
-    """The settings that make a run at fraction f: the data, max(epochs, FLOOR_EPOCHS / f) epochs,
-    the warmup times 1/f, and EVALUATIONS evaluations the same steps apart. --quick: epochs / f
-    epochs, stopped after QUICK_STOP, each evaluated."""
-    epochs = max(args.epochs, round(floor_epochs(args) / fraction))
+def schedule(args, fraction: float, warmup_epochs: int, doublings: int = 0) -> dict:
+    """The settings that make a run at fraction f: the data, max(epochs, FLOOR_EPOCHS / f) epochs
+    (times 2 ** doublings, up run_until_converged's ladder), the warmup times 1/f, and EVALUATIONS
+    evaluations the same steps apart. --quick: epochs / f epochs, stopped after QUICK_STOP, each
+    evaluated."""
+    epochs = max(args.epochs, round(floor_epochs(args) / fraction)) * 2 ** doublings
     settings = {"data_fraction": fraction, "epochs": epochs, "warmup_epochs": round(warmup_epochs / fraction),
                 "eval_every": 1 if args.quick else max(1, round(epochs / EVALUATIONS))}
     return {**settings, "stop_after": QUICK_STOP} if args.quick else settings
@@ -122,17 +135,18 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
 
 
 def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewhere: tuple[Path, ...] = (),
-            twins: bool = False) -> list[dict]:
+            twins: bool = False, doublings: list[int] | None = None) -> list[dict]:
     """Train every (table, name, fraction, seed, settings[, warmup epochs]) of `plan`, args.workers
-    at a time; each result gains its settings and its train.py command. With `twins`, each run's
+    at a time, each doubled in length as many times as `doublings` says (default: none); each
+    result gains its settings and its train.py command. With `twins`, each run's
     twin trains too (`twin`), and the result gains the twin's top-1 and command, what the second
     half of the run added, and its verdict, `converged`. A run that a folder of `elsewhere`
     (another lesson's) or, with reuse, of run_root already holds, finished with the same settings,
     is read rather than trained again (`reuse_finished_run`): how lessons share runs, a sweep
     grows, and an interrupted lesson goes on, without training what they have."""
     jobs, labels = [], []
-    for table, name, f, seed, changes, *rest in plan:
-        changes = {**changes, **schedule(args, f, (*rest, args.warmup_epochs)[0])}
+    for (table, name, f, seed, changes, *rest), doubled in zip(plan, doublings or [0] * len(plan)):
+        changes = {**changes, **schedule(args, f, (*rest, args.warmup_epochs)[0], doubled)}
         # The folder is named after the run's flags, so that the same run keeps its folder when a sweep grows.
         flags = config.command_line(run_settings(args, Path("."), seed=seed, **changes))
         digest = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
@@ -147,6 +161,54 @@ def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewh
     if not twins:
         return results
     return [judged(run, half) for run, half in zip(results[:len(plan)], results[len(plan):])]
+
+
+def run_until_converged(args, plan: list[tuple], run_root: Path, reuse: bool = False,
+                        elsewhere: tuple[Path, ...] = ()) -> list[dict]:
+    """run_all(twins=True), then up the ladder: each setting of `plan` (its runs that differ only in
+    their seed) whose second half added CONVERGED_WITHIN points or more on the mean of its seeds
+    trains again twice as long, its twin being the run just trained (read back from its folder),
+    until the mean passes or the setting has doubled args.max_doublings times (--quick: never).
+    Each result is its setting's last run, and gains `rungs`, every length it trained at (epochs,
+    top-1, second half added), and `setting_converged`, the verdict on the mean of its seeds."""
+    results = run_all(args, plan, run_root, reuse, elsewhere, twins=True)
+    rungs = [[rung_of(result)] for result in results]
+    doublings = [0] * len(plan)
+    settings = {}
+    for i, (table, name, f, _seed, changes, *rest) in enumerate(plan):
+        settings.setdefault((table, name, f, json.dumps(changes, sort_keys=True), *rest), []).append(i)
+    limit = 0 if args.quick else args.max_doublings
+    while True:
+        climbing = [i for members in settings.values() if doublings[members[0]] < limit
+                    and mean([results[i]["second_half_adds"] for i in members]) >= CONVERGED_WITHIN for i in members]
+        if not climbing:
+            break
+        for i in climbing:
+            doublings[i] += 1
+        print(f"  {len(climbing)} runs whose setting did not converge on the mean of its seeds: trained again twice "
+              f"as long, the runs just trained their twins", flush=True)
+        again = run_all(args, [plan[i] for i in climbing], run_root, reuse=True, elsewhere=elsewhere, twins=True,
+                        doublings=[doublings[i] for i in climbing])
+        for i, result in zip(climbing, again):
+            results[i] = result
+            rungs[i].append(rung_of(result))
+    verdict = {i: mean([results[j]["second_half_adds"] for j in members]) < CONVERGED_WITHIN
+               for members in settings.values() for i in members}
+    return [{**result, "rungs": rung, "setting_converged": verdict[i]}
+            for i, (result, rung) in enumerate(zip(results, rungs))]
+
+
+def rung_of(result: dict) -> dict:
+    return {"epochs": result["settings"]["epochs"], "top1": result["val_top1"],
+            "second_half_adds": result["second_half_adds"]}
+
+
+def add_climbing(parser):
+    """--max-doublings, for the lessons whose runs climb run_until_converged's ladder."""
+    parser.add_argument("--max-doublings", type=int, default=MAX_DOUBLINGS, metavar="N",
+                        help=f"double a setting's length at most N times while its second half adds {CONVERGED_WITHIN} "
+                             f"points or more on the mean of its seeds (default {MAX_DOUBLINGS}; 0: each run once, "
+                             "beside its twin)")
 
 
 def judged(run: dict, half: dict) -> dict:
@@ -187,6 +249,8 @@ def run_record(table: str, name: str, fraction: float, seed: int, result: dict) 
               "read_back": result.get("reused", False), "command": result["command"]}
     if "half" in result:
         record.update(second_half_adds=result["second_half_adds"], half=result["half"])
+    if "rungs" in result:
+        record.update(rungs=result["rungs"], setting_converged=result["setting_converged"])
     return record
 
 
@@ -206,8 +270,14 @@ def convergence_rule(twins: bool) -> str:
 
 def convergence_line(results: list[dict]) -> str:
     verdicts = [r["converged"] for r in results]
-    return (f"converged: {verdicts.count(True)} runs, not converged: {verdicts.count(False)}, too few evaluations to "
+    line = (f"converged: {verdicts.count(True)} runs, not converged: {verdicts.count(False)}, too few evaluations to "
             f"judge: {verdicts.count(None)} ({convergence_rule(all('half' in r for r in results))})")
+    if not all("setting_converged" in r for r in results):
+        return line
+    on_the_mean = [r["setting_converged"] for r in results]
+    return (f"{line}; on the mean of their setting's seeds: {on_the_mean.count(True)} runs converged, "
+            f"{on_the_mean.count(False)} not, after doubling their length up to {max(len(r['rungs']) for r in results) - 1}"
+            f" times")
 
 
 def recipe_line(args) -> str:
