@@ -223,6 +223,7 @@ def test_a_setting_not_converged_climbs_the_ladder_and_each_rungs_twin_is_the_ru
     assert [rung["epochs"] for rung in run["rungs"]] == [4, 8, 16] and sorted(trained) == [2, 4, 8, 16]
     assert (run["settings"]["epochs"], run["half"]["epochs"], run["setting_converged"]) == (16, 8, False)
     assert run["rungs"][1]["top1"] == run["half"]["top1"]  # the twin of the top rung is the rung below
+    assert run["rungs"][-1]["command"] == run["command"] and " --epochs 8 " in run["rungs"][1]["command"]
     monkeypatch.setattr(_protocol, "CONVERGED_WITHIN", 1000.0)  # always converged: one rung
     (run,) = run_until_converged(args, [("u", "ConViT", 0.25, 0, {})], tmp_path)
     assert [rung["epochs"] for rung in run["rungs"]] == [4] and run["setting_converged"]

@@ -170,7 +170,7 @@ def run_until_converged(args, plan: list[tuple], run_root: Path, reuse: bool = F
     trains again twice as long, its twin being the run just trained (read back from its folder),
     until the mean passes or the setting has doubled args.max_doublings times (--quick: never).
     Each result is its setting's last run, and gains `rungs`, every length it trained at (epochs,
-    top-1, second half added), and `setting_converged`, the verdict on the mean of its seeds."""
+    top-1, second half added, command), and `setting_converged`, the verdict on the mean of its seeds."""
     results = run_all(args, plan, run_root, reuse, elsewhere, twins=True)
     rungs = [[rung_of(result)] for result in results]
     doublings = [0] * len(plan)
@@ -199,8 +199,9 @@ def run_until_converged(args, plan: list[tuple], run_root: Path, reuse: bool = F
 
 
 def rung_of(result: dict) -> dict:
+    """What a run's record keeps of one length it climbed through: enough to check it and run it again."""
     return {"epochs": result["settings"]["epochs"], "top1": result["val_top1"],
-            "second_half_adds": result["second_half_adds"]}
+            "second_half_adds": result["second_half_adds"], "command": result["command"]}
 
 
 def add_climbing(parser):
