@@ -446,7 +446,8 @@ def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_pa
     for run in recorded:
         length = config.parse(shlex.split(run["command"])[2:])["epochs"]
         epochs[run["name"], run["fraction"], run["seed"]] |= {length, run["half"]["epochs"]}
-    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(("| model", "| f |"))]
+    ladder_out, recipe_out = out.split("The recipe checked at long lengths")
+    rows = [line for line in ladder_out.splitlines() if line.startswith("| ") and not line.startswith(("| model", "| f |"))]
     pairs = {(run["name"], run["seed"], run["fraction"], run["half"]["epochs"]) for run in recorded}
     longest = {(f, seed) for (name, f, seed) in epochs if (("ConViT" if name == "DeiT" else "DeiT"), f, seed) in epochs}
     seeds_of_rung = collections.Counter((name, f, half) for name, _seed, f, half in pairs)
@@ -460,6 +461,11 @@ def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_pa
             max(epochs["ConViT", f, seed]), max(epochs["DeiT", f, seed])], row
     answer = out.split("Does the gain shrink with data, at each model's longest run? ")[1].splitlines()[0]
     assert answer in " ".join(text.split()), answer
+    # The recipe checked at a long length: every run printed beside the recipe's own, and quoted.
+    checks = [line for line in recipe_out.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert len(checks) == len(committed("06_check/recipe_check.json")["runs"]) > 0
+    for row in checks:
+        assert row in text and "| - | - |" not in row, f"lesson 6 does not quote --ladder's row {row}"
 
 
 def test_lesson6_ladder_takes_no_training_flag(tmp_path, capsys):

@@ -6,7 +6,8 @@ on 10% of the data. Here both run on MNIST-10k (real 28x28 digits in 4x4 patches
 with train.py, for a small ConViT and DeiT's own network at the same width, heads and depth,
 3 seeds each. Whether each run has stopped improving is checked, not assumed: beside it trains
 its twin, the same run half as long, and the run counts as converged when the twin comes within
-0.5 points of it (lessons/_protocol.py says why, and how long each fraction trains).
+0.5 points of it; a setting whose seeds do not pass on their mean trains again twice as long, until
+they do (lessons/_protocol.py says why, and how long each fraction starts).
 
 The recipe was chosen by a sweep of lr and warmup for both models at f = 100% and 10%
 (`--sweep`, its results in 06_sweep.json); every run of the default run uses it.
@@ -18,8 +19,8 @@ Outputs (in --out-dir):
   06_sample_efficiency.json  every run's and its twin's train.py command and top-1, its verdict, and the paper's numbers
   with --sweep instead:      06_sweep.png and 06_sweep.json (the lr x warmup sweep that chose the recipe)
   with --ladder instead:     06_ladder.png, training nothing: every twin pair recorded in figures/06_check
-                             (runs longer than the recipe's, at f = 5% and 100%), and the gain at each
-                             model's longest run
+                             (runs longer than the recipe's, at f = 5% and 100%), the gain at each
+                             model's longest run, and the recipe tried again at 1920 epochs (recipe_check.json)
 
 Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep] [--fractions F ...]
 """
@@ -278,7 +279,25 @@ def ladder(args):
     gains = {f: gains_of({name: {seed: top1 for seed, (_, top1, _) in runs.items()} for name, runs in by_model.items()})
              for f, by_model in longest.items()}
     print(f"\nDoes the gain shrink with data, at each model's longest run? {does_the_gain_shrink(gains)}")
+    print_recipe_check(points)
     plot_ladder(points, verdicts, args)
+
+
+def print_recipe_check(points: dict):
+    """The recipe tried again at a long length (recipe_check.json): each run beside the recipe's own
+    run of the same model, fraction, seed and length, from the ladder's points."""
+    check = read_json(CHECKS / "recipe_check.json")
+    print(f"\nThe recipe checked at long lengths ({check['what']}):")
+    print("| model | f | seed | epochs | change to the recipe | top-1 | the recipe's top-1 | difference "
+          "| second half added (its twin) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in check["runs"]:
+        own = points.get((run["fraction"], run["name"], run["seed"]), {}).get(run["epochs"])
+        theirs = "- | -" if own is None else f"{own:.2f} | {run['top1'] - own:+.2f}"
+        half = (f"{run['second_half_adds']:+.2f} ({run['half']['epochs']}: {run['half']['top1']:.2f})" if "half" in run
+                else "no twin trained")
+        print(f"| {run['name']} | {run['fraction']:.0%} | {run['seed']} | {run['epochs']} | {run['change']} | "
+              f"{run['top1']:.2f} | {theirs} | {half} |")
 
 
 def print_rungs(pairs: list[dict]):
