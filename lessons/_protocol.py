@@ -173,28 +173,28 @@ def run_until_converged(args, plan: list[tuple], run_root: Path, reuse: bool = F
     top-1, second half added, command), and `setting_converged`, the verdict on the mean of its seeds."""
     results = run_all(args, plan, run_root, reuse, elsewhere, twins=True)
     rungs = [[rung_of(result)] for result in results]
-    doublings = [0] * len(plan)
-    settings = {}
+    settings = {}  # each setting's runs, by index into plan
     for i, (table, name, f, _seed, changes, *rest) in enumerate(plan):
         settings.setdefault((table, name, f, json.dumps(changes, sort_keys=True), *rest), []).append(i)
+    doublings = dict.fromkeys(settings, 0)
+
+    def converged(setting) -> bool:
+        return mean(results[i]["second_half_adds"] for i in settings[setting]) < CONVERGED_WITHIN
+
     limit = 0 if args.quick else args.max_doublings
-    while True:
-        climbing = [i for members in settings.values() if doublings[members[0]] < limit
-                    and mean([results[i]["second_half_adds"] for i in members]) >= CONVERGED_WITHIN for i in members]
-        if not climbing:
-            break
-        for i in climbing:
-            doublings[i] += 1
-        print(f"  {len(climbing)} runs whose setting did not converge on the mean of its seeds: trained again twice "
+    while climbing := [s for s in settings if doublings[s] < limit and not converged(s)]:
+        for setting in climbing:
+            doublings[setting] += 1
+        again_plan = [(i, doublings[setting]) for setting in climbing for i in settings[setting]]
+        print(f"  {len(again_plan)} runs whose setting did not converge on the mean of its seeds: trained again twice "
               f"as long, the runs just trained their twins", flush=True)
-        again = run_all(args, [plan[i] for i in climbing], run_root, reuse=True, elsewhere=elsewhere, twins=True,
-                        doublings=[doublings[i] for i in climbing])
-        for i, result in zip(climbing, again):
+        again = run_all(args, [plan[i] for i, _ in again_plan], run_root, reuse=True, elsewhere=elsewhere, twins=True,
+                        doublings=[doubled for _, doubled in again_plan])
+        for (i, _), result in zip(again_plan, again):
             results[i] = result
             rungs[i].append(rung_of(result))
-    verdict = {i: mean([results[j]["second_half_adds"] for j in members]) < CONVERGED_WITHIN
-               for members in settings.values() for i in members}
-    return [{**result, "rungs": rung, "setting_converged": verdict[i]}
+    verdicts = {i: converged(setting) for setting, members in settings.items() for i in members}
+    return [{**result, "rungs": rung, "setting_converged": verdicts[i]}
             for i, (result, rung) in enumerate(zip(results, rungs))]
 
 
