@@ -1,6 +1,6 @@
 """Mixed precision and torch.compile, proven on the CPU through the code that a GPU runs.
 
-No GPU has run this project. On a GPU, train.py trains under autocast by default (bf16, or fp16
+One GPU has run this project, once (an H200: docs/gpu.md); CI has none. On a GPU, train.py trains under autocast by default (bf16, or fp16
 with a gradient scaler) and `--compile` adds torch.compile. Autocast and compile are the same
 code on the CPU (only the kernels differ), so these tests drive that path here: the model in
 bf16 and fp16 on both GPSA paths, `--amp` and `--compile` end to end through train.py.
