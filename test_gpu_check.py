@@ -31,6 +31,13 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
     assert done.stderr == "" and not out.exists()  # nothing written
 
 
+def test_the_profiler_without_cuda_says_so_in_one_line_and_exits_0():
+    done = subprocess.run([sys.executable, str(HERE / "tools" / "gpu_profile.py")], capture_output=True, text=True,
+                          timeout=120, cwd=HERE, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith("no CUDA GPU") and len(done.stdout.splitlines()) == 1, done.stdout
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--device", "cpu"], "--device cpu runs with --smoke only"),
     (["--device", "cpu", "--smoke", "--budget", "0"], "--budget must be a number of seconds above 0"),
