@@ -25,7 +25,7 @@ LAYERS = [  # from the bottom up; docs/code.md draws them
                                                                             "lessons.12_what_heads_use"},
     {"lessons.10_far_content", "lessons.13_what_makes_attention_local"},  # they read lessons 5's and 11's
     {"lessons.14_augmentation_and_locality", "lessons.15_depth_and_class_token", "lessons.16_the_grid"},  # lesson 13's
-    {"tools.gpu_check", "tools.baselines"},  # drive train.py, bench.py and the lessons; read data.py
+    {"tools.gpu_check", "tools.gpu_profile", "tools.baselines"},  # drive train.py, bench.py and the lessons; read data.py
 ]
 
 
