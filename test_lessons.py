@@ -461,11 +461,21 @@ def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_pa
             max(epochs["ConViT", f, seed]), max(epochs["DeiT", f, seed])], row
     answer = out.split("Does the gain shrink with data, at each model's longest run? ")[1].splitlines()[0]
     assert answer in " ".join(text.split()), answer
-    # The recipe checked at a long length: every run printed beside the recipe's own, and quoted.
+    # The recipe checked at a long length: every run printed beside the recipe's own, and quoted;
+    # then, for each change both models ran with twins, their longest runs and the answer, quoted too.
+    recipe_out, *changed = recipe_out.split("\nWith ")
     checks = [line for line in recipe_out.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    for section in changed:
+        rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| f |")]
+        answer = section.split("? ")[-1].splitlines()[0]
+        assert rows and all(row in text for row in rows) and answer in " ".join(text.split()), section
     assert len(checks) == len(committed("06_check/recipe_check.json")["runs"]) > 0
+    trained = {(name, f"{f:.0%}", str(seed)): lengths for (name, f, seed), lengths in epochs.items()}
     for row in checks:
-        assert row in text and "| - | - |" not in row, f"lesson 6 does not quote --ladder's row {row}"
+        assert row in text, f"lesson 6 does not quote --ladder's row {row}"
+        name, f, seed, length = row.split(" | ")[:4]
+        # beside the recipe's own run of that length wherever the ladder trained one, else said so
+        assert ("not trained this long" in row) == (int(length) not in trained[name[2:], f, seed]), row
 
 
 def test_lesson6_ladder_takes_no_training_flag(tmp_path, capsys):

@@ -20,7 +20,8 @@ Outputs (in --out-dir):
   with --sweep instead:      06_sweep.png and 06_sweep.json (the lr x warmup sweep that chose the recipe)
   with --ladder instead:     06_ladder.png, training nothing: every twin pair recorded in figures/06_check
                              (runs longer than the recipe's, at f = 5% and 100%), the gain at each
-                             model's longest run, and the recipe tried again at 1920 epochs (recipe_check.json)
+                             model's longest run, and the recipe tried again at long lengths, one change at a
+                             time (recipe_check.json), with each change's gain at each model's longest run
 
 Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep] [--fractions F ...]
 """
@@ -266,26 +267,37 @@ def ladder(args):
               f"{p['epochs']}: {p['top1']:.2f} | {p['second_half_adds']:+.2f} | {'yes' if p['converged'] else 'no'} |")
     print_rungs(pairs)
     points, verdicts = ladder_points(pairs)
-    longest = longest_runs(points, verdicts)
     print("\nEach model's longest run, seed by seed (epochs: top-1, converged by its twin?):")
-    print("| f | seed | ConViT | DeiT | gain: ConViT / DeiT - 1 |")
-    print("|---|---|---|---|---|")
-    verdict = {True: "yes", False: "no", None: "no twin"}
-    for f, by_model in sorted(longest.items()):
-        for seed in sorted(set(by_model["ConViT"]) & set(by_model["DeiT"])):
-            (ce, c, cv), (de, d, dv) = by_model["ConViT"][seed], by_model["DeiT"][seed]
-            print(f"| {f:.0%} | {seed} | {ce}: {c:.2f} ({verdict[cv]}) | {de}: {d:.2f} ({verdict[dv]}) | "
-                  f"{100 * (c / d - 1):+.2f}% |")
-    gains = {f: gains_of({name: {seed: top1 for seed, (_, top1, _) in runs.items()} for name, runs in by_model.items()})
-             for f, by_model in longest.items()}
+    gains = print_longest(points, verdicts)
     print(f"\nDoes the gain shrink with data, at each model's longest run? {does_the_gain_shrink(gains)}")
     print_recipe_check(points)
     plot_ladder(points, verdicts, args)
 
 
+def print_longest(points: dict, verdicts: dict) -> dict:
+    """The table of each model's longest run, seed by seed, and the gain there (points and verdicts
+    from ladder_points); returns the gains by fraction, for the fractions where both models ran."""
+    longest = longest_runs(points, verdicts)
+    print("| f | seed | ConViT | DeiT | gain: ConViT / DeiT - 1 |")
+    print("|---|---|---|---|---|")
+    verdict = {True: "yes", False: "no", None: "no twin"}
+    gains = {}
+    for f, by_model in sorted(longest.items()):
+        seeds = sorted(set(by_model.get("ConViT", {})) & set(by_model.get("DeiT", {})))
+        for seed in seeds:
+            (ce, c, cv), (de, d, dv) = by_model["ConViT"][seed], by_model["DeiT"][seed]
+            print(f"| {f:.0%} | {seed} | {ce}: {c:.2f} ({verdict[cv]}) | {de}: {d:.2f} ({verdict[dv]}) | "
+                  f"{100 * (c / d - 1):+.2f}% |")
+        if seeds:
+            gains[f] = gains_of({name: {seed: top1 for seed, (_, top1, _) in runs.items() if seed in seeds}
+                                 for name, runs in by_model.items()})
+    return gains
+
+
 def print_recipe_check(points: dict):
-    """The recipe tried again at a long length (recipe_check.json): each run beside the recipe's own
-    run of the same model, fraction, seed and length, from the ladder's points."""
+    """The recipe tried again at long lengths (recipe_check.json): each run beside the recipe's own
+    run of the same model, fraction, seed and length, from the ladder's points; then, for each change
+    that both models ran with twins, each model's longest run and the gain there, as the ladder's."""
     check = read_json(CHECKS / "recipe_check.json")
     print(f"\nThe recipe checked at long lengths ({check['what']}):")
     print("| model | f | seed | epochs | change to the recipe | top-1 | the recipe's top-1 | difference "
@@ -293,11 +305,18 @@ def print_recipe_check(points: dict):
     print("|---|---|---|---|---|---|---|---|---|")
     for run in check["runs"]:
         own = points.get((run["fraction"], run["name"], run["seed"]), {}).get(run["epochs"])
-        theirs = "- | -" if own is None else f"{own:.2f} | {run['top1'] - own:+.2f}"
+        theirs = "not trained this long | -" if own is None else f"{own:.2f} | {run['top1'] - own:+.2f}"
         half = (f"{run['second_half_adds']:+.2f} ({run['half']['epochs']}: {run['half']['top1']:.2f})" if "half" in run
                 else "no twin trained")
         print(f"| {run['name']} | {run['fraction']:.0%} | {run['seed']} | {run['epochs']} | {run['change']} | "
               f"{run['top1']:.2f} | {theirs} | {half} |")
+    for change in dict.fromkeys(run["change"] for run in check["runs"]):
+        changed_points, changed_verdicts = ladder_points([r for r in check["runs"] if r["change"] == change and "half" in r])
+        if len({name for _, name, _ in changed_points}) < 2:
+            continue
+        print(f"\nWith {change}, each model's longest run, seed by seed (epochs: top-1, converged by its twin?):")
+        gains = print_longest(changed_points, changed_verdicts)
+        print(f"\nDoes the gain shrink with data, with {change}? {does_the_gain_shrink(gains)}")
 
 
 def print_rungs(pairs: list[dict]):
