@@ -59,7 +59,10 @@ def test_smoke_run_proves_the_plumbing_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, str(TOOL), "--device", "cpu", "--smoke", "--out", str(tmp_path),
                            "--checks", *checks], capture_output=True, text=True, timeout=300, cwd=HERE)
     assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    text = (tmp_path / "gpu_check.json").read_text()
+    assert str(tmp_path) not in text and sys.executable not in text and str(HERE) not in text  # no path of ours
+    assert '"out": "$OUT"' in text and '"command": "python train.py --device cpu' in text
+    report = json.loads(text)
     assert {"command", "device", "smoke", "budget_seconds", "out", "seconds", "checks", "summary"} <= set(report)
     assert report["device"] == "cpu" and report["smoke"] is True
     results = {check["name"]: check for check in report["checks"]}

@@ -168,11 +168,20 @@ def verdict(passed: bool | None) -> str:
     return {True: "passed", False: "FAILED", None: "skipped"}[passed]
 
 
+def portable(text: str, out: Path) -> str:
+    """`text` with no path of this machine in it, so that a report can be kept in the repository:
+    the folder that holds the report as $OUT, this Python as python, the repository's files from
+    its root (in that order: either of the first two may lie inside the repository)."""
+    for path, name in ((str(out), "$OUT"), (sys.executable, "python"), (f"{REPO_ROOT}{os.sep}", "")):
+        text = text.replace(path, name)
+    return text
+
+
 def write_report(path: Path, header: dict, results: list[dict], seconds: float):
     summary = {word: sum(verdict(r["passed"]) == word for r in results) for word in ("passed", "FAILED", "skipped")}
     report = {**header, "seconds": round(seconds, 1), "checks": results,
               "summary": {"passed": summary["passed"], "failed": summary["FAILED"], "skipped": summary["skipped"]}}
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    path.write_text(portable(json.dumps(report, indent=1, default=str), path.parent) + "\n")
 
 
 def format_table(results: list[dict]) -> str:

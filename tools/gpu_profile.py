@@ -8,7 +8,8 @@ the GPU spent in kernels (torch.profiler over 5 more), and how many kernels a ba
 When the kernel time is well under the wall time, the GPU waits on the host (Python and
 torch's dispatch, once per kernel), and a model that launches more kernels is slower for that
 alone. Then torch.profiler's table of the operations that took the most kernel time.
-fp32 is plain fp32, as in bench.py (TF32 off). docs/speed.md holds what it printed on an H200.
+Each batch is bench.py's inference job, so fp32 is plain fp32 there too (TF32 left off, torch's
+default). docs/speed.md holds what it printed on an H200.
 """
 
 import argparse
@@ -26,10 +27,7 @@ WARMUP, TIMED, PROFILED = 3, 10, 5
 
 
 def profile_model(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None):
-    def batch():
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            model(images)
-
+    batch = bench.inference_job(model, images, dtype)
     for _ in range(WARMUP):
         batch()
     torch.cuda.synchronize()
@@ -53,13 +51,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python tools/gpu_profile.py", description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, Table 1's)")
     args = parser.parse_args()
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, not {args.batch_size}")
     if not torch.cuda.is_available():
         print("no CUDA GPU: this profiles GPU kernels (bench.py --profile profiles the CPU)")
         return 0
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, not {args.batch_size}")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    models = {name: model.cuda().eval() for name, model in bench.comparison_models(224).items()
+    models = {name: model.cuda() for name, model in bench.comparison_models(224).items()
               if name != "convit explicit"}
     images = torch.randn(args.batch_size, 3, 224, 224, device="cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch_size}, 224x224")
