@@ -112,6 +112,20 @@ def test_quick_sweep_writes_its_table_and_leaves_the_checkout(tmp_path):
     assert committed_figures() == before and checkout_status() == checkout
 
 
+def test_regularisers_reach_every_run_and_twin_of_both_tables(tmp_path):
+    """--regularisers: DeiT's regularisers in the train.py command of every run, its twin's too,
+    for both models and Table 3's rows, and named in the settings the figures print."""
+    out = quick(tmp_path, str(LESSONS / "06_sample_efficiency.py"), "--quick", "--regularisers", "--fractions", "0.1",
+                *DIGITS)
+    summary = json.loads((out / "06_sample_efficiency.json").read_text())
+    flags = ["--mixup 0.8", "--cutmix 1", "--drop-path 0.1", "--reprob 0.25"]
+    assert {run["table"] for run in summary["runs"]} == {"table2", "table3"}
+    for run in summary["runs"]:
+        for command in (run["command"], run["half"]["command"]):
+            assert all(flag in command for flag in flags), command
+    assert f"with DeiT's regularisers ({' '.join(flags)})" in summary["settings"]
+
+
 def test_a_recorded_command_gives_the_recorded_top1_again(tmp_path):
     """What a lesson records of a run is the train.py command that, run again from the repository
     root in a fresh process, gives the same top-1: each flag once, paths relative to the repository."""

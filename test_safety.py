@@ -363,6 +363,8 @@ BAD_INPUTS = [
     ("lesson 05", ["--quick", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     ("lesson 05", ["--quick", "--lr", "nan"], "--lr must be greater than 0, got nan"),
     ("lesson 06", ["--quick", "--fractions", "0"], "--fractions must each lie in (0, 1], got 0.0"),
+    ("lesson 06", ["--quick", "--sweep", "--regularisers"],
+     "--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers"),
 ]
 
 
