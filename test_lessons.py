@@ -279,6 +279,19 @@ def test_lesson6_says_the_gain_shrinks_only_when_the_seeds_ranges_part(at_full, 
     assert lesson("06").does_the_gain_shrink({1.0: gains[1.0]}).startswith("one fraction (100%) cannot say")
 
 
+def test_lesson6_ladder_answer_names_the_settings_whose_longest_runs_still_climb():
+    def pair(name, seed, epochs, adds):
+        return {"name": name, "seed": seed, "fraction": 1.0, "epochs": epochs, "second_half_adds": adds}
+
+    # DeiT: seed 0's longest run (384: +0.1) counts, not its shorter one (192: +1.0); mean of 0.1, 0.9, 0.8 = 0.6
+    deit = [pair("DeiT", 0, 192, 1.0), pair("DeiT", 0, 384, 0.1), pair("DeiT", 1, 192, 0.9), pair("DeiT", 2, 192, 0.8)]
+    convit = [pair("ConViT", seed, 192, adds) for seed, adds in enumerate((0.2, 0.7, 0.4))]  # mean 0.43
+    said = lesson("06").longest_caveat(convit + deit)
+    assert said == ("Not a finding yet: the longest runs of DeiT at 100% (+0.60) still climb on the mean of their "
+                    "seeds (what the second half added)."), said
+    assert lesson("06").longest_caveat(convit + deit[:2]).startswith("Every model's longest runs are converged")
+
+
 def test_convergence_rule_compares_the_last_quarter_with_the_best_before_it():
     from lessons._training import convergence
 

@@ -276,7 +276,8 @@ def ladder(args):
     points, verdicts = ladder_points(pairs)
     print("\nEach model's longest run, seed by seed (epochs: top-1, converged by its twin?):")
     gains = print_longest(points, verdicts)
-    print(f"\nDoes the gain shrink with data, at each model's longest run? {does_the_gain_shrink(gains)}")
+    print(f"\nDoes the gain shrink with data, at each model's longest run? {does_the_gain_shrink(gains)} "
+          f"{longest_caveat(pairs)}")
     print_recipe_check(points)
     plot_ladder(points, verdicts, args)
 
@@ -304,7 +305,8 @@ def print_longest(points: dict, verdicts: dict) -> dict:
 def print_recipe_check(points: dict):
     """The recipe tried again at long lengths (recipe_check.json): each run beside the recipe's own
     run of the same model, fraction, seed and length, from the ladder's points; then, for each change
-    that both models ran with twins, each model's longest run and the gain there, as the ladder's."""
+    that both models ran with twins, each rung on the mean of its seeds, and each model's longest run
+    and the gain there, as the ladder's."""
     check = read_json(CHECKS / "recipe_check.json")
     print(f"\nThe recipe checked at long lengths ({check['what']}):")
     print("| model | f | seed | epochs | change to the recipe | top-1 | the recipe's top-1 | difference "
@@ -318,12 +320,33 @@ def print_recipe_check(points: dict):
         print(f"| {run['name']} | {run['fraction']:.0%} | {run['seed']} | {run['epochs']} | {run['change']} | "
               f"{run['top1']:.2f} | {theirs} | {half} |")
     for change in dict.fromkeys(run["change"] for run in check["runs"]):
-        changed_points, changed_verdicts = ladder_points([r for r in check["runs"] if r["change"] == change and "half" in r])
+        changed = [r for r in check["runs"] if r["change"] == change and "half" in r]
+        changed_points, changed_verdicts = ladder_points(changed)
         if len({name for _, name, _ in changed_points}) < 2:
             continue
-        print(f"\nWith {change}, each model's longest run, seed by seed (epochs: top-1, converged by its twin?):")
+        print(f"\nWith {change}:", end="")
+        print_rungs(changed)
+        print("\nEach model's longest run, seed by seed (epochs: top-1, converged by its twin?):")
         gains = print_longest(changed_points, changed_verdicts)
-        print(f"\nDoes the gain shrink with data, with {change}? {does_the_gain_shrink(gains)}")
+        print(f"\nDoes the gain shrink with data, with {change}? {does_the_gain_shrink(gains)} {longest_caveat(changed)}")
+
+
+def longest_caveat(pairs: list[dict]) -> str:
+    """Whether the answer rests on converged runs: for each model and fraction, what the second half of
+    each seed's longest run added, on the mean of the seeds (the lesson's rule for a setting)."""
+    longest = {}
+    for p in pairs:
+        key = (p["name"], p["fraction"], p["seed"])
+        if key not in longest or p["epochs"] > longest[key]["epochs"]:
+            longest[key] = p
+    adds = {}
+    for (name, f, _), p in sorted(longest.items(), key=lambda item: (item[0][1], item[0][0])):
+        adds.setdefault((name, f), []).append(p["second_half_adds"])
+    climbing = [f"{name} at {f:.0%} (+{mean(a):.2f})" for (name, f), a in adds.items() if mean(a) >= CONVERGED_WITHIN]
+    if not climbing:
+        return "Every model's longest runs are converged on the mean of their seeds."
+    return ("Not a finding yet: the longest runs of " + ", ".join(climbing)
+            + " still climb on the mean of their seeds (what the second half added).")
 
 
 def print_rungs(pairs: list[dict]):
