@@ -361,6 +361,7 @@ def print_rungs(pairs: list[dict]):
     for (name, f, half, epochs), found in sorted(rungs.items(), key=lambda item: (item[0][1], item[0][0], item[0][3])):
         if len(found) < 2:
             continue
+        found = sorted(found, key=lambda p: p["seed"])
         adds = [p["second_half_adds"] for p in found]
         print(f"| {name} | {f:.0%} | {half} -> {epochs} | {', '.join(str(p['seed']) for p in found)} | "
               f"{cell([p['top1'] for p in found], 2)} | {cell(adds, 2)} | "
