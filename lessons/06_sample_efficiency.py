@@ -44,7 +44,7 @@ from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_climbing, add_keep_finished,  # noqa: E402
                                convergence_line, convergence_rule, recipe_line, run_all, run_record,
-                               run_until_converged)
+                               run_until_converged, setting_converged)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0), (0.05, 0.1)
 ABLATION_FRACTION = 0.1  # Table 3's last column
@@ -342,7 +342,7 @@ def longest_caveat(pairs: list[dict]) -> str:
     adds = {}
     for (name, f, _), p in sorted(longest.items(), key=lambda item: (item[0][1], item[0][0])):
         adds.setdefault((name, f), []).append(p["second_half_adds"])
-    climbing = [f"{name} at {f:.0%} (+{mean(a):.2f})" for (name, f), a in adds.items() if mean(a) >= CONVERGED_WITHIN]
+    climbing = [f"{name} at {f:.0%} (+{mean(a):.2f})" for (name, f), a in adds.items() if not setting_converged(a)]
     if not climbing:
         return "Every model's longest runs are converged on the mean of their seeds."
     return ("Not a finding yet: the longest runs of " + ", ".join(climbing)
@@ -365,7 +365,7 @@ def print_rungs(pairs: list[dict]):
         adds = [p["second_half_adds"] for p in found]
         print(f"| {name} | {f:.0%} | {half} -> {epochs} | {', '.join(str(p['seed']) for p in found)} | "
               f"{cell([p['top1'] for p in found], 2)} | {cell(adds, 2)} | "
-              f"{sum(p['converged'] for p in found)} of {len(found)}; {'yes' if mean(adds) < CONVERGED_WITHIN else 'no'} |")
+              f"{sum(p['converged'] for p in found)} of {len(found)}; {'yes' if setting_converged(adds) else 'no'} |")
 
 
 def plot_ladder(points: dict, verdicts: dict, args):

@@ -163,6 +163,13 @@ def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewh
     return [judged(run, half) for run, half in zip(results[:len(plan)], results[len(plan):])]
 
 
+def setting_converged(second_half_adds: list[float]) -> bool:
+    """The rule for a setting (its runs that differ only in their seed): what the second halves of
+    its runs added, on the mean of the seeds, is under CONVERGED_WITHIN points. One pair is noisy;
+    the mean of the seeds is what the lesson judges."""
+    return mean(second_half_adds) < CONVERGED_WITHIN
+
+
 def run_until_converged(args, plan: list[tuple], run_root: Path, reuse: bool = False,
                         elsewhere: tuple[Path, ...] = ()) -> list[dict]:
     """run_all(twins=True), then up the ladder: each setting of `plan` (its runs that differ only in
@@ -179,7 +186,7 @@ def run_until_converged(args, plan: list[tuple], run_root: Path, reuse: bool = F
     doublings = dict.fromkeys(settings, 0)
 
     def converged(setting) -> bool:
-        return mean(results[i]["second_half_adds"] for i in settings[setting]) < CONVERGED_WITHIN
+        return setting_converged([results[i]["second_half_adds"] for i in settings[setting]])
 
     limit = 0 if args.quick else args.max_doublings
     while climbing := [s for s in settings if doublings[s] < limit and not converged(s)]:
