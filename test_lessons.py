@@ -461,9 +461,16 @@ def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_pa
     page quotes every row and the answer as printed: a recorded pair missing from the page, or a
     top-1 changed in either, fails."""
     module, before, checkout = lesson("06"), committed_figures(), checkout_status()
+    drawn, plot_ladder = [], module.plot_ladder  # a fresh module: nothing to restore
+    module.plot_ladder = lambda rows, args: drawn.extend(rows) or plot_ladder(rows, args)
     assert cli.run_command(module.main, ["--ladder", "--out-dir", str(tmp_path)]) == 0
     out, text = capsys.readouterr().out, text_of("06_sample_efficiency.md")
     assert (tmp_path / "06_ladder.png").read_bytes()[:4] == b"\x89PNG"
+    # a row of the figure for the recipe's ladder, and one for the regularised runs of the recipe check
+    regularised = {r["change"] for r in committed("06_check/recipe_check.json")["runs"] if r["change"].startswith("mixup")}
+    assert [title for title, _, _ in drawn] == ["the recipe"] + [f"with {change}" for change in regularised], drawn
+    assert {key for key in drawn[1][1]} == {(f, name, seed) for f in (0.05, 1.0) for name in ("ConViT", "DeiT")
+                                            for seed in (0, 1, 2)}
     assert "](figures/06_ladder.png)" in text and (LESSONS / "figures" / "06_ladder.png").is_file()
     assert committed_figures() == before and checkout_status() == checkout
     recorded = committed("06_check/ladder.json")["runs"] + [

@@ -19,7 +19,8 @@ Outputs (in --out-dir):
   06_ablations.png           Table 3 rows a-g at f = 10%, ours beside the paper's 10% column
   06_sample_efficiency.json  every run's and its twin's train.py command and top-1, its verdict, and the paper's numbers
   with --sweep instead:      06_sweep.png and 06_sweep.json (the lr x warmup sweep that chose the recipe)
-  with --ladder instead:     06_ladder.png, training nothing: every twin pair recorded in figures/06_check
+  with --ladder instead:     06_ladder.png (a row for the recipe, a row for each change that both models
+                             ran with twins), training nothing: every twin pair recorded in figures/06_check
                              (runs longer than the recipe's, at f = 5% and 100%), the gain at each
                              model's longest run, and the recipe tried again at long lengths, one change at a
                              time (recipe_check.json), with each change's gain at each model's longest run
@@ -278,8 +279,8 @@ def ladder(args):
     gains = print_longest(points, verdicts)
     print(f"\nDoes the gain shrink with data, at each model's longest run? {does_the_gain_shrink(gains)} "
           f"{longest_caveat(pairs)}")
-    print_recipe_check(points)
-    plot_ladder(points, verdicts, args)
+    checked = print_recipe_check(points)
+    plot_ladder([("the recipe", points, verdicts)] + checked, args)
 
 
 def print_longest(points: dict, verdicts: dict) -> dict:
@@ -302,11 +303,11 @@ def print_longest(points: dict, verdicts: dict) -> dict:
     return gains
 
 
-def print_recipe_check(points: dict):
+def print_recipe_check(points: dict) -> list[tuple]:
     """The recipe tried again at long lengths (recipe_check.json): each run beside the recipe's own
     run of the same model, fraction, seed and length, from the ladder's points; then, for each change
     that both models ran with twins, each rung on the mean of its seeds, and each model's longest run
-    and the gain there, as the ladder's."""
+    and the gain there, as the ladder's. Returns (change, points, verdicts) of each such change."""
     check = read_json(CHECKS / "recipe_check.json")
     print(f"\nThe recipe checked at long lengths ({check['what']}):")
     print("| model | f | seed | epochs | change to the recipe | top-1 | the recipe's top-1 | difference "
@@ -319,16 +320,19 @@ def print_recipe_check(points: dict):
                 else "no twin trained")
         print(f"| {run['name']} | {run['fraction']:.0%} | {run['seed']} | {run['epochs']} | {run['change']} | "
               f"{run['top1']:.2f} | {theirs} | {half} |")
+    checked = []
     for change in dict.fromkeys(run["change"] for run in check["runs"]):
         changed = [r for r in check["runs"] if r["change"] == change and "half" in r]
         changed_points, changed_verdicts = ladder_points(changed)
         if len({name for _, name, _ in changed_points}) < 2:
             continue
+        checked.append((f"with {change}", changed_points, changed_verdicts))
         print(f"\nWith {change}:", end="")
         print_rungs(changed)
         print("\nEach model's longest run, seed by seed (epochs: top-1, converged by its twin?):")
         gains = print_longest(changed_points, changed_verdicts)
         print(f"\nDoes the gain shrink with data, with {change}? {does_the_gain_shrink(gains)} {longest_caveat(changed)}")
+    return checked
 
 
 def longest_caveat(pairs: list[dict]) -> str:
@@ -368,46 +372,62 @@ def print_rungs(pairs: list[dict]):
               f"{sum(p['converged'] for p in found)} of {len(found)}; {'yes' if setting_converged(adds) else 'no'} |")
 
 
-def plot_ladder(points: dict, verdicts: dict, args):
-    """Top-1 against epochs at each fraction of the ladder (a line per model and seed; a filled
-    marker: the run is converged by its twin, open: not, a dot: a twin only), and the gain where
-    both models trained the same epochs; points and verdicts from ladder_points."""
-    fractions = sorted({f for f, _, _ in points})
-    fig, axes = plt.subplots(1, len(fractions) + 1, figsize=(6 * len(fractions) + 6, 4.6), layout="constrained")
-    styles = ("-", "--", ":")
-    for ax, f in zip(axes, fractions):
-        for (f_, name, seed), by_epochs in sorted(points.items()):
-            if f_ != f:
-                continue
-            epochs = sorted(by_epochs)
-            ax.plot(epochs, [by_epochs[e] for e in epochs], styles[seed % 3], color=COLOURS[name], lw=1,
-                    label=f"{name}, seed {seed}")
-            for e in epochs:
-                judged = verdicts[f, name, seed].get(e)
-                ax.plot(e, by_epochs[e], "o" if judged is not None else ".", color=COLOURS[name],
-                        mfc=COLOURS[name] if judged else "white", ms=6)
-        ax.set(xscale="log", xlabel="epochs", ylabel="top-1 (%)",
-               title=f"f = {f:.0%} (filled: converged by its twin; open: not; dot: a twin only)")
-        log_ticks(ax, {e for (f_, _, _), by in points.items() if f_ == f for e in by})
-        ax.legend(fontsize=7)
-    gain = axes[-1]  # against steps (epochs x f, in epochs of all the data), so that the fractions share an axis
+def plot_ladder(rows: list[tuple], args):
+    """One row of panels per recipe (title, points, verdicts from ladder_points): top-1 against epochs at
+    each fraction (a line per model and seed; a filled marker: the run is converged by its twin, open:
+    not, a dot: a twin only), and the gain where both models trained the same epochs."""
+    columns = max(len({f for f, _, _ in points}) for _, points, _ in rows) + 1
+    fig, grid = plt.subplots(len(rows), columns, figsize=(6 * columns, 4.6 * len(rows)), layout="constrained",
+                             squeeze=False)
+    for axes, (recipe, points, verdicts) in zip(grid, rows):
+        fractions = sorted({f for f, _, _ in points})
+        for ax, f in zip(axes, fractions):
+            plot_rungs(ax, {key: by for key, by in points.items() if key[0] == f}, verdicts)
+            ax.set_title(f"{recipe}\nf = {f:.0%}", fontsize=10)
+        plot_gains(axes[-1], points, fractions)
+        axes[-1].set_title(f"{recipe}\nConViT's gain where both models trained the same epochs", fontsize=10)
+        for ax in axes[len(fractions):-1]:
+            ax.set_visible(False)
+    save_figure(fig, args.out_dir, "06_ladder.png",
+                "each run beside its twin, the same run half as long; a filled marker: the run converged by its "
+                "twin, open: not, a dot: a twin only; "
+                "every train.py command in lessons/figures/06_check", args.device,
+                machine=read_json(CHECKS / "ladder.json")["hardware"])
+
+
+LINES = ("-", "--", ":")  # a line style per seed (seed % 3)
+
+
+def plot_rungs(ax, points: dict, verdicts: dict):
+    """Top-1 against epochs of one fraction's runs, a line per model and seed."""
+    for (f, name, seed), by_epochs in sorted(points.items()):
+        epochs = sorted(by_epochs)
+        ax.plot(epochs, [by_epochs[e] for e in epochs], LINES[seed % 3], color=COLOURS[name], lw=1,
+                label=f"{name}, seed {seed}")
+        for e in epochs:
+            judged = verdicts[f, name, seed].get(e)
+            ax.plot(e, by_epochs[e], "o" if judged is not None else ".", color=COLOURS[name],
+                    mfc=COLOURS[name] if judged else "white", ms=6)
+    ax.set(xscale="log", xlabel="epochs", ylabel="top-1 (%)")
+    log_ticks(ax, {e for by in points.values() for e in by})
+    ax.legend(fontsize=7)
+
+
+def plot_gains(ax, points: dict, fractions: list[float]):
+    """ConViT / DeiT - 1 wherever both trained the same epochs, against steps (epochs x f, in epochs
+    of all the data), so that the fractions share an axis."""
     for f, marker in zip(fractions, "so^v"):
         for seed in sorted({s for f_, _, s in points if f_ == f}):
             convit, deit = points.get((f, "ConViT", seed), {}), points.get((f, "DeiT", seed), {})
             both = sorted(set(convit) & set(deit))
             if both:
-                gain.plot([e * f for e in both], [100 * (convit[e] / deit[e] - 1) for e in both],
-                          marker + styles[seed % 3], color="k", mfc="white" if f < 1 else "k",
-                          label=f"f = {f:.0%}, seed {seed}")
-    gain.axhline(0, color="0.7")
-    gain.set(xscale="log", xlabel="steps, in epochs of all the data (epochs x f)", ylabel="ConViT / DeiT - 1 (%)",
-             title="ConViT's gain where both models trained the same epochs")
-    log_ticks(gain, {e * f for (f, _, _), by in points.items() for e in by})
-    gain.legend(fontsize=7)
-    save_figure(fig, args.out_dir, "06_ladder.png",
-                "each run beside its twin, the same run half as long; recipe as lesson 6's, epochs as marked; "
-                "every train.py command in lessons/figures/06_check", args.device,
-                machine=read_json(CHECKS / "ladder.json")["hardware"])
+                ax.plot([e * f for e in both], [100 * (convit[e] / deit[e] - 1) for e in both],
+                        marker + LINES[seed % 3], color="k", mfc="white" if f < 1 else "k",
+                        label=f"f = {f:.0%}, seed {seed}")
+    ax.axhline(0, color="0.7")
+    ax.set(xscale="log", xlabel="steps, in epochs of all the data (epochs x f)", ylabel="ConViT / DeiT - 1 (%)")
+    log_ticks(ax, {e * f for (f, _, _), by in points.items() for e in by})
+    ax.legend(fontsize=7)
 
 
 def log_ticks(ax, ticks):
