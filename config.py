@@ -141,7 +141,8 @@ class Recipe:
     ema: bool = flag("keep an exponential moving average of the weights and evaluate it too", default=False)
     ema_decay: float = flag("EMA decay per step", interval="[0, 1]", paper=0.99996, small=0.999)
     clip_grad: float | None = flag("clip the gradient norm to this value", default=None, interval="(0, inf)")
-    seed: int = flag("seed of the weights, the data fraction, the shuffles and the augmentation", default=0)
+    seed: int = flag("seed of the weights, the data fraction, the shuffles and the augmentation", default=0,
+                     interval="[0, inf)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -346,6 +346,7 @@ BAD_INPUTS = [
     ("train", ["--smoothing", "1"], "--smoothing must lie in [0, 1), got 1.0"),
     ("train", ["--embed-dim", "-8"], "--embed-dim must be at least 1, got -8"),
     ("train", ["--depth", "0"], "--depth must be at least 1, got 0"),
+    ("train", ["--seed", "-1"], "--seed must be at least 0, got -1"),
     ("train", ["--checkpoint", "{tmp}/missing.pth"], "--checkpoint {tmp}/missing.pth does not exist"),
     ("train", ["--checkpoint", "{tmp}/corrupt.pth"], "checkpoint {tmp}/corrupt.pth is truncated or damaged"),
     ("train", ["--resume", "{tmp}"], "--resume {tmp} is a folder without a checkpoint.pth"),
@@ -479,6 +480,7 @@ def test_an_abbreviated_flag_is_refused_by_every_entry_point(script, capsys):
 @pytest.mark.parametrize("argv, says", [
     (["--quick", "--workers", "0"], "--workers must be at least 1, got 0"),
     (["--quick", "--seeds", "0", "0"], "--seeds 0 0 names a seed twice"),
+    (["--quick", "--seeds", "0", "-1"], "--seeds must be at least 0, got -1"),
     (["--quick", "--embed-dim", "10"], "width 10 is not divisible by 4 heads"),
     (["--quick", "--depth", "1"], "--depth 1"),
     (["--redraw", "--quick"], "--redraw draws from the JSON of finished runs and trains nothing: "

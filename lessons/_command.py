@@ -183,6 +183,8 @@ def check_training_flags(args):
     if getattr(args, "max_doublings", 0) < 0:
         raise ValueError(f"--max-doublings must be 0 or more, got {args.max_doublings}")
     seeds = getattr(args, "seeds", None) or []
+    for seed in seeds:
+        cli.check_range("seeds", seed, config.FIELDS["seed"].metadata["interval"])
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"--seeds {' '.join(map(str, seeds))} names a seed twice: its runs would share one folder")
     if args.run_dir is None and not args.quick:
