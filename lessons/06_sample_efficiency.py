@@ -336,21 +336,28 @@ def print_recipe_check(points: dict) -> list[tuple]:
 
 
 def longest_caveat(pairs: list[dict]) -> str:
-    """Whether the answer rests on converged runs: for each model and fraction, what the second half of
-    each seed's longest run added, on the mean of the seeds (the lesson's rule for a setting)."""
-    longest = {}
+    """Whether the answer rests on converged runs. Each model and fraction is judged as the lesson's
+    rule judges a setting: at its longest rung that every one of its seeds ran, on the mean of what
+    their second halves added. A rung that only some seeds reached (a climb under way) is named,
+    but cannot pass the setting alone: one pair is too noisy for that."""
+    rungs = {}  # (name, fraction) -> epochs -> {seed: what the second half added}
     for p in pairs:
-        key = (p["name"], p["fraction"], p["seed"])
-        if key not in longest or p["epochs"] > longest[key]["epochs"]:
-            longest[key] = p
-    adds = {}
-    for (name, f, _), p in sorted(longest.items(), key=lambda item: (item[0][1], item[0][0])):
-        adds.setdefault((name, f), []).append(p["second_half_adds"])
-    climbing = [f"{name} at {f:.0%} (+{mean(a):.2f})" for (name, f), a in adds.items() if not setting_converged(a)]
+        rungs.setdefault((p["name"], p["fraction"]), {}).setdefault(p["epochs"], {})[p["seed"]] = p["second_half_adds"]
+    climbing = []
+    for (name, f), by_epochs in sorted(rungs.items(), key=lambda item: (item[0][1], item[0][0])):
+        seeds = set().union(*by_epochs.values())
+        complete = [epochs for epochs, adds in by_epochs.items() if set(adds) == seeds]
+        top = max(complete, default=None)
+        if top is not None and setting_converged(list(by_epochs[top].values())):
+            continue
+        above = [f"{epochs} has {len(by_epochs[epochs])} of {len(seeds)} seeds" for epochs in sorted(by_epochs)
+                 if top is None or epochs > top]
+        climbing.append(f"{name} at {f:.0%} (" + "; ".join(
+            ([f"+{mean(by_epochs[top].values()):.2f} at {top} epochs"] if top is not None else []) + above) + ")")
     if not climbing:
         return "Every model's longest runs are converged on the mean of their seeds."
-    return ("Not a finding yet: the longest runs of " + ", ".join(climbing)
-            + " still climb on the mean of their seeds (what the second half added).")
+    return ("Not a finding yet: " + ", ".join(climbing) + " still climb on the mean of their seeds (what the second "
+            "half added, at the longest length that every seed ran).")
 
 
 def print_rungs(pairs: list[dict]):
