@@ -476,7 +476,7 @@ def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_pa
     # a row of the figure for the recipe's ladder, and one for the regularised runs of the recipe check
     regularised = {r["change"] for r in committed("06_check/recipe_check.json")["runs"] if r["change"].startswith("mixup")}
     assert [title for title, _, _ in drawn] == ["the recipe"] + [f"with {change}" for change in regularised], drawn
-    assert {key for key in drawn[1][1]} == {(f, name, seed) for f in (0.05, 1.0) for name in ("ConViT", "DeiT")
+    assert set(drawn[1][1]) == {(f, name, seed) for f in (0.05, 1.0) for name in ("ConViT", "DeiT")
                                             for seed in (0, 1, 2)}
     assert "](figures/06_ladder.png)" in text and (LESSONS / "figures" / "06_ladder.png").is_file()
     assert committed_figures() == before and checkout_status() == checkout

@@ -335,25 +335,31 @@ def print_recipe_check(points: dict) -> list[tuple]:
     return checked
 
 
+def rungs_of(pairs: list[dict]) -> dict:
+    """rungs[name, fraction][epochs][seed]: the twin pair of that rung and seed, models in order of
+    fraction, then name; rungs in order of length; seeds in order."""
+    rungs = {}
+    for p in sorted(pairs, key=lambda p: (p["fraction"], p["name"], p["epochs"], p["seed"])):
+        rungs.setdefault((p["name"], p["fraction"]), {}).setdefault(p["epochs"], {})[p["seed"]] = p
+    return rungs
+
+
 def longest_caveat(pairs: list[dict]) -> str:
     """Whether the answer rests on converged runs. Each model and fraction is judged as the lesson's
     rule judges a setting: at its longest rung that every one of its seeds ran, on the mean of what
     their second halves added. A rung that only some seeds reached (a climb under way) is named,
     but cannot pass the setting alone: one pair is too noisy for that."""
-    rungs = {}  # (name, fraction) -> epochs -> {seed: what the second half added}
-    for p in pairs:
-        rungs.setdefault((p["name"], p["fraction"]), {}).setdefault(p["epochs"], {})[p["seed"]] = p["second_half_adds"]
     climbing = []
-    for (name, f), by_epochs in sorted(rungs.items(), key=lambda item: (item[0][1], item[0][0])):
+    for (name, f), by_epochs in rungs_of(pairs).items():
         seeds = set().union(*by_epochs.values())
-        complete = [epochs for epochs, adds in by_epochs.items() if set(adds) == seeds]
-        top = max(complete, default=None)
-        if top is not None and setting_converged(list(by_epochs[top].values())):
+        top = max((epochs for epochs, by_seed in by_epochs.items() if set(by_seed) == seeds), default=None)
+        adds = [p["second_half_adds"] for p in by_epochs[top].values()] if top is not None else []
+        if adds and setting_converged(adds):
             continue
-        above = [f"{epochs} has {len(by_epochs[epochs])} of {len(seeds)} seeds" for epochs in sorted(by_epochs)
+        above = [f"{epochs} has {len(by_epochs[epochs])} of {len(seeds)} seeds" for epochs in by_epochs
                  if top is None or epochs > top]
         climbing.append(f"{name} at {f:.0%} (" + "; ".join(
-            ([f"+{mean(by_epochs[top].values()):.2f} at {top} epochs"] if top is not None else []) + above) + ")")
+            ([f"+{mean(adds):.2f} at {top} epochs"] if adds else []) + above) + ")")
     if not climbing:
         return "Every model's longest runs are converged on the mean of their seeds."
     return ("Not a finding yet: " + ", ".join(climbing) + " still climb on the mean of their seeds (what the second "
@@ -363,20 +369,18 @@ def longest_caveat(pairs: list[dict]) -> str:
 def print_rungs(pairs: list[dict]):
     """Each rung (model, fraction, length) trained with two or more seeds: what its second half
     added, seed by seed and on the mean of the seeds, where the noise of one pair averages out."""
-    rungs = {}
-    for p in pairs:
-        rungs.setdefault((p["name"], p["fraction"], p["half"]["epochs"], p["epochs"]), []).append(p)
     print("\nEach rung with two or more seeds (top-1 and what the second half added: mean of the seeds, and range):")
     print("| model | f | twin -> run (epochs) | seeds | run's top-1 | second half added | converged: seeds; on the mean |")
     print("|---|---|---|---|---|---|---|")
-    for (name, f, half, epochs), found in sorted(rungs.items(), key=lambda item: (item[0][1], item[0][0], item[0][3])):
-        if len(found) < 2:
-            continue
-        found = sorted(found, key=lambda p: p["seed"])
-        adds = [p["second_half_adds"] for p in found]
-        print(f"| {name} | {f:.0%} | {half} -> {epochs} | {', '.join(str(p['seed']) for p in found)} | "
-              f"{cell([p['top1'] for p in found], 2)} | {cell(adds, 2)} | "
-              f"{sum(p['converged'] for p in found)} of {len(found)}; {'yes' if setting_converged(adds) else 'no'} |")
+    for (name, f), by_epochs in rungs_of(pairs).items():
+        for epochs, by_seed in by_epochs.items():
+            if len(by_seed) < 2:
+                continue
+            found = list(by_seed.values())
+            adds = [p["second_half_adds"] for p in found]
+            print(f"| {name} | {f:.0%} | {found[0]['half']['epochs']} -> {epochs} | {', '.join(map(str, by_seed))} | "
+                  f"{cell([p['top1'] for p in found], 2)} | {cell(adds, 2)} | "
+                  f"{sum(p['converged'] for p in found)} of {len(found)}; {'yes' if setting_converged(adds) else 'no'} |")
 
 
 def plot_ladder(rows: list[tuple], args):
