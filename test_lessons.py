@@ -288,12 +288,16 @@ def test_lesson6_ladder_answer_names_the_settings_whose_longest_runs_still_climb
     deit = [pair("DeiT", 0, 192, 1.0), pair("DeiT", 0, 384, 0.1), pair("DeiT", 1, 192, 0.9), pair("DeiT", 2, 192, 0.8)]
     convit = [pair("ConViT", seed, 192, adds) for seed, adds in enumerate((0.2, 0.7, 0.4))]  # mean 0.43
     said = lesson("06").longest_caveat(convit + deit)
-    assert said == ("Not a finding yet: DeiT at 100% (+0.90 at 192 epochs; 384 has 1 of 3 seeds) still climb on the "
-                    "mean of their seeds (what the second half added, at the longest length that every seed ran)."), said
+    assert said == ("Not a finding yet: DeiT at 100% (+0.90 at 192 epochs; 384 has 1 of 3 seeds) still climbs on the "
+                    "mean of its seeds (what the second half added, at the longest length that every seed ran)."), said
     # ... and the mean of each seed's longest would pass it here (0.1, 0.1, 0.8: 0.33), where the rung of
     # 384 is still short of seed 2
     mixed = deit + [pair("DeiT", 1, 384, 0.1)]
     assert "DeiT at 100% (+0.90 at 192 epochs; 384 has 2 of 3 seeds)" in lesson("06").longest_caveat(convit + mixed)
+    slow = [pair("ConViT", seed, 192, 0.6) for seed in range(3)]  # two settings climbing: the plural
+    assert lesson("06").longest_caveat(slow + deit).startswith(
+        "Not a finding yet: ConViT at 100% (+0.60 at 192 epochs), DeiT at 100% (+0.90 at 192 epochs; 384 has 1 of 3 "
+        "seeds) still climb on the mean of their seeds")
     assert lesson("06").longest_caveat(convit + mixed + [pair("DeiT", 2, 384, 0.6)]).startswith(
         "Every model's longest runs are converged")  # 384 on every seed: mean 0.27
     assert lesson("06").longest_caveat(convit + deit[:2]).startswith("Every model's longest runs are converged")

@@ -362,7 +362,8 @@ def longest_caveat(pairs: list[dict]) -> str:
             ([f"+{mean(adds):.2f} at {top} epochs"] if adds else []) + above) + ")")
     if not climbing:
         return "Every model's longest runs are converged on the mean of their seeds."
-    return ("Not a finding yet: " + ", ".join(climbing) + " still climb on the mean of their seeds (what the second "
+    verb, whose = ("climbs", "its") if len(climbing) == 1 else ("climb", "their")
+    return (f"Not a finding yet: {', '.join(climbing)} still {verb} on the mean of {whose} seeds (what the second "
             "half added, at the longest length that every seed ran).")
 
 
