@@ -172,6 +172,38 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
     assert reuse_finished_run(other, beside=False, elsewhere=(tmp_path,)) is None  # another model: not the same run
 
 
+def test_keep_finished_continues_a_run_cut_short_to_the_uninterrupted_runs_weights(tmp_path, monkeypatch, capsys):
+    """A sitting stopped mid-run (the machine lost): run again with --keep-finished (reuse), the
+    lesson continues that run from its checkpoint instead of training it from epoch 0, and ends
+    with what the run would have given uninterrupted; its record says where it was continued."""
+    from lessons import _protocol
+    from lessons._command import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, run_all, run_record, unfinished_run
+    from lessons._training import train_one
+
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
+    args.quick = False  # whole runs of 4 x 1/f epochs
+    monkeypatch.setattr(_protocol, "FLOOR_EPOCHS", 4)
+    plan = [("t", "DeiT", 0.1, 0, {"model": "deit_tiny"})]
+    (whole,) = run_all(args, plan, tmp_path / "whole")
+    job = whole["settings"]
+    cut = {**job, "output_dir": str(tmp_path / "cut" / Path(job["output_dir"]).name)}
+    assert unfinished_run(cut) is None  # no folder yet
+    train_one({**cut, "stop_after": 15})  # 15 of 40 epochs, then the sitting ends
+    assert unfinished_run(cut) == str(Path(cut["output_dir"]) / "checkpoint.pth")
+    assert unfinished_run({**cut, "seed": 1}) is None  # another run's checkpoint is not continued
+    assert unfinished_run({**cut, "stop_after": 15}) is None  # a run asked to stop there (--quick's) is done
+    (again,) = run_all(args, plan, tmp_path / "cut", reuse=True)
+    assert again["resumed_from_epoch"] == 15 and not again.get("reused")
+    assert "1 of 1 runs stopped before their end: continued" in capsys.readouterr().out
+    assert (again["val_top1"], again["val_loss"]) == (whole["val_top1"], whole["val_loss"])
+    assert [r["epoch"] for r in again["records"]] == [r["epoch"] for r in whole["records"]]
+    assert again["command"] == whole["command"].replace(str(tmp_path / "whole"), str(tmp_path / "cut"))
+    assert run_record("t", "DeiT", 0.1, 0, again)["resumed_from_epoch"] == 15
+    (done,) = run_all(args, plan, tmp_path / "cut", reuse=True)  # finished now: read, not continued
+    assert done["reused"] and done["val_loss"] == whole["val_loss"]
+
+
 def test_each_fraction_trains_the_recipes_epochs_and_never_fewer_steps_than_table2s(tmp_path):
     """The protocol of lesson 6: max(96, 24 / f) epochs, the warmup 4 / f, 12 evaluations; the twin
     differs from its run in its length alone (and so in how often it is evaluated)."""

@@ -22,6 +22,10 @@ trained, and so on up the ladder of doublings until every setting has converged 
 
 Each run keeps its train.py command, relative to the repository root: run from there, it gives
 the same top-1 again (one-thread CPU runs are deterministic).
+
+A lesson too long for one sitting loses nothing when it is stopped: run again with --keep-finished,
+it reads back every run an earlier sitting finished (`reuse_finished_run`) and continues, as
+`train.py --resume` does, every run it left unfinished (`unfinished_run`).
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
                 done = what_defines(config.stored(checkpoint["args"]))
             except (ValueError, KeyError, TypeError):  # not a checkpoint of train.py
                 continue
-            if done != wanted or checkpoint.get("epoch") != cfg.recipe.epochs:
+            if done != wanted or checkpoint.get("epoch") != last_epoch(cfg):
                 continue
             if candidate.parent != folder:
                 if folder.exists():
@@ -132,6 +136,28 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
                     "seconds": None, "cpu_seconds": None,  # its metrics log the evaluated epochs only
                     "records": records, "reused": True, **convergence(records)}
     return None
+
+
+def unfinished_run(settings: dict) -> str | None:
+    """The checkpoint in this run's own folder if it holds this very run, stopped before its last
+    epoch (a lesson interrupted, a machine lost), else None: `train.py --resume` continues it to
+    the weights the uninterrupted run would have had."""
+    with at_repository_root():
+        cfg, _ = config.resolve(settings)
+        path = Path(cfg.runtime.output_dir) / checkpoints.CHECKPOINT
+        if not path.is_file():
+            return None
+        try:
+            checkpoint = checkpoints.read_checkpoint_file(path)
+            same = what_defines(config.stored(checkpoint["args"])) == what_defines(cfg)
+        except (ValueError, KeyError, TypeError):  # not a checkpoint of train.py
+            return None
+        return str(path) if same and checkpoint.get("epoch", last_epoch(cfg)) < last_epoch(cfg) else None
+
+
+def last_epoch(cfg: config.RunConfig) -> int:
+    """The epoch a run of `cfg` ends at: its last, or where --stop-after stops it (--quick's runs)."""
+    return min(cfg.recipe.epochs, cfg.runtime.stop_after or cfg.recipe.epochs)
 
 
 def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewhere: tuple[Path, ...] = (),
@@ -235,12 +261,20 @@ def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewh
     if found:
         print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders")
 
+    todo = [job for i, job in enumerate(jobs) if i not in found]
+    todo_labels = [labels[i] for i in range(len(jobs)) if i not in found]
+    if reuse:  # a run cut short keeps its epochs: continued, not trained again
+        todo = [{**job, "resume": path, "overwrite": False} if (path := unfinished_run(job)) else job for job in todo]
+        if continued := sum("resume" in job for job in todo):
+            print(f"  {continued} of {len(jobs)} runs stopped before their end: continued from their checkpoints")
+
     def report(job, result):
         gain = result["last_quarter_gain"]
-        print(f"  [{time.perf_counter() - started:5.0f} s] {labels[jobs.index(job)]}: top-1 {result['val_top1']:5.1f}%, "
-              f"the last quarter added {gain if gain is None else f'{gain:+.2f}'} ({result['seconds']:.0f} s)", flush=True)
+        since = f", continued from epoch {result['resumed_from_epoch']}" if "resumed_from_epoch" in result else ""
+        print(f"  [{time.perf_counter() - started:5.0f} s] {todo_labels[todo.index(job)]}: top-1 {result['val_top1']:5.1f}%, "
+              f"the last quarter added {gain if gain is None else f'{gain:+.2f}'} ({result['seconds']:.0f} s{since})",
+              flush=True)
 
-    todo = [job for i, job in enumerate(jobs) if i not in found]
     trained = iter(run_parallel(train_one, todo, args.workers, args.threads, done=report))
     return [found[i] if i in found else next(trained) for i in range(len(jobs))]
 
@@ -255,6 +289,8 @@ def run_record(table: str, name: str, fraction: float, seed: int, result: dict) 
               "parameters": result["parameters"],
               "seconds": None if result["seconds"] is None else round(result["seconds"], 1),
               "read_back": result.get("reused", False), "command": result["command"]}
+    if "resumed_from_epoch" in result:  # its seconds are those after the interruption
+        record["resumed_from_epoch"] = result["resumed_from_epoch"]
     if "half" in result:
         record.update(second_half_adds=result["second_half_adds"], half=result["half"])
     if "rungs" in result:
@@ -265,7 +301,9 @@ def run_record(table: str, name: str, fraction: float, seed: int, result: dict) 
 def add_keep_finished(parser):
     parser.add_argument("--keep-finished", action="store_true",
                         help="read the runs that an earlier, interrupted invocation finished with the same flags "
-                             "from their folders rather than training them again (one-thread runs are deterministic)")
+                             "from their folders rather than training them again, and continue the runs it left "
+                             "unfinished from their checkpoints (one-thread runs are deterministic, and a resumed "
+                             "run ends in the weights of an uninterrupted one)")
 
 
 def convergence_rule(twins: bool) -> str:

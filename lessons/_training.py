@@ -3,7 +3,7 @@ runs at once, and whether a run has converged (a run's settings come from _comma
 
 A lesson builds each run as settings, train.py's flags by field name ({"model": "deit_tiny",
 "data_fraction": 0.1, ...}), and trains it through train.py's own functions:
-    cfg, _ = config.resolve(settings); result = train.run(cfg)
+    result = train.run(*train.configure(settings))   # train.py's main, without the parsing
 Its JSON records config.command(settings), the train.py command that runs the same configuration:
 run from the repository root, it gives the same top-1 again (one-thread CPU runs are deterministic).
 """
@@ -55,15 +55,18 @@ def at_repository_root():
 def train_one(settings: dict) -> dict:
     """One train.py run of `settings`, from the repository root (their paths are relative to it);
     returns its final scores, its parameter count, its wall-clock and CPU seconds, every
-    evaluation's metrics and its convergence (not the model: results travel between processes)."""
+    evaluation's metrics and its convergence (not the model: results travel between processes).
+    Settings with "resume" continue that checkpoint, as `train.py --resume` does; the result then
+    says from which epoch (its seconds are the continuation's alone)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     with at_repository_root():
-        cfg, _ = config.resolve(settings)
-        result = train.run(cfg)
+        cfg, resumed, notes = train.configure(settings)  # with "resume": the checkpoint it continues
+        result = train.run(cfg, resumed, notes)
         records = runs.read_metrics(result["output_dir"])
     return {"val_top1": result["val_top1"], "val_top5": result["val_top5"], "val_loss": result["val_loss"],
             "parameters": convit.count_parameters(result["model"]), "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu_start, "records": records, **convergence(records)}
+            "cpu_seconds": time.process_time() - cpu_start, "records": records, **convergence(records),
+            **({"resumed_from_epoch": resumed["epoch"]} if resumed else {})}
 
 
 def run_parallel(function, items: list, workers: int, threads: int, done=None) -> list:
