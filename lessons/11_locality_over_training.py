@@ -44,7 +44,7 @@ import plots  # noqa: E402
 import train  # noqa: E402
 from lessons._command import LessonRecipe, parse, run_folder, run_settings, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
-from lessons._protocol import add_keep_finished, reuse_finished_run  # noqa: E402
+from lessons._protocol import add_keep_finished, resume_if_cut_short, reuse_finished_run  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._training import at_repository_root, run_parallel, train_one  # noqa: E402
 
@@ -272,7 +272,7 @@ def main(argv=None):
                              **changes, **extra) for name, changes, seed in plan]
         found = {i: reuse_finished_run(job) for i, job in enumerate(jobs)} if args.keep_finished else {}
         found = {i: result for i, result in found.items() if result is not None}
-        todo = [job for i, job in enumerate(jobs) if i not in found]
+        todo = [resume_if_cut_short(job) if args.keep_finished else job for i, job in enumerate(jobs) if i not in found]
         trained = iter(run_parallel(train_one, todo, args.workers, args.threads,
                                     done=lambda job, run: print(f"  top-1 {run['val_top1']:.1f}% ({run['seconds']:.0f} s)",
                                                                 flush=True)))

@@ -51,7 +51,7 @@ import data  # noqa: E402
 import plots  # noqa: E402
 from lessons._command import FIGURES, parse, run_folder, run_settings, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
-from lessons._protocol import add_keep_finished, reuse_finished_run  # noqa: E402
+from lessons._protocol import add_keep_finished, resume_if_cut_short, reuse_finished_run  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._training import at_repository_root, run_parallel, train_one  # noqa: E402
 
@@ -155,7 +155,8 @@ def train_plan(args, part: Part, plan: list[tuple]) -> tuple[dict[str, dict], di
         print(f"{len(jobs)} distinct runs: {len(records)} read from earlier lessons, "
               f"{sum(r is not None for r in found.values())} finished before, {len(todo)} to train, "
               f"{args.workers} at a time", flush=True)
-        trained = run_parallel(train_one, [jobs[name] for name in todo], args.workers, args.threads,
+        trained = run_parallel(train_one, [resume_if_cut_short(jobs[name]) if args.keep_finished else jobs[name]
+                                           for name in todo], args.workers, args.threads,
                                done=lambda job, run: print(f"  {Path(job['output_dir']).name}: top-1 "
                                                            f"{run['val_top1']:.1f}% ({run['seconds']:.0f} s)", flush=True))
         for name, result in [*((n, r) for n, r in found.items() if r is not None), *zip(todo, trained)]:

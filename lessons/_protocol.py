@@ -155,6 +155,12 @@ def unfinished_run(settings: dict) -> str | None:
         return str(path) if same and checkpoint.get("epoch", last_epoch(cfg)) < last_epoch(cfg) else None
 
 
+def resume_if_cut_short(job: dict) -> dict:
+    """`job`, set to continue its run's checkpoint where `unfinished_run` finds one (--keep-finished)."""
+    path = unfinished_run(job)
+    return {**job, "resume": path, "overwrite": False} if path else job
+
+
 def last_epoch(cfg: config.RunConfig) -> int:
     """The epoch a run of `cfg` ends at: its last, or where --stop-after stops it (--quick's runs)."""
     return min(cfg.recipe.epochs, cfg.runtime.stop_after or cfg.recipe.epochs)
@@ -264,7 +270,7 @@ def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewh
     todo = [job for i, job in enumerate(jobs) if i not in found]
     todo_labels = [labels[i] for i in range(len(jobs)) if i not in found]
     if reuse:  # a run cut short keeps its epochs: continued, not trained again
-        todo = [{**job, "resume": path, "overwrite": False} if (path := unfinished_run(job)) else job for job in todo]
+        todo = [resume_if_cut_short(job) for job in todo]
         if continued := sum("resume" in job for job in todo):
             print(f"  {continued} of {len(jobs)} runs stopped before their end: continued from their checkpoints")
 
