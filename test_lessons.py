@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -202,6 +203,55 @@ def test_keep_finished_continues_a_run_cut_short_to_the_uninterrupted_runs_weigh
     assert run_record("t", "DeiT", 0.1, 0, again)["resumed_from_epoch"] == 15
     (done,) = run_all(args, plan, tmp_path / "cut", reuse=True)  # finished now: read, not continued
     assert done["reused"] and done["val_loss"] == whole["val_loss"]
+
+
+def test_a_run_recorded_in_a_committed_json_is_read_not_trained(tmp_path, monkeypatch):
+    """--recorded: a run whose train.py command a lesson JSON records (here a run's twin, under
+    "half", written with another --output-dir and --eval-every) is read from the record, with its
+    curve, wherever its folder went; a run the files lack is trained."""
+    from lessons import _protocol
+    from lessons._command import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, run_all, run_record
+
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
+    args.quick = False
+    monkeypatch.setattr(_protocol, "FLOOR_EPOCHS", 2)
+    plan = [("t", "DeiT", 0.1, 0, {"model": "deit_tiny"})]
+    (whole,) = run_all(args, plan, tmp_path / "first", twins=True)
+    record = run_record("t", "DeiT", 0.1, 0, whole)
+    record["half"]["command"] = re.sub(r"--eval-every \d+", "--eval-every 5", record["half"]["command"])
+    record["half"]["curve"] = [[10, whole["half"]["top1"]]]
+    (tmp_path / "06_check.json").write_text(json.dumps({"runs": [record]}))
+    shutil.rmtree(tmp_path / "first")
+    (again,) = run_all(args, plan, tmp_path / "second", twins=True, elsewhere=(tmp_path / "06_check.json",))
+    assert again["reused"] and again["read_from"].endswith("06_check.json")
+    assert (again["val_top1"], again["half"]["top1"], again["second_half_adds"]) == (
+        whole["val_top1"], whole["half"]["top1"], whole["second_half_adds"])
+    assert [r["epoch"] for r in again["records"]] == [r["epoch"] for r in whole["records"]]
+    assert not (tmp_path / "second").exists()  # nothing trained
+    assert run_record("t", "DeiT", 0.1, 0, again)["read_from"] == again["read_from"]
+    (other,) = run_all(args, [("t", "DeiT", 0.1, 1, {"model": "deit_tiny"})], tmp_path / "second",
+                       elsewhere=(tmp_path / "06_check.json",))
+    assert not other.get("reused") and "read_from" not in other  # seed 1: not recorded, so trained
+    # The same run recorded twice with two top-1s (two machines): refused, not one picked
+    (tmp_path / "other.json").write_text(json.dumps({"runs": [{**record, "top1": record["top1"] - 1}]}))
+    with pytest.raises(ValueError, match="two records of one run disagree"):
+        run_all(args, plan, tmp_path / "third", elsewhere=(tmp_path / "06_check.json", tmp_path / "other.json"))
+
+
+def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_them():
+    """--recorded's files agree with each other (recorded_runs refuses two top-1s for one run), and
+    every run and twin of the ladder is found there by its command, with its recorded top-1."""
+    from lessons._protocol import recorded_runs, what_defines
+
+    module = lesson("06")
+    files = module.recorded_files()
+    assert module.CHECKS / "ladder.json" in files and module.CHECKS / "recipe_check.json" in files
+    assert not any(path.parent == module.FIGURES for path in files)  # the Intel VM's runs: another CPU
+    recorded = recorded_runs(files)
+    for run in [p for pair in module.ladder_pairs() for p in (pair, pair["half"])]:
+        cfg, _ = config.resolve(config.parse(shlex.split(run["command"])[2:]))
+        assert recorded[json.dumps(what_defines(cfg), sort_keys=True)]["top1"] == run["top1"], run["command"]
 
 
 def test_each_fraction_trains_the_recipes_epochs_and_never_fewer_steps_than_table2s(tmp_path):

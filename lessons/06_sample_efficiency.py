@@ -25,6 +25,10 @@ Outputs (in --out-dir):
                              model's longest run, and the recipe tried again at long lengths, one change at a
                              time (recipe_check.json), with each change's gain at each model's longest run
 
+With --recorded, a run that the JSON files of figures/06_check already record (its train.py
+command) is read from them rather than trained: a lesson that takes a day is trained in sittings, on machines whose run
+folders do not last, and every sitting's runs are in the repository.
+
 Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep] [--fractions F ...]
 """
 
@@ -463,6 +467,9 @@ def main(argv=None):
                                      "(runs longer than the recipe's) into --out-dir; takes no other flag but --out-dir")
     parser.add_argument("--regularisers", action="store_true",
                         help=f"every run of both tables also trains with DeiT's regularisers: {REGULARISER_FLAGS}")
+    parser.add_argument("--recorded", action="store_true",
+                        help="read each run that figures/06_check records (every earlier sitting's runs, on our "
+                             "AMD VM) instead of training it again; train only the runs it lacks")
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
@@ -489,7 +496,8 @@ def main(argv=None):
     recipe = recipe_line(args) + (f", with DeiT's regularisers ({REGULARISER_FLAGS})" if extra else "")
     print(f"{len(plan)} training runs and their twins (half as long), {args.workers} at a time: {recipe}")
     with run_folder(args) as run_root:
-        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished)
+        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
+                                      elsewhere=recorded_files() if args.recorded else ())
 
     table2 = {f: {name: {} for name in MODELS} for f in fractions}  # top-1 by seed
     table3 = {row: [] for row in TABLE3}
@@ -524,6 +532,13 @@ def main(argv=None):
         paper={"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
                "table3": {row: {"full": row_.paper_full, "10%": row_.paper_tenth} for row, row_ in TABLE3.items()}})
     clock.done()
+
+
+def recorded_files() -> tuple[Path, ...]:
+    """The committed JSON files whose runs --recorded reads: the checks' (figures/06_check), all
+    trained on one machine. Not 06_sample_efficiency.json and 06_sweep.json: they were trained on
+    another CPU, where the same command gives other numbers (the lesson's page shows by how much)."""
+    return tuple(sorted(CHECKS.rglob("*.json")))
 
 
 def gains_of(by_model: dict) -> dict:

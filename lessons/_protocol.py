@@ -30,8 +30,10 @@ it reads back every run an earlier sitting finished (`reuse_finished_run`) and c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +42,7 @@ import checkpoints
 import cli
 import config
 import runs
-from lessons._command import LessonRecipe, run_settings
+from lessons._command import LessonRecipe, repo_path, run_settings
 from lessons._report import mean
 from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, train_one
 
@@ -138,6 +140,54 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
     return None
 
 
+@functools.cache
+def recorded_runs(files: tuple[Path, ...]) -> dict[str, dict]:
+    """Every run that these committed lesson JSON files record with its train.py command (a run, a
+    run's twin under "half", a rung it climbed through), by what defines it (`what_defines`), the
+    record with its curve where there are several. Two records of one run that differ are refused:
+    a run is deterministic on one kind of CPU, not across CPUs, so they came from two machines."""
+    found = {}
+    for file in files:
+        for record in run_records_in(json.loads(Path(file).read_text())):
+            with at_repository_root():
+                cfg, _ = config.resolve(config.parse(shlex.split(record["command"])[2:]))  # after "python train.py"
+            key = json.dumps(what_defines(cfg), sort_keys=True)
+            record = {**record, "read_from": record.get("read_from", repo_path(file))}
+            if key in found and found[key]["top1"] != record["top1"]:
+                raise ValueError(f"two records of one run disagree: top-1 {found[key]['top1']} in "
+                                 f"{found[key]['read_from']}, {record['top1']} in {record['read_from']} "
+                                 f"({record['command']}); were they trained on different machines?")
+            if key not in found or "curve" in record and "curve" not in found[key]:
+                found[key] = record
+    return found
+
+
+def run_records_in(value):
+    """The dicts inside `value` that record a run: its command and its top-1."""
+    if isinstance(value, dict):
+        if "command" in value and "top1" in value:
+            yield value
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from run_records_in(item)
+
+
+def recorded_result(settings: dict, recorded: dict[str, dict]) -> dict | None:
+    """The result of the run of `settings` as a committed JSON file records it (`recorded_runs`),
+    else None. It stands for the run as a finished folder does: one-thread CPU runs are
+    deterministic, and a test runs a recorded command again."""
+    with at_repository_root():
+        cfg, _ = config.resolve(settings)
+    record = recorded.get(json.dumps(what_defines(cfg), sort_keys=True))
+    if record is None or last_epoch(cfg) != cfg.recipe.epochs:  # a record is of a whole run
+        return None
+    records = [{"epoch": epoch, "val_top1": top1} for epoch, top1 in record.get("curve", [])]
+    return {"val_top1": record["top1"], "val_top5": record.get("top5"), "val_loss": None,
+            "parameters": record.get("parameters"), "seconds": None, "cpu_seconds": None, "records": records,
+            "reused": True, "read_from": record["read_from"], **convergence(records)}
+
+
 def unfinished_run(settings: dict) -> str | None:
     """The checkpoint in this run's own folder if it holds this very run, stopped before its last
     epoch (a lesson interrupted, a machine lost), else None: `train.py --resume` continues it to
@@ -174,6 +224,7 @@ def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewh
     twin trains too (`twin`), and the result gains the twin's top-1 and command, what the second
     half of the run added, and its verdict, `converged`. A run that a folder of `elsewhere`
     (another lesson's) or, with reuse, of run_root already holds, finished with the same settings,
+    or that a JSON file of `elsewhere` records (`recorded_result`),
     is read rather than trained again (`reuse_finished_run`): how lessons share runs, a sweep
     grows, and an interrupted lesson goes on, without training what they have."""
     jobs, labels = [], []
@@ -262,10 +313,15 @@ def judged(run: dict, half: dict) -> dict:
 def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewhere: tuple[Path, ...]) -> list[dict]:
     """Each job's result: read from a finished run of the same settings where one is found, else trained."""
     started = time.perf_counter()
-    found = {i: reuse_finished_run(job, reuse, elsewhere) for i, job in enumerate(jobs)} if reuse or elsewhere else {}
+    folders = tuple(path for path in elsewhere if path.suffix != ".json")
+    recorded = recorded_runs(tuple(path for path in elsewhere if path.suffix == ".json"))
+    found = {i: reuse_finished_run(job, reuse, folders) or recorded_result(job, recorded)
+             for i, job in enumerate(jobs)} if reuse or elsewhere else {}
     found = {i: result for i, result in found.items() if result is not None}
     if found:
-        print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders")
+        from_files = sum("read_from" in result for result in found.values())
+        print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders"
+              + (f" ({from_files} from the JSON files that record them)" if from_files else ""))
 
     todo = [job for i, job in enumerate(jobs) if i not in found]
     todo_labels = [labels[i] for i in range(len(jobs)) if i not in found]
@@ -295,6 +351,8 @@ def run_record(table: str, name: str, fraction: float, seed: int, result: dict) 
               "parameters": result["parameters"],
               "seconds": None if result["seconds"] is None else round(result["seconds"], 1),
               "read_back": result.get("reused", False), "command": result["command"]}
+    if "read_from" in result:  # not trained here: read from the record of the same command
+        record["read_from"] = result["read_from"]
     if "resumed_from_epoch" in result:  # its seconds are those after the interruption
         record["resumed_from_epoch"] = result["resumed_from_epoch"]
     if "half" in result:
