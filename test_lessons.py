@@ -208,7 +208,8 @@ def test_keep_finished_continues_a_run_cut_short_to_the_uninterrupted_runs_weigh
 def test_a_run_recorded_in_a_committed_json_is_read_not_trained(tmp_path, monkeypatch):
     """--recorded: a run whose train.py command a lesson JSON records (here a run's twin, under
     "half", written with another --output-dir and --eval-every) is read from the record, with its
-    curve, wherever its folder went; a run the files lack is trained."""
+    curve, wherever its folder went; a run the files lack is trained, and kept in a JSON-lines file
+    as it finishes, from which it is read back in turn."""
     from lessons import _protocol
     from lessons._command import parse, training_parser
     from lessons._protocol import QUICK, RECIPE, run_all, run_record
@@ -230,19 +231,27 @@ def test_a_run_recorded_in_a_committed_json_is_read_not_trained(tmp_path, monkey
     assert [r["epoch"] for r in again["records"]] == [r["epoch"] for r in whole["records"]]
     assert not (tmp_path / "second").exists()  # nothing trained
     assert run_record("t", "DeiT", 0.1, 0, again)["read_from"] == again["read_from"]
-    (other,) = run_all(args, [("t", "DeiT", 0.1, 1, {"model": "deit_tiny"})], tmp_path / "second",
-                       elsewhere=(tmp_path / "06_check.json",))
-    assert not other.get("reused") and "read_from" not in other  # seed 1: not recorded, so trained
+    seed1 = [("t", "DeiT", 0.1, 1, {"model": "deit_tiny"})]
+    kept = tmp_path / "sittings.jsonl"
+    (other,) = run_all(args, seed1, tmp_path / "second", elsewhere=(tmp_path / "06_check.json",), keep_in=kept)
+    assert not other.get("reused") and "read_from" not in other  # seed 1: not recorded, so trained ...
+    (line,) = [json.loads(line) for line in kept.read_text().splitlines()]  # ... and kept as it finished
+    assert (line["command"], line["top1"]) == (other["command"], other["val_top1"])
+    shutil.rmtree(tmp_path / "second")
+    with open(kept, "a") as file:
+        file.write('{"command": "python train.py --seed')  # a line cut short by a machine that stopped
+    (back,) = run_all(args, seed1, tmp_path / "third", elsewhere=(kept,))
+    assert back["reused"] and back["val_top1"] == other["val_top1"] and not (tmp_path / "third").exists()
     # The same run recorded twice with two top-1s (two machines): refused, not one picked
     (tmp_path / "other.json").write_text(json.dumps({"runs": [{**record, "top1": record["top1"] - 1}]}))
     with pytest.raises(ValueError, match="two records of one run disagree"):
-        run_all(args, plan, tmp_path / "third", elsewhere=(tmp_path / "06_check.json", tmp_path / "other.json"))
+        run_all(args, plan, tmp_path / "fourth", elsewhere=(tmp_path / "06_check.json", tmp_path / "other.json"))
 
 
 def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_them():
     """--recorded's files agree with each other (recorded_runs refuses two top-1s for one run), and
     every run and twin of the ladder is found there by its command, with its recorded top-1."""
-    from lessons._protocol import recorded_runs, what_defines
+    from lessons._protocol import defining_key, recorded_runs
 
     module = lesson("06")
     files = module.recorded_files()
@@ -251,7 +260,7 @@ def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_
     recorded = recorded_runs(files)
     for run in [p for pair in module.ladder_pairs() for p in (pair, pair["half"])]:
         cfg, _ = config.resolve(config.parse(shlex.split(run["command"])[2:]))
-        assert recorded[json.dumps(what_defines(cfg), sort_keys=True)]["top1"] == run["top1"], run["command"]
+        assert recorded[defining_key(cfg)]["top1"] == run["top1"], run["command"]
 
 
 def test_each_fraction_trains_the_recipes_epochs_and_never_fewer_steps_than_table2s(tmp_path):

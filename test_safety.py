@@ -366,6 +366,8 @@ BAD_INPUTS = [
     ("lesson 06", ["--quick", "--fractions", "0"], "--fractions must each lie in (0, 1], got 0.0"),
     ("lesson 06", ["--quick", "--sweep", "--regularisers"],
      "--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers"),
+    ("lesson 06", ["--quick", "--recorded"],  # a --quick run must not add its runs to the committed record
+     "--recorded reads and keeps the recipe's runs of both tables: not with --quick or --sweep"),
 ]
 
 

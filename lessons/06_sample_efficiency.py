@@ -26,8 +26,9 @@ Outputs (in --out-dir):
                              time (recipe_check.json), with each change's gain at each model's longest run
 
 With --recorded, a run that the JSON files of figures/06_check already record (its train.py
-command) is read from them rather than trained: a lesson that takes a day is trained in sittings, on machines whose run
-folders do not last, and every sitting's runs are in the repository.
+command) is read from them rather than trained, and each run trained is added to
+figures/06_check/sittings.jsonl as it finishes: a lesson that takes a day is trained in sittings,
+on machines whose run folders do not last, and every sitting's runs are in the repository.
 
 Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep] [--fractions F ...]
 """
@@ -47,8 +48,8 @@ import config  # noqa: E402
 from lessons._command import FIGURES, draw_only_flag, parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
-from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_climbing, add_keep_finished,  # noqa: E402
-                               convergence_line, convergence_rule, recipe_line, run_all, run_record,
+from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, RECORD_SUFFIXES, add_climbing,  # noqa: E402
+                               add_keep_finished, convergence_line, convergence_rule, recipe_line, run_all, run_record,
                                run_until_converged, setting_converged)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0), (0.05, 0.1)
@@ -62,6 +63,7 @@ QUICK_SWEEP = {"lr": (2e-3, 4e-3), "warmup_epochs": (1,)}  # --quick --sweep, at
 # The twin pairs trained longer than the recipe: the lesson's own runs (e*/06_sample_efficiency.json)
 # and train.py's, for lengths the lesson cannot set yet (ladder.json).
 CHECKS = FIGURES / "06_check"
+SITTINGS = CHECKS / "sittings.jsonl"  # --recorded: each run trained, added as it finishes
 
 # --regularisers: DeiT's own (paper.md, "Training recipe") without RandAugment, for every run of both
 # tables. The paper trains both models with them; the recipe above leaves them out, and the recipe
@@ -469,7 +471,8 @@ def main(argv=None):
                         help=f"every run of both tables also trains with DeiT's regularisers: {REGULARISER_FLAGS}")
     parser.add_argument("--recorded", action="store_true",
                         help="read each run that figures/06_check records (every earlier sitting's runs, on our "
-                             "AMD VM) instead of training it again; train only the runs it lacks")
+                             "AMD VM) instead of training it again; train only the runs it lacks, and add each to "
+                             f"{SITTINGS.relative_to(FIGURES.parent.parent)} as it finishes")
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
@@ -477,6 +480,8 @@ def main(argv=None):
         return ladder(args)
     if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
         raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
+    if args.recorded and (args.quick or args.sweep):
+        raise ValueError("--recorded reads and keeps the recipe's runs of both tables: not with --quick or --sweep")
     if args.sweep and args.regularisers:
         raise ValueError("--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers")
     clock = Stopwatch("lesson 6")
@@ -497,7 +502,8 @@ def main(argv=None):
     print(f"{len(plan)} training runs and their twins (half as long), {args.workers} at a time: {recipe}")
     with run_folder(args) as run_root:
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
-                                      elsewhere=recorded_files() if args.recorded else ())
+                                      elsewhere=recorded_files() if args.recorded else (),
+                                      keep_in=SITTINGS if args.recorded else None)
 
     table2 = {f: {name: {} for name in MODELS} for f in fractions}  # top-1 by seed
     table3 = {row: [] for row in TABLE3}
@@ -538,7 +544,7 @@ def recorded_files() -> tuple[Path, ...]:
     """The committed JSON files whose runs --recorded reads: the checks' (figures/06_check), all
     trained on one machine. Not 06_sample_efficiency.json and 06_sweep.json: they were trained on
     another CPU, where the same command gives other numbers (the lesson's page shows by how much)."""
-    return tuple(sorted(CHECKS.rglob("*.json")))
+    return tuple(sorted(path for suffix in RECORD_SUFFIXES for path in CHECKS.rglob("*" + suffix)))
 
 
 def gains_of(by_model: dict) -> dict:

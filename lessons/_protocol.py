@@ -30,7 +30,6 @@ it reads back every run an earlier sitting finished (`reuse_finished_run`) and c
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shlex
@@ -43,7 +42,7 @@ import cli
 import config
 import runs
 from lessons._command import LessonRecipe, repo_path, run_settings
-from lessons._report import mean
+from lessons._report import hardware, mean
 from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, train_one
 
 # The recipe (the warmup is in epochs at f = 100% and multiplied by 1/f; it starts from lr / 100).
@@ -106,6 +105,11 @@ def what_defines(cfg: config.RunConfig) -> dict:
     return {**defining, "local_up_to_layer": cfg.model.gpsa_blocks}
 
 
+def defining_key(cfg: config.RunConfig) -> str:
+    """`what_defines` as a string: two runs with the same key learn the same weights on one machine."""
+    return json.dumps(what_defines(cfg), sort_keys=True)
+
+
 def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Path, ...] = ()) -> dict | None:
     """If a folder beside this run's (with `beside`) or under a folder of `elsewhere` holds a run of
     exactly these settings trained to its last epoch, move it (from elsewhere: copy it) to this
@@ -140,7 +144,10 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
     return None
 
 
-@functools.cache
+# The files a lesson records runs in: its JSON, and the JSON-lines file that keep_run adds to.
+RECORD_SUFFIXES = (".json", ".jsonl")
+
+
 def recorded_runs(files: tuple[Path, ...]) -> dict[str, dict]:
     """Every run that these committed lesson JSON files record with its train.py command (a run, a
     run's twin under "half", a rung it climbed through), by what defines it (`what_defines`), the
@@ -148,10 +155,10 @@ def recorded_runs(files: tuple[Path, ...]) -> dict[str, dict]:
     a run is deterministic on one kind of CPU, not across CPUs, so they came from two machines."""
     found = {}
     for file in files:
-        for record in run_records_in(json.loads(Path(file).read_text())):
+        for record in run_records_in(read_records(Path(file))):
             with at_repository_root():
                 cfg, _ = config.resolve(config.parse(shlex.split(record["command"])[2:]))  # after "python train.py"
-            key = json.dumps(what_defines(cfg), sort_keys=True)
+            key = defining_key(cfg)
             record = {**record, "read_from": record.get("read_from", repo_path(file))}
             if key in found and found[key]["top1"] != record["top1"]:
                 raise ValueError(f"two records of one run disagree: top-1 {found[key]['top1']} in "
@@ -160,6 +167,20 @@ def recorded_runs(files: tuple[Path, ...]) -> dict[str, dict]:
             if key not in found or "curve" in record and "curve" not in found[key]:
                 found[key] = record
     return found
+
+
+def read_records(path: Path):
+    """A lesson's JSON file, or a JSON-lines file of runs (keep_run's) as a list; a line torn by a
+    machine that stopped mid-write is left out."""
+    if path.suffix != ".jsonl":
+        return json.loads(path.read_text())
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
 
 
 def run_records_in(value):
@@ -179,7 +200,7 @@ def recorded_result(settings: dict, recorded: dict[str, dict]) -> dict | None:
     deterministic, and a test runs a recorded command again."""
     with at_repository_root():
         cfg, _ = config.resolve(settings)
-    record = recorded.get(json.dumps(what_defines(cfg), sort_keys=True))
+    record = recorded.get(defining_key(cfg))
     if record is None or last_epoch(cfg) != cfg.recipe.epochs:  # a record is of a whole run
         return None
     records = [{"epoch": epoch, "val_top1": top1} for epoch, top1 in record.get("curve", [])]
@@ -217,7 +238,7 @@ def last_epoch(cfg: config.RunConfig) -> int:
 
 
 def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewhere: tuple[Path, ...] = (),
-            twins: bool = False, doublings: list[int] | None = None) -> list[dict]:
+            twins: bool = False, doublings: list[int] | None = None, keep_in: Path | None = None) -> list[dict]:
     """Train every (table, name, fraction, seed, settings[, warmup epochs]) of `plan`, args.workers
     at a time, each doubled in length as many times as `doublings` says (default: none); each
     result gains its settings and its train.py command. With `twins`, each run's
@@ -226,7 +247,8 @@ def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewh
     (another lesson's) or, with reuse, of run_root already holds, finished with the same settings,
     or that a JSON file of `elsewhere` records (`recorded_result`),
     is read rather than trained again (`reuse_finished_run`): how lessons share runs, a sweep
-    grows, and an interrupted lesson goes on, without training what they have."""
+    grows, and an interrupted lesson goes on, without training what they have. With `keep_in`,
+    each run trained is added to that JSON-lines file as it finishes (`keep_run`)."""
     jobs, labels = [], []
     for (table, name, f, seed, changes, *rest), doubled in zip(plan, doublings or [0] * len(plan)):
         changes = {**changes, **schedule(args, f, (*rest, args.warmup_epochs)[0], doubled)}
@@ -239,7 +261,7 @@ def run_all(args, plan: list[tuple], run_root: Path, reuse: bool = False, elsewh
     if twins:
         jobs += [twin(job, Path(f"{job['output_dir']}-half")) for job in jobs[:len(plan)]]
         labels += [f"{label}, half as long" for label in labels]
-    results = train_or_read(args, jobs, labels, reuse, elsewhere)
+    results = train_or_read(args, jobs, labels, reuse, elsewhere, keep_in)
     results = [{**result, "settings": job, "command": config.command(job)} for job, result in zip(jobs, results)]
     if not twins:
         return results
@@ -254,14 +276,14 @@ def setting_converged(second_half_adds: list[float]) -> bool:
 
 
 def run_until_converged(args, plan: list[tuple], run_root: Path, reuse: bool = False,
-                        elsewhere: tuple[Path, ...] = ()) -> list[dict]:
+                        elsewhere: tuple[Path, ...] = (), keep_in: Path | None = None) -> list[dict]:
     """run_all(twins=True), then up the ladder: each setting of `plan` (its runs that differ only in
     their seed) whose second half added CONVERGED_WITHIN points or more on the mean of its seeds
     trains again twice as long, its twin being the run just trained (read back from its folder),
     until the mean passes or the setting has doubled args.max_doublings times (--quick: never).
     Each result is its setting's last run, and gains `rungs`, every length it trained at (epochs,
     top-1, second half added, command), and `setting_converged`, the verdict on the mean of its seeds."""
-    results = run_all(args, plan, run_root, reuse, elsewhere, twins=True)
+    results = run_all(args, plan, run_root, reuse, elsewhere, twins=True, keep_in=keep_in)
     rungs = [[rung_of(result)] for result in results]
     settings = {}  # each setting's runs, by index into plan
     for i, (table, name, f, _seed, changes, *rest) in enumerate(plan):
@@ -279,7 +301,7 @@ def run_until_converged(args, plan: list[tuple], run_root: Path, reuse: bool = F
         print(f"  {len(again_plan)} runs whose setting did not converge on the mean of its seeds: trained again twice "
               f"as long, the runs just trained their twins", flush=True)
         again = run_all(args, [plan[i] for i, _ in again_plan], run_root, reuse=True, elsewhere=elsewhere, twins=True,
-                        doublings=[doubled for _, doubled in again_plan])
+                        doublings=[doubled for _, doubled in again_plan], keep_in=keep_in)
         for (i, _), result in zip(again_plan, again):
             results[i] = result
             rungs[i].append(rung_of(result))
@@ -310,11 +332,13 @@ def judged(run: dict, half: dict) -> dict:
                      "seconds": None if half["seconds"] is None else round(half["seconds"], 1)}}
 
 
-def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewhere: tuple[Path, ...]) -> list[dict]:
-    """Each job's result: read from a finished run of the same settings where one is found, else trained."""
+def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewhere: tuple[Path, ...],
+                  keep_in: Path | None = None) -> list[dict]:
+    """Each job's result: read from a finished run of the same settings where one is found, else
+    trained (and with `keep_in`, kept there as soon as it finishes)."""
     started = time.perf_counter()
-    folders = tuple(path for path in elsewhere if path.suffix != ".json")
-    recorded = recorded_runs(tuple(path for path in elsewhere if path.suffix == ".json"))
+    folders = tuple(path for path in elsewhere if path.suffix not in RECORD_SUFFIXES)
+    recorded = recorded_runs(tuple(path for path in elsewhere if path.suffix in RECORD_SUFFIXES))
     found = {i: reuse_finished_run(job, reuse, folders) or recorded_result(job, recorded)
              for i, job in enumerate(jobs)} if reuse or elsewhere else {}
     found = {i: result for i, result in found.items() if result is not None}
@@ -323,22 +347,37 @@ def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewh
         print(f"  {len(found)} of {len(jobs)} runs already done with the same flags: read from their folders"
               + (f" ({from_files} from the JSON files that record them)" if from_files else ""))
 
-    todo = [job for i, job in enumerate(jobs) if i not in found]
-    todo_labels = [labels[i] for i in range(len(jobs)) if i not in found]
+    todo = [i for i in range(len(jobs)) if i not in found]
+    to_run = [jobs[i] for i in todo]
     if reuse:  # a run cut short keeps its epochs: continued, not trained again
-        todo = [resume_if_cut_short(job) for job in todo]
-        if continued := sum("resume" in job for job in todo):
+        to_run = [resume_if_cut_short(job) for job in to_run]
+        if continued := sum("resume" in job for job in to_run):
             print(f"  {continued} of {len(jobs)} runs stopped before their end: continued from their checkpoints")
 
-    def report(job, result):
+    def report(run, result):
+        i = todo[to_run.index(run)]
         gain = result["last_quarter_gain"]
         since = f", continued from epoch {result['resumed_from_epoch']}" if "resumed_from_epoch" in result else ""
-        print(f"  [{time.perf_counter() - started:5.0f} s] {todo_labels[todo.index(job)]}: top-1 {result['val_top1']:5.1f}%, "
+        print(f"  [{time.perf_counter() - started:5.0f} s] {labels[i]}: top-1 {result['val_top1']:5.1f}%, "
               f"the last quarter added {gain if gain is None else f'{gain:+.2f}'} ({result['seconds']:.0f} s{since})",
               flush=True)
+        if keep_in is not None:
+            keep_run(keep_in, jobs[i], result, hardware(args.device))
 
-    trained = iter(run_parallel(train_one, todo, args.workers, args.threads, done=report))
+    trained = iter(run_parallel(train_one, to_run, args.workers, args.threads, done=report))
     return [found[i] if i in found else next(trained) for i in range(len(jobs))]
+
+
+def keep_run(path: Path, job: dict, result: dict, machine: str):
+    """Add one finished run to the JSON-lines file `path`, a line of its own written at once: a
+    sitting cut short keeps every run it finished, and `recorded_runs` reads them back."""
+    line = {"command": config.command(job), "top1": result["val_top1"], "top5": result["val_top5"],
+            "curve": [[r["epoch"], r["val_top1"]] for r in result["records"]],
+            "seconds": round(result["seconds"], 1), "hardware": machine,
+            **({"resumed_from_epoch": result["resumed_from_epoch"]} if "resumed_from_epoch" in result else {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        file.write(json.dumps(line) + "\n")
 
 
 def run_record(table: str, name: str, fraction: float, seed: int, result: dict) -> dict:
