@@ -41,12 +41,14 @@ def recorded_commands() -> list[str]:
 
     for path in sorted((HERE / "lessons" / "figures").rglob("*.json")):
         walk(json.loads(path.read_text()))
+    for path in sorted((HERE / "lessons" / "figures").rglob("*.jsonl")):  # lesson 6 --recorded's sittings
+        walk([json.loads(line) for line in path.read_text().splitlines()])
     return found
 
 
 def test_every_recorded_lesson_command_parses_checks_and_writes_back_word_for_word():
     commands = recorded_commands()
-    assert len(commands) == 348  # lessons 6, 8, 9, 11-16: every run, twin, sweep, recipe check, masked evaluation, probe
+    assert len(commands) == 425  # lessons 6, 8, 9, 11-16: every run, twin, sweep, recipe check, masked evaluation, probe
     for command in commands:
         argv = shlex.split(command)[2:]
         settings = config.parse(argv)
