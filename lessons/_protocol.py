@@ -110,6 +110,16 @@ def defining_key(cfg: config.RunConfig) -> str:
     return json.dumps(what_defines(cfg), sort_keys=True)
 
 
+def run_in(path: Path) -> tuple[dict, dict | None]:
+    """The checkpoint file `path` and what defines the run it holds (`what_defines`); ({}, None)
+    if it is not a checkpoint of train.py."""
+    try:
+        checkpoint = checkpoints.read_checkpoint_file(path)
+        return checkpoint, what_defines(config.stored(checkpoint["args"]))
+    except (ValueError, KeyError, TypeError):
+        return {}, None
+
+
 def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Path, ...] = ()) -> dict | None:
     """If a folder beside this run's (with `beside`) or under a folder of `elsewhere` holds a run of
     exactly these settings trained to its last epoch, move it (from elsewhere: copy it) to this
@@ -121,11 +131,7 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
         for candidate in [path for root in ((folder.parent,) if beside else ()) + tuple(elsewhere)
                           if root.is_dir()
                           for path in sorted(root.glob("*/" + checkpoints.CHECKPOINT))]:
-            try:
-                checkpoint = checkpoints.read_checkpoint_file(candidate)
-                done = what_defines(config.stored(checkpoint["args"]))
-            except (ValueError, KeyError, TypeError):  # not a checkpoint of train.py
-                continue
+            checkpoint, done = run_in(candidate)
             if done != wanted or checkpoint.get("epoch") != last_epoch(cfg):
                 continue
             if candidate.parent != folder:
@@ -197,7 +203,7 @@ def run_records_in(value):
 def recorded_result(settings: dict, recorded: dict[str, dict]) -> dict | None:
     """The result of the run of `settings` as a committed JSON file records it (`recorded_runs`),
     else None. It stands for the run as a finished folder does: one-thread CPU runs are
-    deterministic, and a test runs a recorded command again."""
+    deterministic on one kind of CPU (recorded_runs refuses records from two that disagree)."""
     with at_repository_root():
         cfg, _ = config.resolve(settings)
     record = recorded.get(defining_key(cfg))
@@ -218,12 +224,8 @@ def unfinished_run(settings: dict) -> str | None:
         path = Path(cfg.runtime.output_dir) / checkpoints.CHECKPOINT
         if not path.is_file():
             return None
-        try:
-            checkpoint = checkpoints.read_checkpoint_file(path)
-            same = what_defines(config.stored(checkpoint["args"])) == what_defines(cfg)
-        except (ValueError, KeyError, TypeError):  # not a checkpoint of train.py
-            return None
-        return str(path) if same and checkpoint.get("epoch", last_epoch(cfg)) < last_epoch(cfg) else None
+        checkpoint, done = run_in(path)
+        return str(path) if done == what_defines(cfg) and checkpoint.get("epoch", last_epoch(cfg)) < last_epoch(cfg) else None
 
 
 def resume_if_cut_short(job: dict) -> dict:
@@ -368,11 +370,16 @@ def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewh
     return [found[i] if i in found else next(trained) for i in range(len(jobs))]
 
 
+def curve_of(records: list[dict]) -> list[list]:
+    """[epoch, top-1] at each evaluation of a run: what the JSON files keep of its metrics."""
+    return [[r["epoch"], r["val_top1"]] for r in records]
+
+
 def keep_run(path: Path, job: dict, result: dict, machine: str):
     """Add one finished run to the JSON-lines file `path`, a line of its own written at once: a
     sitting cut short keeps every run it finished, and `recorded_runs` reads them back."""
     line = {"command": config.command(job), "top1": result["val_top1"], "top5": result["val_top5"],
-            "curve": [[r["epoch"], r["val_top1"]] for r in result["records"]],
+            "curve": curve_of(result["records"]),
             "seconds": round(result["seconds"], 1), "hardware": machine,
             **({"resumed_from_epoch": result["resumed_from_epoch"]} if "resumed_from_epoch" in result else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +393,7 @@ def run_record(table: str, name: str, fraction: float, seed: int, result: dict) 
     record = {"table": table, "name": name, "fraction": fraction, "seed": seed, "top1": result["val_top1"],
               "top5": result["val_top5"], "converged": result["converged"],
               "last_quarter_gain": result["last_quarter_gain"],
-              "curve": [[r["epoch"], r["val_top1"]] for r in result["records"]],
+              "curve": curve_of(result["records"]),
               "parameters": result["parameters"],
               "seconds": None if result["seconds"] is None else round(result["seconds"], 1),
               "read_back": result.get("reused", False), "command": result["command"]}

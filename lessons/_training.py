@@ -5,7 +5,8 @@ A lesson builds each run as settings, train.py's flags by field name ({"model": 
 "data_fraction": 0.1, ...}), and trains it through train.py's own functions:
     result = train.run(*train.configure(settings))   # train.py's main, without the parsing
 Its JSON records config.command(settings), the train.py command that runs the same configuration:
-run from the repository root, it gives the same top-1 again (one-thread CPU runs are deterministic).
+run from the repository root, it gives the same top-1 again on the same kind of CPU (one-thread CPU
+runs are deterministic there; another CPU rounds differently, lessons/06_sample_efficiency.md shows by how much).
 """
 
 from __future__ import annotations
