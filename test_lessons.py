@@ -258,6 +258,10 @@ def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_
     assert module.CHECKS / "ladder.json" in files and module.CHECKS / "recipe_check.json" in files
     assert not any(path.parent == module.FIGURES for path in files)  # the Intel VM's runs: another CPU
     recorded = recorded_runs(files)
+    # The ladder holds the last pair of every Table 2 run of the lesson's own climb (figures/06_check/climb).
+    climb = json.loads((module.CHECKS / "climb" / "06_sample_efficiency.json").read_text())["runs"]
+    pairs = {(p["name"], p["seed"], p["fraction"], p["top1"], p["half"]["top1"]) for p in module.ladder_pairs()}
+    assert {(r["name"], r["seed"], r["fraction"], r["top1"], r["half"]["top1"]) for r in climb} <= pairs
     for run in [p for pair in module.ladder_pairs() for p in (pair, pair["half"])]:
         cfg, _ = config.resolve(config.parse(shlex.split(run["command"])[2:]))
         assert recorded[defining_key(cfg)]["top1"] == run["top1"], run["command"]
@@ -558,7 +562,7 @@ def test_lesson6_quotes_the_longer_twins_and_the_batch_probe():
 
 def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_path, capsys):
     """--ladder trains nothing: it reads every Table 2 twin pair recorded in figures/06_check (the
-    lesson's own runs and ladder.json's), prints each, each rung of several seeds on their mean, each
+    lesson's own runs, its climb's and ladder.json's), prints each, each rung of several seeds on their mean, each
     model's longest run seed by seed and the answer read from them, and draws 06_ladder.png. The
     page quotes every row and the answer as printed: a recorded pair missing from the page, or a
     top-1 changed in either, fails."""
@@ -576,7 +580,8 @@ def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_pa
     assert "](figures/06_ladder.png)" in text and (LESSONS / "figures" / "06_ladder.png").is_file()
     assert committed_figures() == before and checkout_status() == checkout
     recorded = committed("06_check/ladder.json")["runs"] + [
-        run for check in sorted((LESSONS / "figures" / "06_check").glob("e*/06_sample_efficiency.json"))
+        run for check in sorted([*(LESSONS / "figures" / "06_check").glob("e*/06_sample_efficiency.json"),
+                                 LESSONS / "figures" / "06_check" / "climb" / "06_sample_efficiency.json"])
         for run in json.loads(check.read_text())["runs"]]
     epochs = collections.defaultdict(set)  # every length trained, runs and twins, by model, fraction and seed
     for run in recorded:

@@ -235,11 +235,13 @@ def read_json(path: Path) -> dict:
 
 
 def ladder_pairs(folder: Path = CHECKS) -> list[dict]:
-    """Every Table 2 twin pair recorded in `folder`, each as ladder.json keeps it: name, seed,
-    fraction, epochs, top1, half (its twin: epochs, top1), second_half_adds, converged, command.
-    A pair recorded twice is kept once."""
+    """Every Table 2 twin pair of the light recipe recorded in `folder`, each as ladder.json keeps
+    it: name, seed, fraction, epochs, top1, half (its twin: epochs, top1), second_half_adds,
+    converged, command. They are the ladder's own runs (ladder.json), the lesson's runs at one
+    length (e*/) and the last pair of each run of the lesson's climb (climb/). A pair recorded
+    twice is kept once."""
     pairs = []
-    for path in sorted(folder.glob("e*/06_sample_efficiency.json")):
+    for path in sorted([*folder.glob("e*/06_sample_efficiency.json"), *folder.glob("climb/06_sample_efficiency.json")]):
         pairs += [{**run, "epochs": config.parse(shlex.split(run["command"])[2:])["epochs"]}
                   for run in read_json(path)["runs"] if run["table"] == "table2"]
     pairs += read_json(folder / "ladder.json")["runs"]
