@@ -262,6 +262,7 @@ def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_
     climb = json.loads((module.CHECKS / "climb" / "06_sample_efficiency.json").read_text())["runs"]
     pairs = {(p["name"], p["seed"], p["fraction"], p["top1"], p["half"]["top1"]) for p in module.ladder_pairs()}
     assert {(r["name"], r["seed"], r["fraction"], r["top1"], r["half"]["top1"]) for r in climb} <= pairs
+    assert module.CHECKS / "climb" / "06_sample_efficiency.json" in module.ladder_lesson_files()
     for run in [p for pair in module.ladder_pairs() for p in (pair, pair["half"])]:
         cfg, _ = config.resolve(config.parse(shlex.split(run["command"])[2:]))
         assert recorded[defining_key(cfg)]["top1"] == run["top1"], run["command"]
@@ -580,9 +581,7 @@ def test_lesson6_ladder_prints_every_recorded_pair_and_the_page_quotes_it(tmp_pa
     assert "](figures/06_ladder.png)" in text and (LESSONS / "figures" / "06_ladder.png").is_file()
     assert committed_figures() == before and checkout_status() == checkout
     recorded = committed("06_check/ladder.json")["runs"] + [
-        run for check in sorted([*(LESSONS / "figures" / "06_check").glob("e*/06_sample_efficiency.json"),
-                                 LESSONS / "figures" / "06_check" / "climb" / "06_sample_efficiency.json"])
-        for run in json.loads(check.read_text())["runs"]]
+        run for check in module.ladder_lesson_files() for run in json.loads(check.read_text())["runs"]]
     epochs = collections.defaultdict(set)  # every length trained, runs and twins, by model, fraction and seed
     for run in recorded:
         length = config.parse(shlex.split(run["command"])[2:])["epochs"]

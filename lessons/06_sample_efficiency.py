@@ -234,14 +234,19 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"--ladder: cannot read {path} ({err})") from None
 
 
+def ladder_lesson_files(folder: Path = CHECKS) -> list[Path]:
+    """The lesson's own JSON files whose runs belong to the light recipe's ladder: its runs at one
+    length (e*/) and its climb (climb/, the last pair of each run)."""
+    return sorted([*folder.glob("e*/06_sample_efficiency.json"), *folder.glob("climb/06_sample_efficiency.json")])
+
+
 def ladder_pairs(folder: Path = CHECKS) -> list[dict]:
     """Every Table 2 twin pair of the light recipe recorded in `folder`, each as ladder.json keeps
     it: name, seed, fraction, epochs, top1, half (its twin: epochs, top1), second_half_adds,
-    converged, command. They are the ladder's own runs (ladder.json), the lesson's runs at one
-    length (e*/) and the last pair of each run of the lesson's climb (climb/). A pair recorded
-    twice is kept once."""
+    converged, command. They are the ladder's own runs (ladder.json) and those of
+    `ladder_lesson_files`. A pair recorded twice is kept once."""
     pairs = []
-    for path in sorted([*folder.glob("e*/06_sample_efficiency.json"), *folder.glob("climb/06_sample_efficiency.json")]):
+    for path in ladder_lesson_files(folder):
         pairs += [{**run, "epochs": config.parse(shlex.split(run["command"])[2:])["epochs"]}
                   for run in read_json(path)["runs"] if run["table"] == "table2"]
     pairs += read_json(folder / "ladder.json")["runs"]
