@@ -268,6 +268,31 @@ def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_
         assert recorded[defining_key(cfg)]["top1"] == run["top1"], run["command"]
 
 
+def test_lesson6_by_default_reads_the_recorded_runs_and_trains_only_what_they_lack(tmp_path, monkeypatch, capsys):
+    """The lesson takes a day to train whole, so by default it reads each run figures/06_check
+    records: at f = 5% and 100%, every rung of both models' climbs is there, so it trains nothing
+    and gives the climb's Table 2 again, without writing into the checkout; --retrain trains them."""
+    from lessons import _protocol
+
+    def no_training(function, jobs, *rest, **options):
+        if jobs:
+            raise RuntimeError(f"trained {len(jobs)} runs")
+        return []
+
+    module, before, checkout = lesson("06"), committed_figures(), checkout_status()
+    monkeypatch.setattr(_protocol, "run_parallel", no_training)
+    flags = ["--fractions", "0.05", "1", "--out-dir", str(tmp_path / "out"), "--run-dir", str(tmp_path / "runs")]
+    assert cli.run_command(module.main, flags) == 0
+    summary = json.loads((tmp_path / "out" / "06_sample_efficiency.json").read_text())
+    climb = committed("06_check/climb/06_sample_efficiency.json")
+    assert [run["read_from"].startswith("lessons/figures/06_check/") for run in summary["runs"]] == [True] * 12
+    assert summary["table2_mean_top1"] == climb["table2_mean_top1"], capsys.readouterr().out
+    assert summary["gain_per_seed"] == climb["gain_per_seed"]
+    assert committed_figures() == before and checkout_status() == checkout
+    with pytest.raises(RuntimeError, match="trained 24 runs"):  # 12 runs and their twins
+        module.main([*flags, "--retrain"])
+
+
 def test_each_fraction_trains_the_recipes_epochs_and_never_fewer_steps_than_table2s(tmp_path):
     """The protocol of lesson 6: max(96, 24 / f) epochs, the warmup 4 / f, 12 evaluations; the twin
     differs from its run in its length alone (and so in how often it is evaluated)."""
@@ -275,10 +300,10 @@ def test_each_fraction_trains_the_recipes_epochs_and_never_fewer_steps_than_tabl
     from lessons._protocol import QUICK, RECIPE, schedule, twin
 
     args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--run-dir", str(tmp_path)])
-    made = {f: schedule(args, f, args.warmup_epochs) for f in (0.05, 0.1, 0.25, 0.5, 1.0)}
-    assert {f: s["epochs"] for f, s in made.items()} == {0.05: 480, 0.1: 240, 0.25: 96, 0.5: 96, 1.0: 96}
-    assert {f: s["warmup_epochs"] for f, s in made.items()} == {0.05: 80, 0.1: 40, 0.25: 16, 0.5: 8, 1.0: 4}
-    assert {f: s["eval_every"] for f, s in made.items()} == {0.05: 40, 0.1: 20, 0.25: 8, 0.5: 8, 1.0: 8}
+    made = {f: schedule(args, f, args.warmup_epochs) for f in (0.05, 0.1, 0.3, 0.5, 1.0)}
+    assert {f: s["epochs"] for f, s in made.items()} == {0.05: 480, 0.1: 240, 0.3: 96, 0.5: 96, 1.0: 96}
+    assert {f: s["warmup_epochs"] for f, s in made.items()} == {0.05: 80, 0.1: 40, 0.3: 13, 0.5: 8, 1.0: 4}
+    assert {f: s["eval_every"] for f, s in made.items()} == {0.05: 40, 0.1: 20, 0.3: 8, 0.5: 8, 1.0: 8}
     run = run_settings(args, tmp_path / "run", seed=2, **made[0.05])
     half = twin(run, tmp_path / "run-half")
     assert (half["epochs"], half["eval_every"], half["output_dir"]) == (240, 20, str(tmp_path / "run-half"))

@@ -25,10 +25,12 @@ Outputs (in --out-dir):
                              model's longest run, and the recipe tried again at long lengths, one change at a
                              time (recipe_check.json), with each change's gain at each model's longest run
 
-With --recorded, a run that the JSON files of figures/06_check already record (its train.py
-command) is read from them rather than trained, and each run trained is added to
-figures/06_check/sittings.jsonl as it finishes: a lesson that takes a day is trained in sittings,
-on machines whose run folders do not last, and every sitting's runs are in the repository.
+Trained whole, the lesson takes about a day on 2 cores. So by default a run that the JSON files
+of figures/06_check record (its train.py command, trained on our AMD EPYC VM) is read from them
+rather than trained, and only the runs they lack are trained: with every run recorded, the
+lesson draws its tables in a minute. --retrain trains every run again, on your machine. With
+--recorded, each run trained is also added to figures/06_check/sittings.jsonl as it finishes: how
+we train a lesson that takes a day in sittings, on machines whose run folders do not last.
 
 Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep] [--fractions F ...]
 """
@@ -52,7 +54,7 @@ from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, RECORD_S
                                add_keep_finished, convergence_line, convergence_rule, recipe_line, run_all, run_record,
                                run_until_converged, setting_converged)
 
-FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0), (0.05, 0.1)
+FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.3, 0.5, 1.0), (0.05, 0.1)  # Table 2's fractions
 ABLATION_FRACTION = 0.1  # Table 3's last column
 SEEDS = (0, 1, 2)
 # The sweep that chose RECIPE's lr and warmup, for both models at SWEEP_FRACTIONS, seed 0.
@@ -63,7 +65,7 @@ QUICK_SWEEP = {"lr": (2e-3, 4e-3), "warmup_epochs": (1,)}  # --quick --sweep, at
 # The twin pairs trained longer than the recipe: the lesson's own runs (e*/06_sample_efficiency.json)
 # and train.py's, for lengths the lesson cannot set yet (ladder.json).
 CHECKS = FIGURES / "06_check"
-SITTINGS = CHECKS / "sittings.jsonl"  # --recorded: each run trained, added as it finishes
+SITTINGS = CHECKS / "sittings.jsonl"  # with --recorded, each run trained is added here as it finishes
 
 # --regularisers: DeiT's own (paper.md, "Training recipe") without RandAugment, for every run of both
 # tables. The paper trains both models with them; the recipe above leaves them out, and the recipe
@@ -106,7 +108,7 @@ def plot_table2(table2: dict, gains: dict, runs: list[tuple], seeds: list[int], 
     """table2[f][model]: top-1 over the seeds (mean drawn, bars min to max); gains[f]: each seed's
     gain (gains_of); runs: (plan entry, result) of every run, each with its twin's verdict."""
     fractions, paper_f = sorted(table2), sorted(PAPER_TABLE2)
-    ticks = ([0.05, 0.1, 0.25, 0.5, 1.0], ["5%", "10%", "25%", "50%", "100%"])
+    ticks = ([0.05, 0.1, 0.3, 0.5, 1.0], ["5%", "10%", "30%", "50%", "100%"])
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.6), layout="constrained")
     ours, paper, gain, twins = axes
     for name in MODELS:
@@ -476,10 +478,13 @@ def main(argv=None):
                                      "(runs longer than the recipe's) into --out-dir; takes no other flag but --out-dir")
     parser.add_argument("--regularisers", action="store_true",
                         help=f"every run of both tables also trains with DeiT's regularisers: {REGULARISER_FLAGS}")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train every run, reading none that figures/06_check records (by default each run "
+                             "recorded there, trained on our AMD VM, is read, and only the rest are trained)")
     parser.add_argument("--recorded", action="store_true",
-                        help="read each run that figures/06_check records (every earlier sitting's runs, on our "
-                             "AMD VM) instead of training it again; train only the runs it lacks, and add each to "
-                             f"{SITTINGS.relative_to(FIGURES.parent.parent)} as it finishes")
+                        help="add each run trained to "
+                             f"{SITTINGS.relative_to(FIGURES.parent.parent)} as it finishes, so that the next sitting, "
+                             "on any machine, reads it (how we train the lesson in sittings)")
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
@@ -487,8 +492,9 @@ def main(argv=None):
         return ladder(args)
     if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
         raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
-    if args.recorded and (args.quick or args.sweep):
-        raise ValueError("--recorded reads and keeps the recipe's runs of both tables: not with --quick or --sweep")
+    if args.recorded and (args.quick or args.sweep or args.retrain):
+        raise ValueError("--recorded keeps the recipe's runs of both tables beside the runs recorded already: "
+                         "not with --quick, --sweep or --retrain")
     if args.sweep and args.regularisers:
         raise ValueError("--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers")
     clock = Stopwatch("lesson 6")
@@ -508,8 +514,9 @@ def main(argv=None):
     recipe = recipe_line(args) + (f", with DeiT's regularisers ({REGULARISER_FLAGS})" if extra else "")
     print(f"{len(plan)} training runs and their twins (half as long), {args.workers} at a time: {recipe}")
     with run_folder(args) as run_root:
+        reading = not (args.quick or args.retrain)  # --quick's tiny model is never recorded
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
-                                      elsewhere=recorded_files() if args.recorded else (),
+                                      elsewhere=recorded_files() if reading else (),
                                       keep_in=SITTINGS if args.recorded else None)
 
     table2 = {f: {name: {} for name in MODELS} for f in fractions}  # top-1 by seed
@@ -548,9 +555,9 @@ def main(argv=None):
 
 
 def recorded_files() -> tuple[Path, ...]:
-    """The committed JSON files whose runs --recorded reads: the checks' (figures/06_check), all
-    trained on one machine. Not 06_sample_efficiency.json and 06_sweep.json: they were trained on
-    another CPU, where the same command gives other numbers (the lesson's page shows by how much)."""
+    """The committed JSON files whose runs the lesson reads unless --retrain: the checks' (figures/
+    06_check), all trained on one machine. Not 06_sample_efficiency.json and 06_sweep.json: they were
+    trained on another CPU, where the same command gives other numbers (the page shows by how much)."""
     return tuple(sorted(path for suffix in RECORD_SUFFIXES for path in CHECKS.rglob("*" + suffix)))
 
 
