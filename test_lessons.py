@@ -248,15 +248,40 @@ def test_a_run_recorded_in_a_committed_json_is_read_not_trained(tmp_path, monkey
         run_all(args, plan, tmp_path / "fourth", elsewhere=(tmp_path / "06_check.json", tmp_path / "other.json"))
 
 
+def test_lesson8_trains_again_for_its_weights_a_run_read_from_a_record(tmp_path, monkeypatch):
+    """A record keeps a run's top-1, not its weights, and lesson 8 tests each run with the position
+    embedding masked: a run with the embedding read from a record is trained again, to the top-1 the
+    record holds (one machine, deterministic), and then tested masked; a run without it is not."""
+    from lessons import _protocol
+    from lessons._command import parse, training_parser
+    from lessons._protocol import QUICK, RECIPE, run_all, run_record
+
+    args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
+    args.quick = False
+    monkeypatch.setattr(_protocol, "FLOOR_EPOCHS", 2)
+    plan = [("t", "DeiT", 0.1, 0, {"model": "deit_tiny"}), ("t", "DeiT", 0.1, 0, {"model": "deit_tiny", "no_pos_embed": True})]
+    first = run_all(args, plan, tmp_path / "first")
+    (tmp_path / "records.json").write_text(json.dumps({"runs": [run_record("t", "DeiT", 0.1, 0, r) for r in first]}))
+    shutil.rmtree(tmp_path / "first")
+    read = run_all(args, plan, tmp_path / "second", elsewhere=(tmp_path / "records.json",))
+    assert [r.get("reused") for r in read] == [True, True] and not (tmp_path / "second").exists()
+    module = lesson("08")
+    weighed = module.with_weights(args, plan, read, ())
+    assert [path.name for path in (tmp_path / "second").iterdir()] == [Path(read[0]["settings"]["output_dir"]).name]
+    assert (weighed[0]["val_top1"], weighed[1]) == (first[0]["val_top1"], read[1])
+    _evaluation, masked = module.masked_evaluation(weighed[0]["settings"])
+    assert 0 <= masked["val_top1"] <= 100
+
+
 def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_them():
     """--recorded's files agree with each other (recorded_runs refuses two top-1s for one run), and
     every run and twin of the ladder is found there by its command, with its recorded top-1."""
-    from lessons._protocol import defining_key, recorded_runs
+    from lessons._protocol import defining_key, recorded_files, recorded_runs
 
     module = lesson("06")
-    files = module.recorded_files()
+    files = recorded_files("06")
     assert module.CHECKS / "ladder.json" in files and module.CHECKS / "recipe_check.json" in files
-    assert not any(path.parent == module.FIGURES for path in files)  # the Intel VM's runs: another CPU
+    assert not any(path.parent == LESSONS / "figures" for path in files)  # the Intel VM's runs: another CPU
     recorded = recorded_runs(files)
     # The ladder holds the last pair of every Table 2 run of the lesson's own climb (figures/06_check/climb).
     climb = json.loads((module.CHECKS / "climb" / "06_sample_efficiency.json").read_text())["runs"]

@@ -367,11 +367,11 @@ BAD_INPUTS = [
     ("lesson 06", ["--quick", "--sweep", "--regularisers"],
      "--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers"),
     ("lesson 06", ["--quick", "--recorded"],  # a --quick run must not add its runs to the committed record
-     "--recorded keeps the recipe's runs of both tables beside the runs recorded already: not with --quick, "
-     "--sweep or --retrain"),
-    ("lesson 06", ["--retrain", "--recorded"],
-     "--recorded keeps the recipe's runs of both tables beside the runs recorded already: not with --quick, "
-     "--sweep or --retrain"),
+     "--recorded adds the runs trained here to those recorded already: not with --quick or --retrain"),
+    ("lesson 09", ["--retrain", "--recorded", "--quick"],
+     "--recorded adds the runs trained here to those recorded already: not with --quick or --retrain"),
+    ("lesson 06", ["--quick", "--sweep", "--recorded"],
+     "--recorded keeps the recipe's runs of both tables, not the sweep's: drop --recorded"),
 ]
 
 

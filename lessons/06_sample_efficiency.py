@@ -47,12 +47,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import cli  # noqa: E402
 import config  # noqa: E402
-from lessons._command import FIGURES, draw_only_flag, parse, run_folder, training_parser  # noqa: E402
+from lessons._command import draw_only_flag, parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
-from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, RECORD_SUFFIXES, add_climbing,  # noqa: E402
-                               add_keep_finished, convergence_line, convergence_rule, recipe_line, run_all, run_record,
-                               run_until_converged, setting_converged)
+from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_climbing, add_keep_finished,  # noqa: E402
+                               add_records, checks, convergence_line, convergence_rule, recipe_line, records_to_read,
+                               run_all, run_record, run_until_converged, setting_converged, sittings)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.3, 0.5, 1.0), (0.05, 0.1)  # Table 2's fractions
 ABLATION_FRACTION = 0.1  # Table 3's last column
@@ -64,8 +64,7 @@ QUICK_SWEEP = {"lr": (2e-3, 4e-3), "warmup_epochs": (1,)}  # --quick --sweep, at
 
 # The twin pairs trained longer than the recipe: the lesson's own runs (e*/06_sample_efficiency.json)
 # and train.py's, for lengths the lesson cannot set yet (ladder.json).
-CHECKS = FIGURES / "06_check"
-SITTINGS = CHECKS / "sittings.jsonl"  # with --recorded, each run trained is added here as it finishes
+CHECKS = checks("06")
 
 # --regularisers: DeiT's own (paper.md, "Training recipe") without RandAugment, for every run of both
 # tables. The paper trains both models with them; the recipe above leaves them out, and the recipe
@@ -478,13 +477,7 @@ def main(argv=None):
                                      "(runs longer than the recipe's) into --out-dir; takes no other flag but --out-dir")
     parser.add_argument("--regularisers", action="store_true",
                         help=f"every run of both tables also trains with DeiT's regularisers: {REGULARISER_FLAGS}")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train every run, reading none that figures/06_check records (by default each run "
-                             "recorded there, trained on our AMD VM, is read, and only the rest are trained)")
-    parser.add_argument("--recorded", action="store_true",
-                        help="add each run trained to "
-                             f"{SITTINGS.relative_to(FIGURES.parent.parent)} as it finishes, so that the next sitting, "
-                             "on any machine, reads it (how we train the lesson in sittings)")
+    add_records(parser, "06")
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
@@ -492,11 +485,11 @@ def main(argv=None):
         return ladder(args)
     if not all(0 < f <= 1 for f in args.fractions or [1]):  # NaN fails too
         raise ValueError(f"--fractions must each lie in (0, 1], got {' '.join(map(str, args.fractions))}")
-    if args.recorded and (args.quick or args.sweep or args.retrain):
-        raise ValueError("--recorded keeps the recipe's runs of both tables beside the runs recorded already: "
-                         "not with --quick, --sweep or --retrain")
+    if args.recorded and args.sweep:
+        raise ValueError("--recorded keeps the recipe's runs of both tables, not the sweep's: drop --recorded")
     if args.sweep and args.regularisers:
         raise ValueError("--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers")
+    records = records_to_read(args, "06")  # checked before anything is written
     clock = Stopwatch("lesson 6")
     if args.sweep:
         with run_folder(args) as run_root:
@@ -514,10 +507,8 @@ def main(argv=None):
     recipe = recipe_line(args) + (f", with DeiT's regularisers ({REGULARISER_FLAGS})" if extra else "")
     print(f"{len(plan)} training runs and their twins (half as long), {args.workers} at a time: {recipe}")
     with run_folder(args) as run_root:
-        reading = not (args.quick or args.retrain)  # --quick's tiny model is never recorded
-        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
-                                      elsewhere=recorded_files() if reading else (),
-                                      keep_in=SITTINGS if args.recorded else None)
+        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=records,
+                                      keep_in=sittings("06") if args.recorded else None)
 
     table2 = {f: {name: {} for name in MODELS} for f in fractions}  # top-1 by seed
     table3 = {row: [] for row in TABLE3}
@@ -552,13 +543,6 @@ def main(argv=None):
         paper={"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
                "table3": {row: {"full": row_.paper_full, "10%": row_.paper_tenth} for row, row_ in TABLE3.items()}})
     clock.done()
-
-
-def recorded_files() -> tuple[Path, ...]:
-    """The committed JSON files whose runs the lesson reads unless --retrain: the checks' (figures/
-    06_check), all trained on one machine. Not 06_sample_efficiency.json and 06_sweep.json: they were
-    trained on another CPU, where the same command gives other numbers (the page shows by how much)."""
-    return tuple(sorted(path for suffix in RECORD_SUFFIXES for path in CHECKS.rglob("*" + suffix)))
 
 
 def gains_of(by_model: dict) -> dict:

@@ -10,6 +10,11 @@ models (same width, heads and depth; 3 seeds; trained until they stop improving)
      embedding (train.py --eval-only --mask-pos-embed);
   2. train both again with no position embedding at all (train.py --no-pos-embed).
 
+Trained whole, the lesson takes hours, so by default each run that figures/08_check or
+figures/06_check records (its train.py command, trained on our AMD EPYC VM) is read rather than
+trained, as lesson 6 does, except where its weights are needed: a run tested masked is trained
+again unless lesson 6's run folder holds it. --retrain trains every run on your machine.
+
 Outputs (in --out-dir):
   08_position_embedding.png   top-1 of the four cases per model, ours beside the paper's Table 5
   08_position_embedding.json  every run's and every evaluation's train.py command and top-1
@@ -24,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+import checkpoints  # noqa: E402
 import cli  # noqa: E402
 import config  # noqa: E402
 import train  # noqa: E402
@@ -31,8 +37,9 @@ from lessons._command import parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._training import at_repository_root  # noqa: E402
-from lessons._protocol import (MODELS, QUICK, RECIPE, add_climbing, add_keep_finished, convergence_line,  # noqa: E402
-                               recipe_line, run_record, run_until_converged)
+from lessons._protocol import (MODELS, QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
+                               convergence_line, recipe_line, records_to_read, run_record, run_until_converged,
+                               sittings, train_or_read)
 
 SEEDS = (0, 1, 2)
 PAPER_TABLE5 = {"DeiT": ("DeiT-Ti", 72.2, 38.3), "ConViT": ("ConViT-Ti", 73.1, 67.1)}  # no mask, masked
@@ -51,6 +58,25 @@ def masked_evaluation(settings: dict) -> tuple[dict, dict]:
         cfg, _ = config.resolve(evaluation)
         result = train.run(cfg)
     return evaluation, {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
+
+
+def with_weights(args, plan: list[tuple], results: list[dict], folders: tuple[Path, ...]) -> list[dict]:
+    """`results`, each run to be tested masked with its weights in its folder. A record keeps no
+    weights, so a run read from one is found in `folders` or trained again, and its top-1 unmasked
+    becomes that of these weights (on the machine that made the record, the same)."""
+    def has_weights(settings: dict) -> bool:
+        with at_repository_root():  # a run's folder is relative to it
+            return (Path(settings["output_dir"]) / checkpoints.CHECKPOINT).is_file()
+
+    unweighed = [i for i, result in enumerate(results)
+                 if not (result["settings"].get("no_pos_embed") or has_weights(result["settings"]))]
+    weighed = train_or_read(args, [results[i]["settings"] for i in unweighed],
+                            [f"{plan[i][1]} seed {plan[i][3]}, for its weights" for i in unweighed],
+                            reuse=True, elsewhere=folders)
+    results = list(results)
+    for i, again in zip(unweighed, weighed):
+        results[i] = {**results[i], "val_top1": again["val_top1"], "val_top5": again["val_top5"]}
+    return results
 
 
 def plot(top1: dict, seeds: list[int], args, settings: str):
@@ -83,9 +109,11 @@ def plot(top1: dict, seeds: list[int], args, settings: str):
 def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
+    add_records(parser, "08", "06")
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
+    records = records_to_read(args, "06", "08")
     clock = Stopwatch("lesson 8")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     fraction = 0.1 if args.quick else 1.0
@@ -94,9 +122,11 @@ def main(argv=None):
     print(f"{len(plan)} training runs, {args.workers} at a time, then {len(plan) // 2} masked evaluations: "
           f"{recipe_line(args)}")
     with run_folder(args) as run_root:
-        # The runs with the position embedding are lesson 6's at f = 100%: read from its run folder if it holds them.
-        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
-                                      elsewhere=(Path(run_root).parent / "06",))
+        # The runs with the position embedding are lesson 6's at f = 100%: read from its run folder or its records.
+        lesson6 = Path(run_root).parent / "06"
+        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=(lesson6, *records),
+                                      keep_in=sittings("08") if args.recorded else None)
+        results = with_weights(args, plan, results, (lesson6,))
         masked = [None if result["settings"].get("no_pos_embed") else masked_evaluation(result["settings"])
                   for result in results]
 

@@ -4,9 +4,13 @@ The paper trains ConViT-S+ on the first 100 ImageNet classes with 0, 3, 6 or 9 G
 a locality strength alpha (Eq. 5) of 0.01, 0.1 or 1, and finds that top-1 rises with both:
 "the more convolutional, the better". Here the same grid at small scale: lesson 6's ConViT
 (4 blocks, of which 0, 2 or 3 are GPSA, the last always plain attention) on 10% of MNIST-10k,
-trained until it stops improving with lesson 6's recipe, 2 seeds per setting. With no GPSA
+trained until it stops improving with lesson 6's recipe, 3 seeds per setting. With no GPSA
 layer alpha means nothing, so that row is trained once per seed; 2 GPSA layers at alpha = 1 is
-lesson 6's ConViT, read from lesson 6's run folder when it holds those runs.
+lesson 6's ConViT, read from lesson 6's run folder or its records.
+
+Trained whole, the lesson takes hours, so by default each run that figures/09_check or
+figures/06_check records (its train.py command, trained on our AMD EPYC VM) is read rather than
+trained, as lesson 6 does; --retrain trains every run on your machine.
 
 Outputs (in --out-dir):
   09_more_locality.png   top-1 over (GPSA layers, alpha) as a heat map, and against the number of GPSA layers
@@ -26,13 +30,14 @@ import cli  # noqa: E402
 from lessons._command import parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
-from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, convergence_line,  # noqa: E402
-                               recipe_line, run_record, run_until_converged)
+from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
+                               convergence_line, recipe_line, records_to_read, run_record, run_until_converged,
+                               sittings)
 
 LAYERS = (0, 2, 3)  # GPSA blocks of the 4: none, lesson 6's ConViT (2), all but the last
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
 FRACTION = 0.1
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
 PAPER = ("Fig. 8 (ConViT-S+, first 100 ImageNet classes, 300 epochs): GPSA layers 0, 3, 6, 9 x alpha 0.01, 0.1, 1; "
          "top-1 from about 77 to 81, rising with both")
 
@@ -77,10 +82,12 @@ def plot(top1: dict, seeds: list[int], args, settings: str):
 
 def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
+    add_records(parser, "09", "06")
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
+    records = records_to_read(args, "06", "09")
     clock = Stopwatch("lesson 9")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     grid = settings_grid(args.quick)
@@ -88,9 +95,10 @@ def main(argv=None):
             for n, a in grid for seed in seeds]
     print(f"{len(plan)} training runs, {args.workers} at a time: {recipe_line(args)}, f = {FRACTION:.0%}")
     with run_folder(args) as run_root:
-        # 2 GPSA blocks at alpha 1 is lesson 6's ConViT at f = 10%: read from its run folder if it holds them.
+        # 2 GPSA blocks at alpha 1 is lesson 6's ConViT at f = 10%: read from its run folder or its records.
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
-                                      elsewhere=(Path(run_root).parent / "06",))
+                                      elsewhere=(Path(run_root).parent / "06", *records),
+                                      keep_in=sittings("09") if args.recorded else None)
     top1 = {setting: [] for setting in grid}
     records = []
     for (n, a), seed, result in zip([s for s in grid for _ in seeds], [s for _ in grid for s in seeds], results):

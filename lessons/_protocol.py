@@ -41,7 +41,7 @@ import checkpoints
 import cli
 import config
 import runs
-from lessons._command import LessonRecipe, repo_path, run_settings
+from lessons._command import FIGURES, LessonRecipe, repo_path, run_settings
 from lessons._report import hardware, mean
 from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, train_one
 
@@ -152,6 +152,46 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
 
 # The files a lesson records runs in: its JSON, and the JSON-lines file that keep_run adds to.
 RECORD_SUFFIXES = (".json", ".jsonl")
+
+
+def checks(lesson: str) -> Path:
+    """figures/NN_check: the committed runs of lesson NN, all trained on one machine (our 2-core AMD
+    EPYC VM). Not the lesson's own figures/NN_*.json: the older ones were trained on another CPU,
+    where the same command gives other numbers (lesson 6's page shows by how much)."""
+    return FIGURES / f"{lesson}_check"
+
+
+def sittings(lesson: str) -> Path:
+    """Where --recorded adds each run that lesson NN trains, as it finishes (`keep_run`)."""
+    return checks(lesson) / "sittings.jsonl"
+
+
+def recorded_files(*lessons: str) -> tuple[Path, ...]:
+    """Every file of these lessons' checks that records runs (`recorded_runs` reads them)."""
+    return tuple(sorted(path for lesson in lessons for suffix in RECORD_SUFFIXES
+                        for path in checks(lesson).rglob("*" + suffix)))
+
+
+def add_records(parser, lesson: str, *shared: str):
+    """--retrain and --recorded, for a lesson that would take many hours to train whole: by default
+    it reads each run that its checks, and those of the lessons it `shared` runs with, record, and
+    trains only the rest (`records_to_read`)."""
+    folders = " and ".join(repo_path(checks(name)) for name in (*shared, lesson))
+    parser.add_argument("--retrain", action="store_true",
+                        help=f"train every run, reading none that {folders} record (by default each run recorded "
+                             "there, trained on our AMD VM, is read, and only the rest are trained)")
+    parser.add_argument("--recorded", action="store_true",
+                        help=f"add each run trained to {repo_path(sittings(lesson))} as it finishes, so that the next "
+                             "sitting, on any machine, reads it (how we train a lesson of many hours in sittings)")
+
+
+def records_to_read(args, *lessons: str) -> tuple[Path, ...]:
+    """The files whose runs this invocation reads (`add_records`): none with --retrain, or with
+    --quick, whose tiny model is never recorded."""
+    if args.recorded and (args.quick or args.retrain):
+        raise ValueError("--recorded adds the runs trained here to those recorded already: not with --quick or "
+                         "--retrain")
+    return () if args.quick or args.retrain else recorded_files(*lessons)
 
 
 def recorded_runs(files: tuple[Path, ...]) -> dict[str, dict]:
