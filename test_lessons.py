@@ -170,7 +170,15 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
     assert shared["reused"] and shared["val_loss"] == convit["val_loss"]
     assert Path(convit["settings"]["output_dir"]).is_dir()
     other = {**convit["settings"], "local_up_to_layer": 2, "output_dir": str(tmp_path / "other2" / "run")}
+    reads = []
+    monkeypatch.setattr(_protocol.checkpoints, "read_checkpoint_file",
+                        lambda path, read=_protocol.checkpoints.read_checkpoint_file: reads.append(path) or read(path))
     assert reuse_finished_run(other, beside=False, elsewhere=(tmp_path,)) is None  # another model: not the same run
+    assert reuse_finished_run({**other, "seed": 1}, beside=False, elsewhere=(tmp_path,)) is None
+    assert reads == []  # every checkpoint there was read once already, when the runs above were looked for
+    run = Path(convit["settings"]["output_dir"]) / "checkpoint.pth"
+    os.utime(run, ns=(run.stat().st_atime_ns, run.stat().st_mtime_ns + 1))  # the file written again: read again
+    assert reuse_finished_run(other, beside=False, elsewhere=(tmp_path,)) is None and reads == [run]
 
 
 def test_keep_finished_continues_a_run_cut_short_to_the_uninterrupted_runs_weights(tmp_path, monkeypatch, capsys):

@@ -36,6 +36,7 @@ import shlex
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import checkpoints
 import cli
@@ -110,14 +111,31 @@ def defining_key(cfg: config.RunConfig) -> str:
     return json.dumps(what_defines(cfg), sort_keys=True)
 
 
-def run_in(path: Path) -> tuple[dict, dict | None]:
-    """The checkpoint file `path` and what defines the run it holds (`what_defines`); ({}, None)
-    if it is not a checkpoint of train.py."""
-    try:
-        checkpoint = checkpoints.read_checkpoint_file(path)
-        return checkpoint, what_defines(config.stored(checkpoint["args"]))
-    except (ValueError, KeyError, TypeError):
-        return {}, None
+class Held(NamedTuple):
+    """What a run folder's checkpoint holds: what defines its run (`what_defines`; None if the file
+    is not a checkpoint of train.py), the epoch it reached, and the model's parameter count."""
+
+    run: dict | None
+    epoch: int | None
+    parameters: int | None
+
+
+_HELD: dict[tuple, Held] = {}  # by path and version of the file
+
+
+def run_in(path: Path) -> Held:
+    """What the checkpoint file `path` holds, read once per version of the file: a lesson looks for
+    each of its runs among every folder of another lesson's, a hundred checkpoints for each run."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _HELD:
+        try:
+            checkpoint = checkpoints.read_checkpoint_file(path)
+            _HELD[key] = Held(what_defines(config.stored(checkpoint["args"])), checkpoint.get("epoch"),
+                              sum(t.numel() for t in checkpoint["model"].values()))
+        except (ValueError, KeyError, TypeError):
+            _HELD[key] = Held(None, None, None)
+    return _HELD[key]
 
 
 def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Path, ...] = ()) -> dict | None:
@@ -131,8 +149,8 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
         for candidate in [path for root in ((folder.parent,) if beside else ()) + tuple(elsewhere)
                           if root.is_dir()
                           for path in sorted(root.glob("*/" + checkpoints.CHECKPOINT))]:
-            checkpoint, done = run_in(candidate)
-            if done != wanted or checkpoint.get("epoch") != last_epoch(cfg):
+            held = run_in(candidate)
+            if held.run != wanted or held.epoch != last_epoch(cfg):
                 continue
             if candidate.parent != folder:
                 if folder.exists():
@@ -144,7 +162,7 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
             records = runs.read_metrics(folder)
             last = records[-1]
             return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],
-                    "parameters": sum(t.numel() for t in checkpoint["model"].values()),
+                    "parameters": held.parameters,
                     "seconds": None, "cpu_seconds": None,  # its metrics log the evaluated epochs only
                     "records": records, "reused": True, **convergence(records)}
     return None
@@ -264,8 +282,8 @@ def unfinished_run(settings: dict) -> str | None:
         path = Path(cfg.runtime.output_dir) / checkpoints.CHECKPOINT
         if not path.is_file():
             return None
-        checkpoint, done = run_in(path)
-        return str(path) if done == what_defines(cfg) and checkpoint.get("epoch", last_epoch(cfg)) < last_epoch(cfg) else None
+        held = run_in(path)
+        return str(path) if held.run == what_defines(cfg) and (last_epoch(cfg) if held.epoch is None else held.epoch) < last_epoch(cfg) else None
 
 
 def resume_if_cut_short(job: dict) -> dict:
