@@ -179,6 +179,7 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
     run = Path(convit["settings"]["output_dir"]) / "checkpoint.pth"
     os.utime(run, ns=(run.stat().st_atime_ns, run.stat().st_mtime_ns + 1))  # the file written again: read again
     assert reuse_finished_run(other, beside=False, elsewhere=(tmp_path,)) is None and reads == [run]
+    assert _protocol.run_in(tmp_path / "renamed-since" / "checkpoint.pth").run is None  # another lesson moved it
 
 
 def test_keep_finished_continues_a_run_cut_short_to_the_uninterrupted_runs_weights(tmp_path, monkeypatch, capsys):

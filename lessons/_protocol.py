@@ -126,7 +126,10 @@ _HELD: dict[tuple, Held] = {}  # by path and version of the file
 def run_in(path: Path) -> Held:
     """What the checkpoint file `path` holds, read once per version of the file: a lesson looks for
     each of its runs among every folder of another lesson's, a hundred checkpoints for each run."""
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:  # gone since its folder was listed: another lesson, at work, renamed it
+        return Held(None, None, None)
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _HELD:
         try:
