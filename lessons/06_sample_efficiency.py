@@ -51,8 +51,8 @@ from lessons._command import draw_only_flag, parse, run_folder, training_parser 
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._protocol import (CONVERGED_WITHIN, MODELS, QUICK, RECIPE, add_climbing, add_keep_finished,  # noqa: E402
-                               add_records, checks, convergence_line, convergence_rule, recipe_line, records_to_read,
-                               run_all, run_record, run_until_converged, setting_converged, sittings)
+                               add_records, checks, convergence_line, convergence_rule, recipe_line, records_to_keep,
+                               records_to_read, run_all, run_record, run_until_converged, setting_converged)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.3, 0.5, 1.0), (0.05, 0.1)  # Table 2's fractions
 ABLATION_FRACTION = 0.1  # Table 3's last column
@@ -489,7 +489,7 @@ def main(argv=None):
         raise ValueError("--recorded keeps the recipe's runs of both tables, not the sweep's: drop --recorded")
     if args.sweep and args.regularisers:
         raise ValueError("--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers")
-    records = records_to_read(args, "06")  # checked before anything is written
+    records = records_to_read(args)  # checked before anything is written
     clock = Stopwatch("lesson 6")
     if args.sweep:
         with run_folder(args) as run_root:
@@ -508,7 +508,7 @@ def main(argv=None):
     print(f"{len(plan)} training runs and their twins (half as long), {args.workers} at a time: {recipe}")
     with run_folder(args) as run_root:
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=records,
-                                      keep_in=sittings("06") if args.recorded else None)
+                                      keep_in=records_to_keep(args))
 
     table2 = {f: {name: {} for name in MODELS} for f in fractions}  # top-1 by seed
     table3 = {row: [] for row in TABLE3}

@@ -38,8 +38,8 @@ from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._training import at_repository_root  # noqa: E402
 from lessons._protocol import (MODELS, QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
-                               convergence_line, recipe_line, records_to_read, run_record, run_until_converged,
-                               sittings, train_or_read)
+                               convergence_line, recipe_line, records_to_keep, records_to_read, run_record,
+                               run_until_converged, train_or_read)
 
 SEEDS = (0, 1, 2)
 PAPER_TABLE5 = {"DeiT": ("DeiT-Ti", 72.2, 38.3), "ConViT": ("ConViT-Ti", 73.1, 67.1)}  # no mask, masked
@@ -113,7 +113,7 @@ def main(argv=None):
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
-    records = records_to_read(args, "06", "08")
+    records = records_to_read(args)
     clock = Stopwatch("lesson 8")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     fraction = 0.1 if args.quick else 1.0
@@ -125,7 +125,7 @@ def main(argv=None):
         # The runs with the position embedding are lesson 6's at f = 100%: read from its run folder or its records.
         lesson6 = Path(run_root).parent / "06"
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=(lesson6, *records),
-                                      keep_in=sittings("08") if args.recorded else None)
+                                      keep_in=records_to_keep(args))
         results = with_weights(args, plan, results, (lesson6,))
         masked = [None if result["settings"].get("no_pos_embed") else masked_evaluation(result["settings"])
                   for result in results]

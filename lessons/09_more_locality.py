@@ -31,8 +31,8 @@ from lessons._command import parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
-                               convergence_line, recipe_line, records_to_read, run_record, run_until_converged,
-                               sittings)
+                               convergence_line, recipe_line, records_to_keep, records_to_read, run_record,
+                               run_until_converged)
 
 LAYERS = (0, 2, 3)  # GPSA blocks of the 4: none, lesson 6's ConViT (2), all but the last
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
@@ -87,7 +87,7 @@ def main(argv=None):
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
-    records = records_to_read(args, "06", "09")
+    records = records_to_read(args)
     clock = Stopwatch("lesson 9")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     grid = settings_grid(args.quick)
@@ -98,7 +98,7 @@ def main(argv=None):
         # 2 GPSA blocks at alpha 1 is lesson 6's ConViT at f = 10%: read from its run folder or its records.
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
                                       elsewhere=(Path(run_root).parent / "06", *records),
-                                      keep_in=sittings("09") if args.recorded else None)
+                                      keep_in=records_to_keep(args))
     top1 = {setting: [] for setting in grid}
     records = []
     for (n, a), seed, result in zip([s for s in grid for _ in seeds], [s for _ in grid for s in seeds], results):

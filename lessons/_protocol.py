@@ -197,6 +197,7 @@ def add_records(parser, lesson: str, *shared: str):
     """--retrain and --recorded, for a lesson that would take many hours to train whole: by default
     it reads each run that its checks, and those of the lessons it `shared` runs with, record, and
     trains only the rest (`records_to_read`)."""
+    parser.set_defaults(read_checks=(*shared, lesson), own_check=lesson)
     folders = " and ".join(repo_path(checks(name)) for name in (*shared, lesson))
     parser.add_argument("--retrain", action="store_true",
                         help=f"train every run, reading none that {folders} record (by default each run recorded "
@@ -206,13 +207,18 @@ def add_records(parser, lesson: str, *shared: str):
                              "sitting, on any machine, reads it (how we train a lesson of many hours in sittings)")
 
 
-def records_to_read(args, *lessons: str) -> tuple[Path, ...]:
+def records_to_read(args) -> tuple[Path, ...]:
     """The files whose runs this invocation reads (`add_records`): none with --retrain, or with
     --quick, whose tiny model is never recorded."""
     if args.recorded and (args.quick or args.retrain):
         raise ValueError("--recorded adds the runs trained here to those recorded already: not with --quick or "
                          "--retrain")
-    return () if args.quick or args.retrain else recorded_files(*lessons)
+    return () if args.quick or args.retrain else recorded_files(*args.read_checks)
+
+
+def records_to_keep(args) -> Path | None:
+    """The file each run trained is added to: the lesson's sittings with --recorded, else none."""
+    return sittings(args.own_check) if args.recorded else None
 
 
 def recorded_runs(files: tuple[Path, ...]) -> dict[str, dict]:
