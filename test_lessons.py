@@ -264,6 +264,8 @@ def test_lesson8_trains_again_for_its_weights_a_run_read_from_a_record(tmp_path,
     from lessons import _protocol
     from lessons._command import parse, training_parser
     from lessons._protocol import QUICK, RECIPE, run_all, run_record
+    from lessons._training import at_repository_root
+    import train
 
     args = parse(training_parser("", "lessons/99_test.py", RECIPE, QUICK), ["--quick", "--run-dir", str(tmp_path), *DIGITS])
     args.quick = False
@@ -278,8 +280,12 @@ def test_lesson8_trains_again_for_its_weights_a_run_read_from_a_record(tmp_path,
     weighed = module.with_weights(args, plan, read, ())
     assert [path.name for path in (tmp_path / "second").iterdir()] == [Path(read[0]["settings"]["output_dir"]).name]
     assert (weighed[0]["val_top1"], weighed[1]) == (first[0]["val_top1"], read[1])
-    _evaluation, masked = module.masked_evaluation(weighed[0]["settings"])
-    assert 0 <= masked["val_top1"] <= 100
+    evaluation, _masked = module.masked_evaluation(weighed[0]["settings"])
+    assert evaluation["mask_pos_embed"] and evaluation["checkpoint"] == weighed[0]["settings"]["output_dir"]
+    # The weights tested masked are the recorded run's: tested unmasked, they give its top-1 exactly.
+    with at_repository_root():
+        unmasked = train.run(config.resolve({**evaluation, "mask_pos_embed": False})[0])
+    assert unmasked["val_top1"] == first[0]["val_top1"]
 
 
 def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_them():

@@ -489,7 +489,7 @@ def main(argv=None):
         raise ValueError("--recorded keeps the recipe's runs of both tables, not the sweep's: drop --recorded")
     if args.sweep and args.regularisers:
         raise ValueError("--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers")
-    records = records_to_read(args)  # checked before anything is written
+    recorded = records_to_read(args)  # checked before anything is written
     clock = Stopwatch("lesson 6")
     if args.sweep:
         with run_folder(args) as run_root:
@@ -507,7 +507,7 @@ def main(argv=None):
     recipe = recipe_line(args) + (f", with DeiT's regularisers ({REGULARISER_FLAGS})" if extra else "")
     print(f"{len(plan)} training runs and their twins (half as long), {args.workers} at a time: {recipe}")
     with run_folder(args) as run_root:
-        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=records,
+        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=recorded,
                                       keep_in=records_to_keep(args))
 
     table2 = {f: {name: {} for name in MODELS} for f in fractions}  # top-1 by seed

@@ -113,7 +113,7 @@ def main(argv=None):
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
-    records = records_to_read(args)
+    recorded = records_to_read(args)
     clock = Stopwatch("lesson 8")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     fraction = 0.1 if args.quick else 1.0
@@ -124,7 +124,7 @@ def main(argv=None):
     with run_folder(args) as run_root:
         # The runs with the position embedding are lesson 6's at f = 100%: read from its run folder or its records.
         lesson6 = Path(run_root).parent / "06"
-        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=(lesson6, *records),
+        results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=(lesson6, *recorded),
                                       keep_in=records_to_keep(args))
         results = with_weights(args, plan, results, (lesson6,))
         masked = [None if result["settings"].get("no_pos_embed") else masked_evaluation(result["settings"])

@@ -87,7 +87,7 @@ def main(argv=None):
     add_keep_finished(parser)
     add_climbing(parser)
     args = parse(parser, argv)
-    records = records_to_read(args)
+    recorded = records_to_read(args)
     clock = Stopwatch("lesson 9")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
     grid = settings_grid(args.quick)
@@ -97,7 +97,7 @@ def main(argv=None):
     with run_folder(args) as run_root:
         # 2 GPSA blocks at alpha 1 is lesson 6's ConViT at f = 10%: read from its run folder or its records.
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished,
-                                      elsewhere=(Path(run_root).parent / "06", *records),
+                                      elsewhere=(Path(run_root).parent / "06", *recorded),
                                       keep_in=records_to_keep(args))
     top1 = {setting: [] for setting in grid}
     records = []

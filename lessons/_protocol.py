@@ -292,7 +292,7 @@ def unfinished_run(settings: dict) -> str | None:
         if not path.is_file():
             return None
         held = run_in(path)
-        return str(path) if held.run == what_defines(cfg) and (last_epoch(cfg) if held.epoch is None else held.epoch) < last_epoch(cfg) else None
+        return str(path) if held.run == what_defines(cfg) and held.epoch is not None and held.epoch < last_epoch(cfg) else None
 
 
 def resume_if_cut_short(job: dict) -> dict:
