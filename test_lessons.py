@@ -169,6 +169,16 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
                         elsewhere=(tmp_path,))
     assert shared["reused"] and shared["val_loss"] == convit["val_loss"]
     assert Path(convit["settings"]["output_dir"]).is_dir()
+    # A folder renamed by the lesson at work there while it was being copied: no run, and no half copy.
+    def torn_copy(source, target):
+        Path(target).mkdir(parents=True)
+        raise shutil.Error([(str(source), str(target), "No such file or directory")])
+    copytree = shutil.copytree
+    monkeypatch.setattr(shutil, "copytree", torn_copy)
+    torn = {**convit["settings"], "output_dir": str(tmp_path / "other3" / "run")}
+    assert reuse_finished_run(torn, beside=False, elsewhere=(tmp_path,)) is None
+    assert not (tmp_path / "other3" / "run").exists()
+    monkeypatch.setattr(shutil, "copytree", copytree)
     other = {**convit["settings"], "local_up_to_layer": 2, "output_dir": str(tmp_path / "other2" / "run")}
     reads = []
     monkeypatch.setattr(_protocol.checkpoints, "read_checkpoint_file",

@@ -161,7 +161,11 @@ def reuse_finished_run(settings: dict, beside: bool = True, elsewhere: tuple[Pat
                 if candidate.parent.parent == folder.parent:
                     candidate.parent.rename(folder)
                 else:
-                    shutil.copytree(candidate.parent, folder)
+                    try:
+                        shutil.copytree(candidate.parent, folder)
+                    except (FileNotFoundError, shutil.Error):  # the lesson at work there renamed it mid-copy
+                        shutil.rmtree(folder, ignore_errors=True)
+                        continue
             records = runs.read_metrics(folder)
             last = records[-1]
             return {"val_top1": last["val_top1"], "val_top5": last["val_top5"], "val_loss": last["val_loss"],
