@@ -173,12 +173,11 @@ def test_a_grown_sweep_reads_its_finished_runs_instead_of_training_them_again(tm
     def torn_copy(source, target):
         Path(target).mkdir(parents=True)
         raise shutil.Error([(str(source), str(target), "No such file or directory")])
-    copytree = shutil.copytree
-    monkeypatch.setattr(shutil, "copytree", torn_copy)
     torn = {**convit["settings"], "output_dir": str(tmp_path / "other3" / "run")}
-    assert reuse_finished_run(torn, beside=False, elsewhere=(tmp_path,)) is None
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "copytree", torn_copy)
+        assert reuse_finished_run(torn, beside=False, elsewhere=(tmp_path,)) is None
     assert not (tmp_path / "other3" / "run").exists()
-    monkeypatch.setattr(shutil, "copytree", copytree)
     other = {**convit["settings"], "local_up_to_layer": 2, "output_dir": str(tmp_path / "other2" / "run")}
     reads = []
     monkeypatch.setattr(_protocol.checkpoints, "read_checkpoint_file",
