@@ -337,6 +337,17 @@ def test_lesson6_by_default_reads_the_recorded_runs_and_trains_only_what_they_la
     assert [run["read_from"].startswith("lessons/figures/06_check/") for run in summary["runs"]] == [True] * 12
     assert summary["table2_mean_top1"] == climb["table2_mean_top1"], capsys.readouterr().out
     assert summary["gain_per_seed"] == climb["gain_per_seed"]
+    # The check on the rule: ConViT one doubling past where it passed (960 epochs at 5%, 96 at 100%),
+    # its twin the run the rule stopped at, and its gain against DeiT at DeiT's own length.
+    past = summary["convit_one_rung_past"]
+    assert {f: at["epochs"] for f, at in past.items()} == {"0.05": 1920, "1": 192}
+    for f, at in past.items():
+        rule = {run["seed"]: run for run in summary["runs"] if run["fraction"] == float(f) and run["table"] == "table2"
+                and run["name"] == "ConViT"}
+        deit = {run["seed"]: run["top1"] for run in summary["runs"] if run["fraction"] == float(f)
+                and run["name"] == "DeiT"}
+        assert at["adds"] == {str(s): round(at["top1"][str(s)] - rule[s]["top1"], 2) for s in (0, 1, 2)}
+        assert at["gain"]["relative"] == [round(100 * (at["top1"][str(s)] / deit[s] - 1), 2) for s in (0, 1, 2)]
     assert committed_figures() == before and checkout_status() == checkout
     with pytest.raises(RuntimeError, match="trained 24 runs"):  # 12 runs and their twins
         module.main([*flags, "--retrain"])
