@@ -448,6 +448,20 @@ def test_a_setting_is_judged_on_the_mean_of_its_seeds(tmp_path, monkeypatch, add
     assert [r["settings"]["epochs"] for r in results] == [8 if climbs else 4] * 3 + [8]
 
 
+def test_lesson6_table3_by_length_keeps_every_rung_and_the_first_twin():
+    """Table 3 at every length: Table 2's ConViT and DeiT are rows a and e, the first twin's top-1
+    is its run's less what the second half added, and other fractions are left out."""
+    module = lesson("06")
+    plan = [("table2", "ConViT", 0.1, 0, {}), ("table3", "g", 0.1, 0, {}), ("table2", "DeiT", 0.05, 0, {})]
+
+    def result(*rungs):
+        return {"rungs": [{"epochs": e, "top1": top1, "second_half_adds": adds} for e, top1, adds in rungs]}
+
+    results = [result((240, 94.9, 1.0)), result((240, 91.0, 8.0), (480, 93.0, 2.0)), result((480, 90.0, 1.0))]
+    assert module.lengths_of(plan, results, 0.1) == {"a": {120: [93.9], 240: [94.9]},
+                                                     "g": {120: [83.0], 240: [91.0], 480: [93.0]}}
+
+
 @pytest.mark.parametrize("at_full, answer", [((1.0, 0.5, 1.2), "yes"), ((3.6, 4.0, 5.0), "no, it grows"),
                                             ((2.0, 3.0, 4.0), "not beyond the seeds' spread")])
 def test_lesson6_says_the_gain_shrinks_only_when_the_seeds_ranges_part(at_full, answer):

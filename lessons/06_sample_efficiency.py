@@ -18,7 +18,8 @@ The recipe was chosen by a sweep of lr and warmup for both models at f = 100% an
 Outputs (in --out-dir):
   06_sample_efficiency.png   top-1 against f, ours beside the paper's Table 2, the relative gain,
                              and what the second half of every run added (its convergence)
-  06_ablations.png           Table 3 rows a-g at f = 10%, ours beside the paper's 10% column
+  06_ablations.png           Table 3 rows a-g at f = 10%, ours beside the paper's 10% column, and
+                             each row's top-1 at every length it trained (table3_by_length in the JSON)
   06_sample_efficiency.json  every run's and its twin's train.py command and top-1, its verdict, ConViT one
                              doubling past the rule (convit_one_rung_past), and the paper's numbers
   with --sweep instead:      06_sweep.png and 06_sweep.json (the lr x warmup sweep that chose the recipe)
@@ -153,14 +154,16 @@ def plot_table2(table2: dict, gains: dict, runs: list[tuple], seeds: list[int], 
     save_figure(fig, args.out_dir, "06_sample_efficiency.png", settings, args.device)
 
 
-def plot_table3(table3: dict, seeds: list[int], args, settings: str):
+def plot_table3(table3: dict, lengths: dict, seeds: list[int], args, settings: str):
+    """Left: each row's top-1 where its setting converged, beside the paper's 10% column. Right:
+    each row's mean top-1 at every length it trained (lengths_of), its converged length ringed."""
     rows = [row for row in TABLE3 if table3.get(row)]
-    fig, ax = plt.subplots(figsize=(12, 4.5), layout="constrained")
+    fig, (ax, climb) = plt.subplots(1, 2, figsize=(20, 4.8), layout="constrained", width_ratios=(3, 2))
     x = list(range(len(rows)))
     means = [mean(table3[r]) for r in rows]
     spread = [[m - min(table3[r]) for r, m in zip(rows, means)], [max(table3[r]) - m for r, m in zip(rows, means)]]
     ours = ax.bar([i - 0.2 for i in x], means, 0.4, yerr=spread, capsize=3, color="tab:red",
-                  label=f"ours: {args.dataset}, {ABLATION_FRACTION:.0%} of the data"
+                  label=f"ours: {args.dataset}, {ABLATION_FRACTION:.0%} of the data, trained until it stops improving"
                         + (f", mean of {len(seeds)} seeds (bars: min to max)" if len(seeds) > 1 else ""))
     paper = ax.bar([i + 0.2 for i in x], [TABLE3[r].paper_tenth for r in rows], 0.4, color="0.6",
                    label="paper: ConViT-S+, 10% of ImageNet")
@@ -169,7 +172,55 @@ def plot_table3(table3: dict, seeds: list[int], args, settings: str):
     ax.set_xticks(x, [f"{r}: {TABLE3[r].what}" for r in rows], fontsize=8)
     ax.set(ylabel="top-1 (%)", ylim=(0, 105), title="Table 3: which ingredient matters when data is scarce")
     ax.legend(loc="lower left", fontsize=8)
+    low, ticks = 100.0, sorted({e for by_epochs in lengths.values() for e in by_epochs})
+    for i, row in enumerate(rows):
+        by_epochs = lengths.get(row, {})
+        if not by_epochs:
+            continue
+        epochs = sorted(by_epochs)
+        curve = [mean(by_epochs[e]) for e in epochs]
+        low = min(low, *curve)
+        climb.plot(epochs, curve, "o-", color=plt.cm.tab10(i), label=f"{row}: {TABLE3[row].what}")
+        climb.plot(epochs[-1], curve[-1], "o", ms=12, mfc="none", color=plt.cm.tab10(i))
+    climb.set(xscale="log", xlabel=f"epochs at f = {ABLATION_FRACTION:.0%} (each a doubling; the first, the twin)",
+              ylabel="top-1 (%), mean of the seeds", ylim=(max(0, 5 * int(low / 5) - 5), 100),
+              title="every row at each length it trained (ringed: where it converged)")
+    climb.set_xticks(ticks, [f"{e:,}" for e in ticks])
+    climb.minorticks_off()
+    climb.legend(fontsize=8, loc="lower right")
     save_figure(fig, args.out_dir, "06_ablations.png", settings, args.device)
+
+
+def lengths_of(plan: list[tuple], results: list[dict], fraction: float) -> dict:
+    """lengths[row or model][epochs]: the top-1 of each seed at every length its setting trained
+    at `fraction`, the first twin included (a rung's top-1 less what its second half added)."""
+    lengths = {}
+    for (table, name, f, _seed, _), result in zip(plan, results):
+        if f != fraction:
+            continue
+        row = next((r for r, model in SHARED_ROWS.items() if model == name), name) if table == "table2" else name
+        first = result["rungs"][0]
+        points = [(first["epochs"] // 2, first["top1"] - first["second_half_adds"])]
+        for rung in result["rungs"]:
+            points.append((rung["epochs"], rung["top1"]))
+        for epochs, top1 in points:
+            lengths.setdefault(row, {}).setdefault(epochs, []).append(round(top1, 2))
+    return lengths
+
+
+def print_lengths(lengths: dict):
+    """Table 3 at every length: where two rows both trained, the paper's fixed budget compares them."""
+    if not lengths:
+        return
+    epochs = sorted({e for by_epochs in lengths.values() for e in by_epochs})
+    print(f"\nTable 3 at every length its rows trained (f = {ABLATION_FRACTION:.0%}; mean top-1 of the seeds; "
+          "a row stops where it converged):")
+    print("| row | " + " | ".join(f"{e} epochs" for e in epochs) + " |")
+    print("|---|" + "---|" * len(epochs))
+    for row in TABLE3:
+        if row in lengths:
+            print(f"| {row}: {TABLE3[row].what} | "
+                  + " | ".join(f"{mean(lengths[row][e]):.2f}" if e in lengths[row] else "-" for e in epochs) + " |")
 
 
 def print_tables(table2: dict, gains: dict, table3: dict):
@@ -512,17 +563,24 @@ def main(argv=None):
     with run_folder(args) as run_root:
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=recorded,
                                       keep_in=records_to_keep(args))
-        table2, table3 = tables_of(plan, results, fractions)
-        past = one_rung_past(args, plan, results, run_root, recorded, table2)
-    gains = {f: gains_of(table2[f]) for f in fractions}
+        past = one_rung_past(args, plan, results, run_root, recorded, tables_of(plan, results, fractions)[0])
+    report(args, argv, clock, plan, results, past, recipe, seeds, fractions)
 
+
+def report(args, argv, clock: Stopwatch, plan: list[tuple], results: list[dict], past: dict, recipe: str,
+           seeds: list[int], fractions: list[float]):
+    """Both tables printed and drawn, every run's verdict, the answer, and the JSON summary."""
+    table2, table3 = tables_of(plan, results, fractions)
+    gains = {f: gains_of(table2[f]) for f in fractions}
     what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
     settings = f"{recipe}, {what}"
     top1 = {f: {name: list(by_seed.values()) for name, by_seed in runs_f.items()} for f, runs_f in table2.items()}
     plot_table2(top1, gains, list(zip(plan, results)), seeds, args, settings)
-    if ABLATION_FRACTION in fractions:
-        plot_table3(table3, seeds, args, settings)
-    print_tables(top1, gains, table3 if ABLATION_FRACTION in fractions else {})
+    lengths = lengths_of(plan, results, ABLATION_FRACTION) if ABLATION_FRACTION in fractions else {}
+    if lengths:
+        plot_table3(table3, lengths, seeds, args, settings)
+    print_tables(top1, gains, table3 if lengths else {})
+    print_lengths(lengths)
     print_past(past, gains)
     print_convergence(plan, results)
     answer = does_the_gain_shrink(gains)
@@ -536,6 +594,7 @@ def main(argv=None):
         gain_per_seed={f"{f:g}": g for f, g in gains.items()}, does_the_gain_shrink=answer,
         convit_one_rung_past={f"{f:g}": at for f, at in past.items()},
         table3_mean_top1={row: mean(v) for row, v in table3.items() if v},
+        table3_by_length={row: {e: mean(v) for e, v in sorted(by.items())} for row, by in lengths.items()},
         paper={"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
                "table3": {row: {"full": row_.paper_full, "10%": row_.paper_tenth} for row, row_ in TABLE3.items()}})
     clock.done()
