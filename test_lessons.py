@@ -348,6 +348,11 @@ def test_lesson6_by_default_reads_the_recorded_runs_and_trains_only_what_they_la
                 and run["name"] == "DeiT"}
         assert at["adds"] == {str(s): round(at["top1"][str(s)] - rule[s]["top1"], 2) for s in (0, 1, 2)}
         assert at["gain"]["relative"] == [round(100 * (at["top1"][str(s)] / deit[s] - 1), 2) for s in (0, 1, 2)]
+    # Table 2 at every length both trained: each climb's first twin up to ConViT's check.
+    by_length = summary["table2_by_length"]
+    assert {f: list(by) for f, by in by_length.items()} == {"0.05": ["240", "480", "960", "1920"],
+                                                           "1": ["48", "96", "192"]}
+    assert list(by_length["0.05"]["1920"]["ConViT"].values()) == list(past["0.05"]["top1"].values())
     assert committed_figures() == before and checkout_status() == checkout
     with pytest.raises(RuntimeError, match="trained 24 runs"):  # 12 runs and their twins
         module.main([*flags, "--retrain"])

@@ -21,7 +21,8 @@ Outputs (in --out-dir):
   06_ablations.png           Table 3 rows a-g at f = 10%, ours beside the paper's 10% column, and
                              each row's top-1 at every length it trained (table3_by_length in the JSON)
   06_sample_efficiency.json  every run's and its twin's train.py command and top-1, its verdict, ConViT one
-                             doubling past the rule (convit_one_rung_past), and the paper's numbers
+                             doubling past the rule (convit_one_rung_past), both models at every length
+                             both trained (table2_by_length), and the paper's numbers
   with --sweep instead:      06_sweep.png and 06_sweep.json (the lr x warmup sweep that chose the recipe)
   with --ladder instead:     06_ladder.png (a row for the recipe, a row for each change that both models
                              ran with twins), training nothing: every twin pair recorded in figures/06_check
@@ -191,14 +192,16 @@ def plot_table3(table3: dict, lengths: dict, seeds: list[int], args, settings: s
     save_figure(fig, args.out_dir, "06_ablations.png", settings, args.device)
 
 
-def lengths_of(plan: list[tuple], results: list[dict], fraction: float) -> dict:
-    """lengths[row or model][epochs]: the top-1 of each seed at every length its setting trained
-    at `fraction`, the first twin included (a rung's top-1 less what its second half added)."""
+def lengths_of(plan: list[tuple], results: list[dict], fraction: float, rows: bool = True) -> dict:
+    """lengths[row][epochs]: the top-1 of each seed, in the plan's order of seeds, at every length
+    its setting trained at `fraction`, the first twin included (a rung's top-1 less what its second
+    half added). Rows are Table 3's (Table 2's ConViT and DeiT being a and e); rows=False: Table 2's
+    models alone, by name."""
     lengths = {}
     for (table, name, f, _seed, _), result in zip(plan, results):
-        if f != fraction:
+        if f != fraction or (table != "table2" and not rows):
             continue
-        row = next((r for r, model in SHARED_ROWS.items() if model == name), name) if table == "table2" else name
+        row = next((r for r, model in SHARED_ROWS.items() if model == name), name) if table == "table2" and rows else name
         first = result["rungs"][0]
         points = [(first["epochs"] // 2, first["top1"] - first["second_half_adds"])]
         for rung in result["rungs"]:
@@ -206,6 +209,31 @@ def lengths_of(plan: list[tuple], results: list[dict], fraction: float) -> dict:
         for epochs, top1 in points:
             lengths.setdefault(row, {}).setdefault(epochs, []).append(round(top1, 2))
     return lengths
+
+
+def table2_by_length(plan: list[tuple], results: list[dict], fractions: list[float], past: dict) -> dict:
+    """by[f][epochs]: both models' top-1 by seed and ConViT's gain (gains_of) at each length both
+    trained, ConViT's check one doubling past its rule (one_rung_past) included: the paper's
+    equal-steps comparison, at every length of the climb."""
+    by = {}
+    for f in fractions:
+        lengths = lengths_of(plan, results, f, rows=False)
+        if f in past:
+            lengths["ConViT"][past[f]["epochs"]] = list(past[f]["top1"].values())
+        for epochs in sorted(set(lengths.get("ConViT", {})) & set(lengths.get("DeiT", {}))):
+            top1 = {name: dict(enumerate(lengths[name][epochs])) for name in MODELS}
+            by.setdefault(f, {})[epochs] = {**top1, "gain": gains_of(top1)}
+    return by
+
+
+def print_table2_by_length(by: dict):
+    print("\nTable 2 at every length both models trained (the paper compares at one, its equal steps):")
+    print("| f | epochs | DeiT | ConViT | gain vs DeiT |")
+    print("|---|---|---|---|---|")
+    for f, by_epochs in sorted(by.items()):
+        for epochs, at in by_epochs.items():
+            print(f"| {f:.0%} | {epochs} | {cell(list(at['DeiT'].values()), 2)} | {cell(list(at['ConViT'].values()), 2)} | "
+                  f"{cell(at['gain']['relative'], 2)}% |")
 
 
 def print_lengths(lengths: dict):
@@ -581,6 +609,8 @@ def report(args, argv, clock: Stopwatch, plan: list[tuple], results: list[dict],
         plot_table3(table3, lengths, seeds, args, settings)
     print_tables(top1, gains, table3 if lengths else {})
     print_lengths(lengths)
+    by_length = table2_by_length(plan, results, fractions, past)
+    print_table2_by_length(by_length)
     print_past(past, gains)
     print_convergence(plan, results)
     answer = does_the_gain_shrink(gains)
@@ -593,6 +623,7 @@ def report(args, argv, clock: Stopwatch, plan: list[tuple], results: list[dict],
         table2_mean_top1={f"{f:g}": {name: mean(v) for name, v in runs_f.items()} for f, runs_f in top1.items()},
         gain_per_seed={f"{f:g}": g for f, g in gains.items()}, does_the_gain_shrink=answer,
         convit_one_rung_past={f"{f:g}": at for f, at in past.items()},
+        table2_by_length={f"{f:g}": by_epochs for f, by_epochs in by_length.items()},
         table3_mean_top1={row: mean(v) for row, v in table3.items() if v},
         table3_by_length={row: {e: mean(v) for e, v in sorted(by.items())} for row, by in lengths.items()},
         paper={"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
