@@ -463,8 +463,8 @@ def test_lesson6_table3_by_length_keeps_every_rung_and_the_first_twin():
         return {"rungs": [{"epochs": e, "top1": top1, "second_half_adds": adds} for e, top1, adds in rungs]}
 
     results = [result((240, 94.9, 1.0)), result((240, 91.0, 8.0), (480, 93.0, 2.0)), result((480, 90.0, 1.0))]
-    assert module.lengths_of(plan, results, 0.1) == {"a": {120: [93.9], 240: [94.9]},
-                                                     "g": {120: [83.0], 240: [91.0], 480: [93.0]}}
+    assert module.lengths_of(plan, results, 0.1) == {"a": {120: {0: 93.9}, 240: {0: 94.9}},
+                                                     "g": {120: {0: 83.0}, 240: {0: 91.0}, 480: {0: 93.0}}}
 
 
 @pytest.mark.parametrize("at_full, answer", [((1.0, 0.5, 1.2), "yes"), ((3.6, 4.0, 5.0), "no, it grows"),

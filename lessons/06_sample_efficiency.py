@@ -179,7 +179,7 @@ def plot_table3(table3: dict, lengths: dict, seeds: list[int], args, settings: s
         if not by_epochs:
             continue
         epochs = sorted(by_epochs)
-        curve = [mean(by_epochs[e]) for e in epochs]
+        curve = [mean(by_epochs[e].values()) for e in epochs]
         low = min(low, *curve)
         climb.plot(epochs, curve, "o-", color=plt.cm.tab10(i), label=f"{row}: {TABLE3[row].what}")
         climb.plot(epochs[-1], curve[-1], "o", ms=12, mfc="none", color=plt.cm.tab10(i))
@@ -193,12 +193,11 @@ def plot_table3(table3: dict, lengths: dict, seeds: list[int], args, settings: s
 
 
 def lengths_of(plan: list[tuple], results: list[dict], fraction: float, rows: bool = True) -> dict:
-    """lengths[row][epochs]: the top-1 of each seed, in the plan's order of seeds, at every length
-    its setting trained at `fraction`, the first twin included (a rung's top-1 less what its second
-    half added). Rows are Table 3's (Table 2's ConViT and DeiT being a and e); rows=False: Table 2's
-    models alone, by name."""
+    """lengths[row][epochs][seed]: each seed's top-1 at every length its setting trained at
+    `fraction`, the first twin included (a rung's top-1 less what its second half added). Rows are
+    Table 3's (Table 2's ConViT and DeiT being a and e); rows=False: Table 2's models alone, by name."""
     lengths = {}
-    for (table, name, f, _seed, _), result in zip(plan, results):
+    for (table, name, f, seed, _), result in zip(plan, results):
         if f != fraction or (table != "table2" and not rows):
             continue
         row = next((r for r, model in SHARED_ROWS.items() if model == name), name) if table == "table2" and rows else name
@@ -207,7 +206,7 @@ def lengths_of(plan: list[tuple], results: list[dict], fraction: float, rows: bo
         for rung in result["rungs"]:
             points.append((rung["epochs"], rung["top1"]))
         for epochs, top1 in points:
-            lengths.setdefault(row, {}).setdefault(epochs, []).append(round(top1, 2))
+            lengths.setdefault(row, {}).setdefault(epochs, {})[seed] = round(top1, 2)
     return lengths
 
 
@@ -219,9 +218,9 @@ def table2_by_length(plan: list[tuple], results: list[dict], fractions: list[flo
     for f in fractions:
         lengths = lengths_of(plan, results, f, rows=False)
         if f in past:
-            lengths["ConViT"][past[f]["epochs"]] = list(past[f]["top1"].values())
+            lengths["ConViT"][past[f]["epochs"]] = past[f]["top1"]
         for epochs in sorted(set(lengths.get("ConViT", {})) & set(lengths.get("DeiT", {}))):
-            top1 = {name: dict(enumerate(lengths[name][epochs])) for name in MODELS}
+            top1 = {name: lengths[name][epochs] for name in MODELS}
             by.setdefault(f, {})[epochs] = {**top1, "gain": gains_of(top1)}
     return by
 
@@ -248,7 +247,8 @@ def print_lengths(lengths: dict):
     for row in TABLE3:
         if row in lengths:
             print(f"| {row}: {TABLE3[row].what} | "
-                  + " | ".join(f"{mean(lengths[row][e]):.2f}" if e in lengths[row] else "-" for e in epochs) + " |")
+                  + " | ".join(f"{mean(lengths[row][e].values()):.2f}" if e in lengths[row] else "-" for e in epochs)
+                  + " |")
 
 
 def print_tables(table2: dict, gains: dict, table3: dict):
@@ -591,14 +591,15 @@ def main(argv=None):
     with run_folder(args) as run_root:
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=recorded,
                                       keep_in=records_to_keep(args))
-        past = one_rung_past(args, plan, results, run_root, recorded, tables_of(plan, results, fractions)[0])
-    report(args, argv, clock, plan, results, past, recipe, seeds, fractions)
+        table2, table3 = tables_of(plan, results, fractions)
+        past = one_rung_past(args, plan, results, run_root, recorded, table2)
+    report(args, argv, clock, plan, results, (table2, table3), past, recipe, seeds, fractions)
 
 
-def report(args, argv, clock: Stopwatch, plan: list[tuple], results: list[dict], past: dict, recipe: str,
-           seeds: list[int], fractions: list[float]):
-    """Both tables printed and drawn, every run's verdict, the answer, and the JSON summary."""
-    table2, table3 = tables_of(plan, results, fractions)
+def report(args, argv, clock: Stopwatch, plan: list[tuple], results: list[dict], tables: tuple[dict, dict],
+           past: dict, recipe: str, seeds: list[int], fractions: list[float]):
+    """Both tables (tables_of) printed and drawn, every run's verdict, the answer, and the JSON summary."""
+    table2, table3 = tables
     gains = {f: gains_of(table2[f]) for f in fractions}
     what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
     settings = f"{recipe}, {what}"
@@ -625,7 +626,7 @@ def report(args, argv, clock: Stopwatch, plan: list[tuple], results: list[dict],
         convit_one_rung_past={f"{f:g}": at for f, at in past.items()},
         table2_by_length={f"{f:g}": by_epochs for f, by_epochs in by_length.items()},
         table3_mean_top1={row: mean(v) for row, v in table3.items() if v},
-        table3_by_length={row: {e: mean(v) for e, v in sorted(by.items())} for row, by in lengths.items()},
+        table3_by_length={row: {e: mean(v.values()) for e, v in sorted(by.items())} for row, by in lengths.items()},
         paper={"table2": {f"{f:g}": {"DeiT-S": d, "ConViT-S": c} for f, (d, c) in PAPER_TABLE2.items()},
                "table3": {row: {"full": row_.paper_full, "10%": row_.paper_tenth} for row, row_ in TABLE3.items()}})
     clock.done()
