@@ -11,7 +11,7 @@ models (same width, heads and depth; 3 seeds; trained until they stop improving)
   2. train both again with no position embedding at all (train.py --no-pos-embed).
 
 Trained whole, the lesson takes hours, so by default each run that figures/08_check or
-figures/06_check records (its train.py command, trained on our AMD EPYC VM) is read rather than
+figures/06_check records (its train.py command, trained on our AMD EPYC or Intel Xeon VM) is read rather than
 trained, as lesson 6 does, except where its weights are needed: a run tested masked is trained
 again unless lesson 6's run folder holds it. --retrain trains every run on your machine.
 

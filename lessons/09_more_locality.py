@@ -9,7 +9,7 @@ layer alpha means nothing, so that row is trained once per seed; 2 GPSA layers a
 lesson 6's ConViT, read from lesson 6's run folder or its records.
 
 Trained whole, the lesson takes hours, so by default each run that figures/09_check or
-figures/06_check records (its train.py command, trained on our AMD EPYC VM) is read rather than
+figures/06_check records (its train.py command, trained on our AMD EPYC or Intel Xeon VM) is read rather than
 trained, as lesson 6 does; --retrain trains every run on your machine.
 
 Outputs (in --out-dir):
@@ -32,7 +32,7 @@ from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
 from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
                                convergence_line, recipe_line, records_to_keep, records_to_read, run_record,
-                               run_until_converged)
+                               run_until_converged, top1_by_length)
 
 LAYERS = (0, 2, 3)  # GPSA blocks of the 4: none, lesson 6's ConViT (2), all but the last
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
@@ -80,6 +80,22 @@ def plot(top1: dict, seeds: list[int], args, settings: str):
     save_figure(fig, args.out_dir, "09_more_locality.png", settings, args.device)
 
 
+def print_by_length(plan: list[tuple], results: list[dict]) -> dict:
+    """Each setting's top-1 at every length it trained (lengths[setting][epochs][seed]), printed as
+    means: the paper's Fig. 8 is at one fixed budget, and a setting that converges sooner leads there."""
+    lengths = {}
+    for (_, name, _, seed, _), result in zip(plan, results):
+        for epochs, top1 in top1_by_length(result).items():
+            lengths.setdefault(name, {}).setdefault(epochs, {})[seed] = top1
+    epochs = sorted({e for by in lengths.values() for e in by})
+    print("\nEvery setting at each length it trained (mean top-1 of the seeds; each stops where it converged):")
+    print("| setting | " + " | ".join(f"{e:,} epochs" for e in epochs) + " |")
+    print("|---|" + "---|" * len(epochs))
+    for name, by in lengths.items():
+        print(f"| {name} | " + " | ".join(f"{mean(by[e].values()):.2f}" if e in by else "-" for e in epochs) + " |")
+    return lengths
+
+
 def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
@@ -114,10 +130,12 @@ def main(argv=None):
     print("|---|" + "---|" * len(strengths))
     for n in sorted({n for n, _ in grid}):
         print(f"| {n} | " + " | ".join(cell(top1[n, a] if n else top1[0, 1.0]) for a in strengths) + " |")
+    lengths = print_by_length(plan, results)
     print(convergence_line(results))
     write_summary(args, __file__, "09_more_locality.json", clock, argv, settings=settings, seeds=seeds,
                   rule=convergence_line(results), runs=records,
-                  mean_top1={f"{n} GPSA, alpha {a:g}": mean(v) for (n, a), v in top1.items()}, paper=PAPER)
+                  mean_top1={f"{n} GPSA, alpha {a:g}": mean(v) for (n, a), v in top1.items()},
+                  top1_by_length=lengths, paper=PAPER)
     clock.done()
 
 

@@ -180,9 +180,10 @@ RECORD_SUFFIXES = (".json", ".jsonl")
 
 
 def checks(lesson: str) -> Path:
-    """figures/NN_check: the committed runs of lesson NN, all trained on one machine (our 2-core AMD
-    EPYC VM). Not the lesson's own figures/NN_*.json: the older ones were trained on another CPU,
-    where the same command gives other numbers (lesson 6's page shows by how much)."""
+    """figures/NN_check: the committed runs of lesson NN, each run trained whole on one machine and
+    recorded with it (our 2-core AMD EPYC VM, or, in sittings.jsonl's later lines, our 2-core Intel
+    Xeon VM), since the same command gives other numbers on another CPU (lesson 6's page shows by
+    how much). Not the lesson's own figures/NN_*.json, which the lesson writes from them."""
     return FIGURES / f"{lesson}_check"
 
 
@@ -205,7 +206,7 @@ def add_records(parser, lesson: str, *shared: str):
     folders = " and ".join(repo_path(checks(name)) for name in (*shared, lesson))
     parser.add_argument("--retrain", action="store_true",
                         help=f"train every run, reading none that {folders} record (by default each run recorded "
-                             "there, trained on our AMD VM, is read, and only the rest are trained)")
+                             "there, trained on our AMD or Intel VM, is read, and only the rest are trained)")
     parser.add_argument("--recorded", action="store_true",
                         help=f"add each run trained to {repo_path(sittings(lesson))} as it finishes, so that the next "
                              "sitting, on any machine, reads it (how we train a lesson of many hours in sittings)")
@@ -230,9 +231,11 @@ def recorded_runs(files: tuple[Path, ...]) -> dict[str, dict]:
     run's twin under "half", a rung it climbed through), by what defines it (`what_defines`), the
     record with its curve where there are several. Two records of one run that differ are refused:
     a run is deterministic on one kind of CPU, not across CPUs, so they came from two machines."""
-    found = {}
+    found, machines = {}, {}
     for file in files:
-        for record in run_records_in(read_records(Path(file))):
+        records = read_records(Path(file))
+        machines[repo_path(file)] = records.get("hardware") if isinstance(records, dict) else None
+        for record in run_records_in(records):
             with at_repository_root():
                 cfg, _ = config.resolve(config.parse(shlex.split(record["command"])[2:]))  # after "python train.py"
             key = defining_key(cfg)
@@ -243,7 +246,9 @@ def recorded_runs(files: tuple[Path, ...]) -> dict[str, dict]:
                                  f"({record['command']}); were they trained on different machines?")
             if key not in found or "curve" in record and "curve" not in found[key]:
                 found[key] = record
-    return found
+    # A record without its own machine ran on that of the file that trained it (its read_from).
+    return {key: record if record.get("hardware") else {**record, "hardware": machines.get(record["read_from"])}
+            for key, record in found.items()}
 
 
 def read_records(path: Path):
@@ -283,7 +288,8 @@ def recorded_result(settings: dict, recorded: dict[str, dict]) -> dict | None:
     records = [{"epoch": epoch, "val_top1": top1} for epoch, top1 in record.get("curve", [])]
     return {"val_top1": record["top1"], "val_top5": record.get("top5"), "val_loss": None,
             "parameters": record.get("parameters"), "seconds": None, "cpu_seconds": None, "records": records,
-            "reused": True, "read_from": record["read_from"], **convergence(records)}
+            "reused": True, "read_from": record["read_from"], "hardware": record.get("hardware"),
+            **convergence(records)}
 
 
 def unfinished_run(settings: dict) -> str | None:
@@ -458,6 +464,14 @@ def keep_run(path: Path, job: dict, result: dict, machine: str):
         file.write(json.dumps(line) + "\n")
 
 
+def top1_by_length(result: dict) -> dict[int, float]:
+    """A climbed run's (run_until_converged's) top-1 at every length it trained: its first twin
+    (the first rung's top-1 less what that rung's second half added), then each rung."""
+    first = result["rungs"][0]
+    lengths = {first["epochs"] // 2: round(first["top1"] - first["second_half_adds"], 2)}
+    return lengths | {rung["epochs"]: round(rung["top1"], 2) for rung in result["rungs"]}
+
+
 def run_record(table: str, name: str, fraction: float, seed: int, result: dict) -> dict:
     """What a lesson's JSON keeps of a run: enough to check it and to run it again, and with a twin
     (run_all's twins), the evidence of its verdict."""
@@ -468,8 +482,10 @@ def run_record(table: str, name: str, fraction: float, seed: int, result: dict) 
               "parameters": result["parameters"],
               "seconds": None if result["seconds"] is None else round(result["seconds"], 1),
               "read_back": result.get("reused", False), "command": result["command"]}
-    if "read_from" in result:  # not trained here: read from the record of the same command
-        record["read_from"] = result["read_from"]
+    if "read_from" in result:  # not trained here: read from the record of the same command, and where
+        record["read_from"] = result["read_from"]  # that record names it, the machine it was trained on
+        if result.get("hardware"):
+            record["hardware"] = result["hardware"]
     if "resumed_from_epoch" in result:  # its seconds are those after the interruption
         record["resumed_from_epoch"] = result["resumed_from_epoch"]
     if "half" in result:
