@@ -9,15 +9,18 @@ its twin, the same run half as long, and the run counts as converged when the tw
 0.5 points of it; a setting whose seeds do not pass on their mean trains again twice as long, until
 they do (lessons/_protocol.py says why, and how long each fraction starts). A setting stops at
 the first length that passes, so ConViT, the faster learner, is compared at a shorter length than
-DeiT: each of its Table 2 settings then trains one doubling more, a check that can only help it.
+DeiT: each of its Table 2 settings then trains one doubling more (more, if that doubling still
+adds 0.5 points), a check that can only help it.
 
 The recipe was chosen by a sweep of lr and warmup for both models at f = 100% and 10%
 (`--sweep`, its results in 06_sweep.json); every run of the default run uses it. With
 --regularisers every run also trains with DeiT's MixUp, CutMix, drop path and random erasing.
 
 Outputs (in --out-dir):
-  06_sample_efficiency.png   top-1 against f, ours beside the paper's Table 2, the relative gain,
-                             and what the second half of every run added (its convergence)
+  06_sample_efficiency.png   top-1 against f, ours beside the paper's Table 2; ConViT's gain (the paper's
+                             measure, with the check one doubling past) and the share of DeiT's errors it
+                             avoids; the gain at every length both models trained, against epochs x f; and
+                             what the second half of every run added (its convergence)
   06_ablations.png           Table 3 rows a-g at f = 10%, ours beside the paper's 10% column, and
                              each row's top-1 at every length it trained (table3_by_length in the JSON)
   06_sample_efficiency.json  every run's and its twin's train.py command and top-1, its verdict, ConViT one
