@@ -65,6 +65,7 @@ from lessons._protocol import (CONVERGED_WITHIN, FLOOR_EPOCHS, MODELS, QUICK, RE
                                top1_by_length)
 
 FRACTIONS, QUICK_FRACTIONS = (0.05, 0.1, 0.3, 0.5, 1.0), (0.05, 0.1)  # Table 2's fractions
+FRACTION_TICKS = (list(FRACTIONS), [f"{f:.0%}" for f in FRACTIONS])  # the figures' x axis, log scale
 ABLATION_FRACTION = 0.1  # Table 3's last column
 SEEDS = (0, 1, 2)
 # The sweep that chose RECIPE's lr and warmup, for both models at SWEEP_FRACTIONS, seed 0.
@@ -149,10 +150,10 @@ def plot_table2(table2: dict, gains: dict, past: dict, by_length: dict, runs: li
             ax.set_ylim(floor, 100)
         else:
             ax.axhline(0, color="0.8")
-        ax.set_xticks([0.05, 0.1, 0.3, 0.5, 1.0], ["5%", "10%", "30%", "50%", "100%"])
+        ax.set_xticks(*FRACTION_TICKS)
         ax.legend(fontsize=8, loc="lower right" if floor is not None else "best")
     plot_by_length(lengths, by_length)
-    plot_twins(twins, fractions, runs)
+    plot_twins(twins, runs)
     save_figure(fig, args.out_dir, "06_sample_efficiency.png", settings, args.device,
                 trained_on((r for _, r in runs), args.device))
 
@@ -183,7 +184,7 @@ def plot_by_length(ax, by_length: dict):
     ax.legend(fontsize=8)
 
 
-def plot_twins(ax, fractions: list[float], runs: list[tuple]):
+def plot_twins(ax, runs: list[tuple]):
     named = set()
     for (table, name, f, _seed, _), result in runs:
         if table == "table2":
@@ -194,7 +195,7 @@ def plot_twins(ax, fractions: list[float], runs: list[tuple]):
     ax.axhline(0, color="0.8")
     ax.set(xscale="log", xlim=(0.04, 1.3), xlabel="fraction f", ylabel="top-1 of the run - top-1 of its twin (points)",
            title="what the second half of each run added (twin: the run half as long)")
-    ax.set_xticks([0.05, 0.1, 0.3, 0.5, 1.0], ["5%", "10%", "30%", "50%", "100%"])
+    ax.set_xticks(*FRACTION_TICKS)
     ax.legend(fontsize=8)
 
 
