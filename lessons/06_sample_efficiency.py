@@ -43,7 +43,6 @@ we train a lesson of 25 to 30 hours in sittings, on machines whose run folders d
 Run from the repository root:  python lessons/06_sample_efficiency.py [--quick | --sweep] [--fractions F ...]
 """
 
-import collections
 import json
 import shlex
 import sys
@@ -58,7 +57,7 @@ import cli  # noqa: E402
 import config  # noqa: E402
 from lessons._command import draw_only_flag, parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
-from lessons._report import Stopwatch, cell, hardware, mean, write_summary  # noqa: E402
+from lessons._report import Stopwatch, cell, mean, trained_on, write_summary  # noqa: E402
 from lessons._protocol import (CONVERGED_WITHIN, FLOOR_EPOCHS, MODELS, QUICK, RECIPE, add_climbing, add_keep_finished,  # noqa: E402
                                add_records, checks, convergence_line, convergence_rule, recipe_line, records_to_keep,
                                records_to_read, run_all, run_record, run_until_converged, setting_converged,
@@ -197,15 +196,6 @@ def plot_twins(ax, runs: list[tuple]):
            title="what the second half of each run added (twin: the run half as long)")
     ax.set_xticks(*FRACTION_TICKS)
     ax.legend(fontsize=8)
-
-
-def trained_on(results, device: str) -> str:
-    """The machines that trained a figure's runs, with how many each: a run read from the records
-    names its own (or its file's), a run trained or read back here ran on this one."""
-    machines = collections.Counter(
-        (r.get("hardware") or "a machine its record does not name") if r.get("read_from") else hardware(device)
-        for r in results)
-    return "runs trained on: " + "; ".join(f"{machine} ({n})" for machine, n in sorted(machines.items()))
 
 
 def plot_table3(table3: dict, lengths: dict, results: list[dict], seeds: list[int], args, settings: str):

@@ -3,6 +3,7 @@ as JSON with the command that made them, and the two ways the texts quote a set 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -27,6 +28,15 @@ def hardware(device: str) -> str:
         pass
     threads = torch.get_num_threads()
     return f"CPU {cpu}, {os.cpu_count()} cores, torch on {threads} thread{'s' * (threads > 1)}, torch {torch.__version__}"
+
+
+def trained_on(results, device: str) -> str:
+    """The machines that trained a figure's runs, with how many each: a run read from the records
+    names its own (or its file's), a run trained or read back here ran on this one."""
+    machines = collections.Counter(
+        (r.get("hardware") or "a machine its record does not name") if r.get("read_from") else hardware(device)
+        for r in results)
+    return "runs trained on: " + "; ".join(f"{machine} ({n})" for machine, n in sorted(machines.items()))
 
 
 class Stopwatch:
