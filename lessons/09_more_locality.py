@@ -21,6 +21,8 @@ Outputs (in --out-dir):
 Run from the repository root:  python lessons/09_more_locality.py [--quick]
 """
 
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -29,17 +31,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 import matplotlib.pyplot as plt  # noqa: E402
 
 import cli  # noqa: E402
-from lessons._command import parse, run_folder, training_parser  # noqa: E402
+import config  # noqa: E402
+from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, trained_on, write_summary  # noqa: E402
 from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
-                               convergence_line, recipe_line, records_to_keep, records_to_read, run_record,
-                               run_until_converged, schedule, top1_by_length)
+                               convergence_line, recipe_line, recorded_result, recorded_runs, records_to_keep,
+                               records_to_read, run_record, run_until_converged, schedule, top1_by_length)
 
 LAYERS = (0, 2, 3)  # GPSA blocks of the 4: none, lesson 6's ConViT (2), all but the last
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
 FRACTION = 0.1
 SEEDS = (0, 1, 2)
+# The earlier protocol's runs (240 epochs each, seeds 0 and 1, on our Intel Xeon VM): their commands are
+# those of the first rung of today's climb, recorded on our AMD EPYC VM, so they measure two machines.
+EARLIER = FIGURES / "09_equal_steps.json"
 PAPER = ("Fig. 8 (ConViT-S+, first 100 ImageNet classes, 300 epochs): GPSA layers 0, 3, 6, 9 x alpha 0.01, 0.1, 1; "
          "top-1 from about 77 to 81, rising with both")
 
@@ -153,12 +159,13 @@ def main(argv=None):
     print_grid(f"Fig. 8, ours trained until each setting stops improving (top-1 %, mean of the seeds and their range, "
                "at the length where its setting converged)", grid, top1, labels)
     print(convergence_line(results))
+    machines = same_commands_on_two_machines(recorded, at_budget)
     write_summary(args, __file__, "09_more_locality.json", clock, argv, settings=settings, seeds=seeds,
                   rule=convergence_line(results), runs=records,
                   mean_top1={f"{n} GPSA, alpha {a:g}": mean(v) for (n, a), v in top1.items()},
                   epochs={f"{n} GPSA, alpha {a:g}": e for (n, a), e in epochs.items()}, budget_epochs=budget,
                   mean_top1_at_budget={f"{n} GPSA, alpha {a:g}": mean(v) for (n, a), v in at_budget.items()},
-                  top1_by_length=lengths, paper=PAPER)
+                  top1_by_length=lengths, same_command_two_machines=machines, paper=PAPER)
     clock.done()
 
 
@@ -166,6 +173,37 @@ def length_label(result: dict) -> str:
     """Where a setting's top-1 is read: '960 epochs', or '1,920 epochs, not converged' where its
     setting hit --max-doublings before the mean of its seeds passed the rule."""
     return f"{result['settings']['epochs']:,} epochs" + ("" if result["setting_converged"] else ", not converged")
+
+
+def same_commands_on_two_machines(recorded: tuple[Path, ...], at_budget: dict) -> list[dict]:
+    """Each run of EARLIER beside the record of the same train.py command in `recorded`, where both
+    exist, printed: one-thread CPU runs are deterministic on one kind of CPU, not across two, and
+    this says by how much two of ours differ on the same command, beside how much two seeds differ
+    at the same length (at_budget[setting]: each seed's top-1)."""
+    if not EARLIER.is_file() or not recorded:
+        return []
+    earlier, records = json.loads(EARLIER.read_text()), recorded_runs(recorded)
+    pairs = []
+    for run in earlier["runs"]:
+        again = recorded_result(config.parse(shlex.split(run["command"])[2:]), records)
+        if again is not None and again["hardware"] != earlier["hardware"]:
+            pairs.append({"name": run["name"], "seed": run["seed"], "command": run["command"],
+                          "top1": {earlier["hardware"]: run["top1"], again["hardware"]: again["val_top1"]}})
+    if pairs:
+        machines = list(pairs[0]["top1"])
+        short = [machine.split(",")[0].removeprefix("CPU ") for machine in machines]
+        print(f"\nThe same train.py command on two machines: {machines[0]} (the earlier protocol's runs, "
+              f"{EARLIER.name}) and {machines[1]} (the records)")
+        print(f"| setting | seed | {short[0]} | {short[1]} | difference |\n|---|---|---|---|---|")
+        for pair in pairs:
+            first, second = (pair["top1"][m] for m in machines)
+            print(f"| {pair['name']} | {pair['seed']} | {first:.2f} | {second:.2f} | {second - first:+.2f} |")
+        gaps = [abs(a - b) for a, b in (pair["top1"].values() for pair in pairs)]
+        seeds = [abs(a - b) for top1 in at_budget.values() for i, a in enumerate(top1) for b in top1[i + 1:]]
+        print(f"{len(pairs)} commands: they differ by {mean(gaps):.2f} points of top-1 on average, at most "
+              f"{max(gaps):.2f}; {sum(g == 0 for g in gaps)} give the same top-1. Two seeds of one setting at the "
+              f"same length differ by {mean(seeds):.2f} on average, at most {max(seeds):.2f}.")
+    return pairs
 
 
 def plan_epochs(args) -> int:
