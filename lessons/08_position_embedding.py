@@ -35,11 +35,11 @@ import config  # noqa: E402
 import train  # noqa: E402
 from lessons._command import parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
-from lessons._report import Stopwatch, cell, mean, write_summary  # noqa: E402
+from lessons._report import Stopwatch, cell, mean, trained_on, write_summary  # noqa: E402
 from lessons._training import at_repository_root  # noqa: E402
 from lessons._protocol import (MODELS, QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
-                               convergence_line, recipe_line, records_to_keep, records_to_read, run_record,
-                               run_until_converged, train_or_read)
+                               convergence_line, print_by_length, recipe_line, records_to_keep, records_to_read,
+                               run_record, run_until_converged, train_or_read)
 
 SEEDS = (0, 1, 2)
 PAPER_TABLE5 = {"DeiT": ("DeiT-Ti", 72.2, 38.3), "ConViT": ("ConViT-Ti", 73.1, 67.1)}  # no mask, masked
@@ -79,7 +79,7 @@ def with_weights(args, plan: list[tuple], results: list[dict], folders: tuple[Pa
     return results
 
 
-def plot(top1: dict, seeds: list[int], args, settings: str):
+def plot(top1: dict, seeds: list[int], args, settings: str, machines: str):
     """top1[model][case]: the top-1 of every seed."""
     fig, (ours, paper) = plt.subplots(1, 2, figsize=(14, 4.6), layout="constrained", width_ratios=(3, 2))
     colours = ["tab:green", "tab:orange", "tab:purple"]
@@ -103,7 +103,32 @@ def plot(top1: dict, seeds: list[int], args, settings: str):
     paper.set_xticks(range(len(MODELS)), [PAPER_TABLE5[name][0] for name in MODELS])
     paper.set(ylabel="top-1 (%)", ylim=(0, 105), title="paper, Table 5: ImageNet (not trained without)")
     paper.legend(fontsize=8, loc="lower center")
-    save_figure(fig, args.out_dir, "08_position_embedding.png", settings, args.device)
+    save_figure(fig, args.out_dir, "08_position_embedding.png", settings, args.device, machines)
+
+
+def setting_name(model: str, changes: dict) -> str:
+    return f"{model}, {'without' if changes.get('no_pos_embed') else 'with'} pos_embed"
+
+
+def print_table5(top1: dict, epochs: dict):
+    """top1[model][case]: every seed's top-1; epochs[(model, case)]: the length its setting stopped at,
+    and whether it converged there."""
+    def length(name: str, case: str) -> str:
+        trained, converged = epochs[name, case]
+        return f"{trained:,}" + ("" if converged else " (not converged)")
+
+    print("\nTable 5, ours (top-1 %, mean of the seeds and their range, each trained until it stops improving) beside "
+          "the paper's (ImageNet, -Ti models):")
+    print("| model | epochs: with, without | tested with pos_embed | masked at test | drop | trained without | "
+          "paper: with | paper: masked |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in MODELS:
+        cases = top1[name]
+        drop = mean(cases["trained with, tested with"]) - mean(cases["trained with, tested masked"])
+        paper_name, paper_with, paper_masked = PAPER_TABLE5[name]
+        print(f"| {name} | {length(name, 'trained with, tested with')}, {length(name, 'trained without')} | "
+              f"{cell(cases['trained with, tested with'])} | {cell(cases['trained with, tested masked'])} | "
+              f"{drop:.1f} | {cell(cases['trained without'])} | {paper_name} {paper_with} | {paper_masked} |")
 
 
 def main(argv=None):
@@ -131,10 +156,11 @@ def main(argv=None):
                   for result in results]
 
     top1 = {name: {case: [] for case in CASES} for name in MODELS}
-    records = []
+    epochs, records = {}, []
     for (_table, name, f, seed, changes), result, evaluation in zip(plan, results, masked):
         case = "trained without" if changes.get("no_pos_embed") else "trained with, tested with"
         top1[name][case].append(result["val_top1"])
+        epochs[name, case] = result["settings"]["epochs"], result["setting_converged"]
         record = {**run_record(case, name, f, seed, result), "pos_embed": case != "trained without"}
         if evaluation is not None:
             evaluated, scores = evaluation
@@ -143,22 +169,17 @@ def main(argv=None):
                                 "command": config.command(evaluated)}
         records.append(record)
 
+    lengths = print_by_length([setting_name(name, changes) for _, name, _, _, changes in plan],
+                              [seed for *_, seed, _ in plan], results)
     what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
     settings = f"{recipe_line(args)}, f = {fraction:.0%}, {what}"
-    plot(top1, seeds, args, settings)
-    print("\nTable 5, ours (top-1 %, mean of the seeds and their range) beside the paper's (ImageNet, -Ti models):")
-    print("| model | tested with pos_embed | masked at test | drop | trained without | paper: with | paper: masked |")
-    print("|---|---|---|---|---|---|---|")
-    for name in MODELS:
-        cases = top1[name]
-        drop = mean(cases["trained with, tested with"]) - mean(cases["trained with, tested masked"])
-        paper_name, paper_with, paper_masked = PAPER_TABLE5[name]
-        print(f"| {name} | {cell(cases['trained with, tested with'])} | {cell(cases['trained with, tested masked'])} | "
-              f"{drop:.1f} | {cell(cases['trained without'])} | {paper_name} {paper_with} | {paper_masked} |")
+    plot(top1, seeds, args, settings, trained_on(results, args.device))
+    print_table5(top1, epochs)
     print(convergence_line(results))
     write_summary(args, __file__, "08_position_embedding.json", clock, argv, settings=settings, seeds=seeds,
                   rule=convergence_line(results), runs=records,
                   mean_top1={name: {case: mean(v) for case, v in cases.items()} for name, cases in top1.items()},
+                  epochs={f"{name}, {case}": e for (name, case), (e, _) in epochs.items()}, top1_by_length=lengths,
                   paper={name: {"model": p[0], "no mask": p[1], "masked": p[2]} for name, p in PAPER_TABLE5.items()})
     clock.done()
 

@@ -37,7 +37,7 @@ from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, trained_on, write_summary  # noqa: E402
 from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
                                convergence_line, recipe_line, recorded_result, recorded_runs, records_to_keep,
-                               records_to_read, run_record, run_until_converged, schedule, top1_by_length)
+                               records_to_read, print_by_length, run_record, run_until_converged, schedule)
 
 LAYERS = (0, 2, 3)  # GPSA blocks of the 4: none, lesson 6's ConViT (2), all but the last
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
@@ -104,22 +104,6 @@ def plot(top1: dict, at_budget: dict, epochs: dict, lengths: dict, converged: se
     save_figure(fig, args.out_dir, "09_more_locality.png", settings, args.device, machines)
 
 
-def print_by_length(plan: list[tuple], results: list[dict]) -> dict:
-    """Each setting's top-1 at every length it trained (lengths[setting][epochs][seed]), printed as
-    means: the paper's Fig. 8 is at one fixed budget, and a setting that converges sooner leads there."""
-    lengths = {}
-    for (_, name, _, seed, _), result in zip(plan, results):
-        for epochs, top1 in top1_by_length(result).items():
-            lengths.setdefault(name, {}).setdefault(epochs, {})[seed] = top1
-    epochs = sorted({e for by in lengths.values() for e in by})
-    print("\nEvery setting at each length it trained (mean top-1 of the seeds; each stops where it converged):")
-    print("| setting | " + " | ".join(f"{e:,} epochs" for e in epochs) + " |")
-    print("|---|" + "---|" * len(epochs))
-    for name, by in lengths.items():
-        print(f"| {name} | " + " | ".join(f"{mean(by[e].values()):.2f}" if e in by else "-" for e in epochs) + " |")
-    return lengths
-
-
 def main(argv=None):
     parser = training_parser(__doc__, __file__, RECIPE, QUICK)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
@@ -147,7 +131,7 @@ def main(argv=None):
         labels[n, a] = length_label(result)
         records.append({**run_record("fig8", f"{n} GPSA, alpha {a:g}", FRACTION, seed, result),
                         "gpsa_layers": n, "locality_strength": a})
-    lengths = print_by_length(plan, results)
+    lengths = print_by_length([name for _, name, *_ in plan], [seed for *_, seed, _ in plan], results)
     budget = plan_epochs(args)  # where every setting starts: the paper's equal steps at f = 10%
     at_budget = {(n, a): list(lengths[f"{n} GPSA, alpha {a:g}"][budget].values()) for n, a in grid}
     what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))

@@ -472,6 +472,23 @@ def top1_by_length(result: dict) -> dict[int, float]:
     return lengths | {rung["epochs"]: round(rung["top1"], 2) for rung in result["rungs"]}
 
 
+def print_by_length(names: list[str], seeds: list[int], results: list[dict]) -> dict:
+    """Each setting's top-1 at every length it trained (lengths[name][epochs][seed]; `names` and
+    `seeds` give each result's), printed as the mean of its seeds: a paper's figure is at one fixed
+    budget, and a setting that converges sooner leads there."""
+    lengths = {}
+    for name, seed, result in zip(names, seeds, results):
+        for epochs, top1 in top1_by_length(result).items():
+            lengths.setdefault(name, {}).setdefault(epochs, {})[seed] = top1
+    epochs = sorted({e for by in lengths.values() for e in by})
+    print("\nEvery setting at each length it trained (mean top-1 of the seeds; each stops where it converged):")
+    print("| setting | " + " | ".join(f"{e:,} epochs" for e in epochs) + " |")
+    print("|---|" + "---|" * len(epochs))
+    for name, by in lengths.items():
+        print(f"| {name} | " + " | ".join(f"{mean(by[e].values()):.2f}" if e in by else "-" for e in epochs) + " |")
+    return lengths
+
+
 def run_record(table: str, name: str, fraction: float, seed: int, result: dict) -> dict:
     """What a lesson's JSON keeps of a run: enough to check it and to run it again, and with a twin
     (run_all's twins), the evidence of its verdict."""
