@@ -273,6 +273,7 @@ def test_lesson8_trains_again_for_its_weights_a_run_read_from_a_record(tmp_path,
     from lessons import _protocol
     from lessons._command import parse, training_parser
     from lessons._protocol import QUICK, RECIPE, run_all, run_record
+    from lessons._report import hardware
     from lessons._training import at_repository_root
     import train
 
@@ -295,6 +296,16 @@ def test_lesson8_trains_again_for_its_weights_a_run_read_from_a_record(tmp_path,
     with at_repository_root():
         unmasked = train.run(config.resolve({**evaluation, "mask_pos_embed": False})[0])
     assert unmasked["val_top1"] == first[0]["val_top1"]
+    assert "two_machines" not in weighed[0]  # a record that names no machine: taken as this one
+    # A record from another machine: the weights trained here keep both top-1s, each with its machine.
+    shutil.rmtree(tmp_path / "second")
+    (tmp_path / "other.json").write_text(json.dumps({"hardware": "CPU Other, 2 cores", "runs": [
+        {**run_record("t", "DeiT", 0.1, 0, r), "top1": r["val_top1"] - 1.5} for r in first]}))
+    read = run_all(args, plan, tmp_path / "second", elsewhere=(tmp_path / "other.json",))
+    weighed = module.with_weights(args, plan, read, ())
+    assert weighed[0]["two_machines"] == {"first": {"machine": "CPU Other, 2 cores", "top1": first[0]["val_top1"] - 1.5},
+                                          "second": {"machine": hardware(args.device), "top1": first[0]["val_top1"]}}
+    assert weighed[0]["val_top1"] == first[0]["val_top1"] and "two_machines" not in weighed[1]
 
 
 def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_them():

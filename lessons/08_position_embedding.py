@@ -35,7 +35,7 @@ import config  # noqa: E402
 import train  # noqa: E402
 from lessons._command import parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
-from lessons._report import Stopwatch, cell, mean, trained_on, write_summary  # noqa: E402
+from lessons._report import Stopwatch, cell, hardware, mean, print_same_commands, trained_on, write_summary  # noqa: E402
 from lessons._training import at_repository_root  # noqa: E402
 from lessons._protocol import (MODELS, QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
                                convergence_line, print_by_length, recipe_line, records_to_keep, records_to_read,
@@ -75,7 +75,13 @@ def with_weights(args, plan: list[tuple], results: list[dict], folders: tuple[Pa
                             reuse=True, elsewhere=folders)
     results = list(results)
     for i, again in zip(unweighed, weighed):
-        results[i] = {**results[i], "val_top1": again["val_top1"], "val_top5": again["val_top5"]}
+        elsewhere = results[i].get("hardware") if results[i].get("read_from") else None
+        here = again.get("hardware") if again.get("read_from") else hardware(args.device)
+        pair = {"two_machines": {"first": {"machine": elsewhere, "top1": results[i]["val_top1"]},
+                                 "second": {"machine": here, "top1": again["val_top1"]}}}
+        # the same command on another machine than its record's: how far two machines part, at convergence
+        results[i] = {**results[i], "val_top1": again["val_top1"], "val_top5": again["val_top5"],
+                      **(pair if elsewhere not in (None, here) else {})}
     return results
 
 
@@ -167,6 +173,8 @@ def main(argv=None):
             top1[name]["trained with, tested masked"].append(scores["val_top1"])
             record["masked"] = {"top1": scores["val_top1"], "top5": scores["val_top5"],
                                 "command": config.command(evaluated)}
+        if "two_machines" in result:  # its weights trained again on another machine than its record's
+            record["two_machines"] = result["two_machines"]
         records.append(record)
 
     lengths = print_by_length([setting_name(name, changes) for _, name, _, _, changes in plan],
@@ -176,6 +184,10 @@ def main(argv=None):
     plot(top1, seeds, args, settings, trained_on(results, args.device))
     print_table5(top1, epochs)
     print(convergence_line(results))
+    pairs = [{"name": name, "seed": seed, **result["two_machines"]}
+             for (_, name, _, seed, _), result in zip(plan, results) if "two_machines" in result]
+    print_same_commands(("recorded", "trained again here for its weights"), pairs,
+                        [v for cases in top1.values() for v in cases.values()])
     write_summary(args, __file__, "08_position_embedding.json", clock, argv, settings=settings, seeds=seeds,
                   rule=convergence_line(results), runs=records,
                   mean_top1={name: {case: mean(v) for case, v in cases.items()} for name, cases in top1.items()},

@@ -34,7 +34,7 @@ import cli  # noqa: E402
 import config  # noqa: E402
 from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
-from lessons._report import Stopwatch, cell, mean, trained_on, write_summary  # noqa: E402
+from lessons._report import Stopwatch, cell, mean, print_same_commands, trained_on, write_summary  # noqa: E402
 from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
                                convergence_line, recipe_line, recorded_result, recorded_runs, records_to_keep,
                                records_to_read, print_by_length, run_record, run_until_converged, schedule)
@@ -172,21 +172,9 @@ def same_commands_on_two_machines(recorded: tuple[Path, ...], at_budget: dict) -
         again = recorded_result(config.parse(shlex.split(run["command"])[2:]), records)
         if again is not None and again["hardware"] != earlier["hardware"]:
             pairs.append({"name": run["name"], "seed": run["seed"], "command": run["command"],
-                          "top1": {earlier["hardware"]: run["top1"], again["hardware"]: again["val_top1"]}})
-    if pairs:
-        machines = list(pairs[0]["top1"])
-        short = [machine.split(",")[0].removeprefix("CPU ") for machine in machines]
-        print(f"\nThe same train.py command on two machines: {machines[0]} (the earlier protocol's runs, "
-              f"{EARLIER.name}) and {machines[1]} (the records)")
-        print(f"| setting | seed | {short[0]} | {short[1]} | difference |\n|---|---|---|---|---|")
-        for pair in pairs:
-            first, second = (pair["top1"][m] for m in machines)
-            print(f"| {pair['name']} | {pair['seed']} | {first:.2f} | {second:.2f} | {second - first:+.2f} |")
-        gaps = [abs(a - b) for a, b in (pair["top1"].values() for pair in pairs)]
-        seeds = [abs(a - b) for top1 in at_budget.values() for i, a in enumerate(top1) for b in top1[i + 1:]]
-        print(f"{len(pairs)} commands: they differ by {mean(gaps):.2f} points of top-1 on average, at most "
-              f"{max(gaps):.2f}; {sum(g == 0 for g in gaps)} give the same top-1. Two seeds of one setting at the "
-              f"same length differ by {mean(seeds):.2f} on average, at most {max(seeds):.2f}.")
+                          "first": {"machine": earlier["hardware"], "top1": run["top1"]},
+                          "second": {"machine": again["hardware"], "top1": again["val_top1"]}})
+    print_same_commands((f"earlier ({EARLIER.name})", "recorded"), pairs, list(at_budget.values()))
     return pairs
 
 

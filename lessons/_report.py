@@ -39,6 +39,28 @@ def trained_on(results, device: str) -> str:
     return "runs trained on: " + "; ".join(f"{machine} ({n})" for machine, n in sorted(machines.items()))
 
 
+def print_same_commands(what: tuple[str, str], pairs: list[dict], seeds: list[list[float]]):
+    """pairs: one train.py command's top-1 on two machines each ({"name", "seed", "first": {"machine",
+    "top1"}, "second": ...}; `what` says where each column comes from), printed side by side with how
+    far they differ, beside how far two seeds of one setting differ (seeds: each setting's top-1s).
+    One-thread CPU runs are deterministic on one kind of CPU, not across two: this says by how much
+    two of ours part."""
+    if not pairs:
+        return
+    print("\nThe same train.py command on two machines: " + "; ".join(
+        f"{label}, on {' and '.join(sorted({pair[column]['machine'] for pair in pairs}))}"
+        for label, column in zip(what, ("first", "second"))))
+    print(f"| setting | seed | {what[0]} | {what[1]} | difference |\n|---|---|---|---|---|")
+    for pair in pairs:
+        first, second = pair["first"]["top1"], pair["second"]["top1"]
+        print(f"| {pair['name']} | {pair['seed']} | {first:.2f} | {second:.2f} | {second - first:+.2f} |")
+    gaps = [abs(pair["first"]["top1"] - pair["second"]["top1"]) for pair in pairs]
+    apart = [abs(a - b) for top1 in seeds for i, a in enumerate(top1) for b in top1[i + 1:]]
+    print(f"{len(pairs)} commands: they differ by {mean(gaps):.2f} points of top-1 on average, at most "
+          f"{max(gaps):.2f}; {sum(g == 0 for g in gaps)} give the same top-1. Two seeds of one setting differ by "
+          f"{mean(apart):.2f} on average, at most {max(apart):.2f}.")
+
+
 class Stopwatch:
     """Prints how long the whole lesson took, so that README's timings can be checked."""
 
