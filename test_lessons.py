@@ -799,14 +799,60 @@ def test_lesson8_quotes_its_runs():
 
 
 def test_lesson9_quotes_its_runs():
+    """Fig. 8 as the page quotes it, from the JSON's runs: at the paper's budget (each run's top-1 at
+    240 epochs, read from its rungs), where each setting converged (the run's own top-1, at the length
+    its command gives), every setting at each length it trained, and the same command on two
+    machines; each setting climbed exactly while the mean of its seeds' second halves added 0.5 points
+    or more. The earlier protocol's grid is quoted from its own JSON."""
+    from lessons._protocol import CONVERGED_WITHIN, MAX_DOUBLINGS, top1_by_length
     lesson9, text = committed("09_more_locality.json"), text_of("09_more_locality.md")
-    top1 = collections.defaultdict(list)
+    budget = lesson9["budget_epochs"]
+    limit = int(re.search(r"--max-doublings (\d+)", lesson9["command"])[1]) if "--max-doublings" in lesson9["command"] \
+        else MAX_DOUBLINGS
+    at_budget, ends, labels = collections.defaultdict(list), collections.defaultdict(list), {}
+    lengths, added = collections.defaultdict(lambda: collections.defaultdict(list)), collections.defaultdict(list)
     for run in lesson9["runs"]:
-        top1[run["gpsa_layers"], run["locality_strength"]].append(run["top1"])
-    strengths = sorted({a for n, a in top1 if n})
-    for layers in sorted({n for n, _ in top1}):
-        cells = [cell(top1[layers, a] if layers else top1[0, 1.0]) for a in strengths]
-        assert f"| {layers} | " + " | ".join(cells) + " |" in line_of(text, f"| {layers} |"), f"lesson 9, {layers} GPSA"
+        setting, epochs = (run["gpsa_layers"], run["locality_strength"]), int(re.search(r" --epochs (\d+) ", run["command"])[1])
+        assert [rung["epochs"] for rung in run["rungs"]] == [budget * 2 ** i for i in range(len(run["rungs"]))]
+        assert run["rungs"][-1]["command"] == run["command"] and run["rungs"][-1]["epochs"] == epochs
+        assert run["converged"] == (run["second_half_adds"] < CONVERGED_WITHIN), run["command"]
+        for epochs_, top1 in top1_by_length(run).items():
+            lengths[run["name"]][epochs_].append(top1)
+        for i, rung in enumerate(run["rungs"]):
+            added[setting, i].append(rung["second_half_adds"])
+        at_budget[setting].append(top1_by_length(run)[budget])
+        ends[setting].append(run["top1"])
+        labels[setting] = f"{epochs:,} epochs" + ("" if run["setting_converged"] else ", not converged")
+    for (setting, i), gains in added.items():  # a setting climbs past a rung only where its seeds' mean says so
+        climbed = (setting, i + 1) in added
+        assert climbed == (mean(gains) >= CONVERGED_WITHIN) or (not climbed and i == limit), (setting, i, gains)
+    strengths = sorted({a for n, a in at_budget if n})
+    fixed = text.split("## At the paper's budget")[1].split("\n## ")[0]
+    converged = text.split("## Trained until it stops improving")[1].split("\n## ")[0]
+    for layers in sorted({n for n, _ in at_budget}):
+        keys = [(layers, a) if layers else (0, 1.0) for a in strengths]
+        assert f"| {layers} | " + " | ".join(cell(at_budget[k]) for k in keys) + " |" == line_of(fixed, f"| {layers} |")
+        quoted = " | ".join(f"{cell(ends[k])} at {labels[k]}" for k in keys)
+        assert f"| {layers} | {quoted} |" == line_of(converged, f"| {layers} |"), f"lesson 9, {layers} GPSA"
+    every = sorted({e for by in lengths.values() for e in by})
+    for name, by in lengths.items():
+        row = " | ".join(f"{mean(by[e]):.2f}" if e in by else "-" for e in every)
+        assert line_of(text, f"| {name} | ") == f"| {name} | {row} |", f"lesson 9's lengths, {name}"
+    pairs = lesson9["same_command_two_machines"]
+    assert pairs, "lesson 9 measures two machines on the earlier protocol's commands"
+    for pair in pairs:
+        first, second = pair["first"]["top1"], pair["second"]["top1"]
+        seeds = [run["seed"] for run in lesson9["runs"] if run["name"] == pair["name"]]
+        assert second == at_budget[next((n, a) for n, a in at_budget if pair["name"] == f"{n} GPSA, alpha {a:g}")][
+            seeds.index(pair["seed"])], "the recorded run is the climb's first rung"
+        assert f"| {pair['name']} | {pair['seed']} | {first:.2f} | {second:.2f} | {second - first:+.2f} |" in text, pair
+    earlier, old = committed("09_equal_steps.json"), collections.defaultdict(list)
+    for run in earlier["runs"]:
+        old[run["gpsa_layers"], run["locality_strength"]].append(run["top1"])
+    section = text.split("## At the paper's equal steps: the earlier protocol")[1]
+    for layers in sorted({n for n, _ in old}):
+        keys = [(layers, a) if layers else (0, 1.0) for a in strengths]
+        assert f"| {layers} | " + " | ".join(cell(old[k]) for k in keys) + " |" == line_of(section, f"| {layers} |")
 
 
 def test_lesson10_quotes_its_runs_beside_lesson5s():
@@ -990,6 +1036,13 @@ def test_readme_findings_quote_the_lessons():
     for name in ("DeiT", "ConViT"):
         cases = lesson8[name]
         assert f"{name} {cases['trained with, tested with']:.1f} -> {cases['trained with, tested masked']:.1f}" in line
+    lesson9 = committed("09_more_locality.json")["mean_top1_at_budget"]
+    line = readme_finding("more GPSA layers and a stronger locality help (Fig. 8)")
+    at = {name: f"{top1:.1f}" for name, top1 in lesson9.items()}
+    assert (f"0 / 2 / 3 GPSA blocks at alpha = 1 give {at['0 GPSA, alpha 1']} / {at['2 GPSA, alpha 1']} / "
+            f"{at['3 GPSA, alpha 1']}") in line, line
+    assert (f"3 blocks at alpha = 0.01 / 0.1 / 1 give {at['3 GPSA, alpha 0.01']} / {at['3 GPSA, alpha 0.1']} / "
+            f"{at['3 GPSA, alpha 1']}") in line, line
     lesson11 = committed("11_locality_over_training.json")
     line = readme_finding("SA layers are pulled towards locality; GPSA layers escape it")
     all_gpsa = lesson11["per_block"]["ConViT, mean head, all GPSA"]

@@ -94,6 +94,8 @@ def plot(top1: dict, at_budget: dict, epochs: dict, lengths: dict, converged: se
         if name in converged:
             climb.plot(lengths_trained[-1], curve[-1], "o", ms=12, mfc="none", color=colour)
     climb.axvline(budget, color="0.5", ls="--", lw=1, label="the paper's budget (equal steps)")
+    highest = max(mean(seeds.values()) for by in lengths.values() for seeds in by.values())
+    climb.set_ylim(top=highest + 1.5)  # room for the paper's line above the curves
     climb.set(xscale="log", xlabel=f"epochs at f = {FRACTION:.0%} (each a doubling; the first, the twin)",
               ylabel="top-1 (%), mean of the seeds", title="every setting at each length it trained (ringed: where it "
                                                           "converged)")
