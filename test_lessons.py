@@ -269,10 +269,12 @@ def test_a_run_recorded_in_a_committed_json_is_read_not_trained(tmp_path, monkey
 def test_lesson8_trains_again_for_its_weights_a_run_read_from_a_record(tmp_path, monkeypatch):
     """A record keeps a run's top-1, not its weights, and lesson 8 tests each run with the position
     embedding masked: a run with the embedding read from a record is trained again, to the top-1 the
-    record holds (one machine, deterministic), and then tested masked; a run without it is not."""
+    record holds (one machine, deterministic), and then tested masked; a run without it is not. Each
+    test is kept as its run finishes, so that the next sitting, on a machine without the weights,
+    reads it and trains nothing."""
     from lessons import _protocol
     from lessons._command import parse, training_parser
-    from lessons._protocol import QUICK, RECIPE, run_all, run_record
+    from lessons._protocol import QUICK, RECIPE, recorded_runs, run_all, run_record
     from lessons._report import hardware
     from lessons._training import at_repository_root
     import train
@@ -287,25 +289,39 @@ def test_lesson8_trains_again_for_its_weights_a_run_read_from_a_record(tmp_path,
     read = run_all(args, plan, tmp_path / "second", elsewhere=(tmp_path / "records.json",))
     assert [r.get("reused") for r in read] == [True, True] and not (tmp_path / "second").exists()
     module = lesson("08")
-    weighed = module.with_weights(args, plan, read, ())
+    weighed, masked = module.tested_masked(args, plan, read, (), {}, None)
     assert [path.name for path in (tmp_path / "second").iterdir()] == [Path(read[0]["settings"]["output_dir"]).name]
-    assert (weighed[0]["val_top1"], weighed[1]) == (first[0]["val_top1"], read[1])
-    evaluation, _masked = module.masked_evaluation(weighed[0]["settings"])
+    assert (weighed[0]["val_top1"], weighed[1], masked[1]) == (first[0]["val_top1"], read[1], None)
+    evaluation, scores = masked[0]
     assert evaluation["mask_pos_embed"] and evaluation["checkpoint"] == weighed[0]["settings"]["output_dir"]
     # The weights tested masked are the recorded run's: tested unmasked, they give its top-1 exactly.
     with at_repository_root():
         unmasked = train.run(config.resolve({**evaluation, "mask_pos_embed": False})[0])
     assert unmasked["val_top1"] == first[0]["val_top1"]
     assert "two_machines" not in weighed[0]  # a record that names no machine: taken as this one
-    # A record from another machine: the weights trained here keep both top-1s, each with its machine.
+    # A record from another machine: the weights trained here keep both top-1s, each with its machine,
+    # and their test is kept as soon as it is made (keep_in), with the top-1s of the weights it tested.
     shutil.rmtree(tmp_path / "second")
     (tmp_path / "other.json").write_text(json.dumps({"hardware": "CPU Other, 2 cores", "runs": [
         {**run_record("t", "DeiT", 0.1, 0, r), "top1": r["val_top1"] - 1.5} for r in first]}))
     read = run_all(args, plan, tmp_path / "second", elsewhere=(tmp_path / "other.json",))
-    weighed = module.with_weights(args, plan, read, ())
+    kept = tmp_path / "08_check" / "masked.jsonl"
+    weighed, masked = module.tested_masked(args, plan, read, (), {}, kept)
     assert weighed[0]["two_machines"] == {"first": {"machine": "CPU Other, 2 cores", "top1": first[0]["val_top1"] - 1.5},
                                           "second": {"machine": hardware(args.device), "top1": first[0]["val_top1"]}}
     assert weighed[0]["val_top1"] == first[0]["val_top1"] and "two_machines" not in weighed[1]
+    (line,) = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert line["top1"] == {"unmasked": first[0]["val_top1"], "masked": scores["val_top1"]}
+    assert line["hardware"] == hardware(args.device) and line["evaluation"]["command"] == config.command(masked[0][0])
+    assert recorded_runs((kept,)) == {}  # not a second record of the run, which lesson 6 may hold from another machine
+    # The next sitting, without the weights: reads the test, trains and evaluates nothing.
+    shutil.rmtree(tmp_path / "second")
+    read = run_all(args, plan, tmp_path / "second", elsewhere=(tmp_path / "other.json",))
+    monkeypatch.setattr(module, "masked_evaluation", lambda settings: pytest.fail("evaluated again"))
+    again, again_masked = module.tested_masked(args, plan, read, (), module.masked_tests(kept), None)
+    assert not (tmp_path / "second").exists()
+    assert (again[0]["val_top1"], again[0]["two_machines"]) == (weighed[0]["val_top1"], weighed[0]["two_machines"])
+    assert again_masked[0][1] == masked[0][1] and config.command(again_masked[0][0]) == config.command(masked[0][0])
 
 
 def test_lesson6_recorded_reads_one_machines_runs_and_finds_every_ladder_run_in_them():

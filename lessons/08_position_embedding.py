@@ -13,7 +13,8 @@ models (same width, heads and depth; 3 seeds; trained until they stop improving)
 Trained whole, the lesson takes hours, so by default each run that figures/08_check or
 figures/06_check records (its train.py command, trained on our AMD EPYC or Intel Xeon VM) is read rather than
 trained, as lesson 6 does, except where its weights are needed: a run tested masked is trained
-again unless lesson 6's run folder holds it. --retrain trains every run on your machine.
+again unless lesson 6's run folder holds it or figures/08_check/masked.jsonl records its test
+(--recorded adds each test there as its run finishes). --retrain trains every run on your machine.
 
 Outputs (in --out-dir):
   08_position_embedding.png   top-1 of the four cases per model, ours beside the paper's Table 5
@@ -22,6 +23,8 @@ Outputs (in --out-dir):
 Run from the repository root:  python lessons/08_position_embedding.py [--quick]
 """
 
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,10 +41,11 @@ from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, hardware, mean, print_same_commands, trained_on, write_summary  # noqa: E402
 from lessons._training import at_repository_root  # noqa: E402
 from lessons._protocol import (MODELS, QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
-                               convergence_line, print_by_length, recipe_line, records_to_keep, records_to_read,
-                               run_record, run_until_converged, train_or_read)
+                               checks, convergence_line, defining_key, print_by_length, read_records, recipe_line,
+                               records_to_keep, records_to_read, run_record, run_until_converged, train_or_read)
 
 SEEDS = (0, 1, 2)
+MASKED = checks("08") / "masked.jsonl"  # each run tested masked in a sitting (--recorded), and its weights' top-1s
 PAPER_TABLE5 = {"DeiT": ("DeiT-Ti", 72.2, 38.3), "ConViT": ("ConViT-Ti", 73.1, 67.1)}  # no mask, masked
 CASES = {  # what each bar shows
     "trained with, tested with": "the usual model",
@@ -60,29 +64,77 @@ def masked_evaluation(settings: dict) -> tuple[dict, dict]:
     return evaluation, {"val_top1": result["val_top1"], "val_top5": result["val_top5"]}
 
 
-def with_weights(args, plan: list[tuple], results: list[dict], folders: tuple[Path, ...]) -> list[dict]:
-    """`results`, each run to be tested masked with its weights in its folder. A record keeps no
-    weights, so a run read from one is found in `folders` or trained again, and its top-1 unmasked
-    becomes that of these weights (on the machine that made the record, the same)."""
+def run_key(settings: dict) -> str:
+    with at_repository_root():
+        return defining_key(config.resolve(settings)[0])
+
+
+def masked_tests(path: Path) -> dict[str, dict]:
+    """The masked tests that earlier sittings recorded in `path` (keep_masked_test), by the run they tested."""
+    if not path.is_file():
+        return {}
+    return {run_key(config.parse(shlex.split(line["run"]["command"])[2:])): line for line in read_records(path)}
+
+
+def keep_masked_test(path: Path, result: dict, evaluation: tuple[dict, dict], machine: str):
+    """Add a run's masked test to `path` (MASKED) at once, with both top-1s of the weights it tested and the
+    machine that trained them: the weights are gone when the sitting's machine is, the test stays.
+    No key pairs a command with a top-1 (`run_records_in`): the weights' top-1 is a second record of
+    a run lesson 6 may record on another machine."""
+    evaluated, scores = evaluation
+    line = {"run": {"command": config.command(result["settings"])}, "evaluation": {"command": config.command(evaluated)},
+            "top1": {"unmasked": result["val_top1"], "masked": scores["val_top1"]},
+            "top5": {"unmasked": result["val_top5"], "masked": scores["val_top5"]}, "hardware": machine}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        file.write(json.dumps(line) + "\n")
+
+
+def weighed(result: dict, top1: float, top5: float, machine: str) -> dict:
+    """`result` with the top-1 of the weights tested masked, trained on `machine`, and where its record
+    came from another machine, both top-1s: how far two machines part on one command, at convergence."""
+    elsewhere = result.get("hardware") if result.get("read_from") else None
+    pair = {"first": {"machine": elsewhere, "top1": result["val_top1"]}, "second": {"machine": machine, "top1": top1}}
+    return {**result, "val_top1": top1, "val_top5": top5,
+            **({"two_machines": pair} if elsewhere not in (None, machine) else {})}
+
+
+def tested_masked(args, plan: list[tuple], results: list[dict], folders: tuple[Path, ...], recorded: dict[str, dict],
+                  keep_in: Path | None) -> tuple[list, list]:
+    """`results`, and each run with the position embedding tested masked (masked_evaluation; None for
+    a run without it). A record keeps no weights, so a run read from one is found in `folders` or
+    trained again, and its top-1 unmasked becomes that of these weights (on the machine that made the
+    record, the same); a test an earlier sitting recorded (`recorded`, masked_tests') is read instead.
+    With `keep_in`, each test is added there as soon as its run finishes."""
+    results, masked = list(results), [None] * len(results)
+    to_test = [i for i, result in enumerate(results) if not result["settings"].get("no_pos_embed")]
+    for i in to_test:
+        if (line := recorded.get(run_key(results[i]["settings"]))) is not None:
+            results[i] = weighed(results[i], line["top1"]["unmasked"], line["top5"]["unmasked"], line["hardware"])
+            masked[i] = (config.parse(shlex.split(line["evaluation"]["command"])[2:]),
+                         {"val_top1": line["top1"]["masked"], "val_top5": line["top5"]["masked"]})
+
+    def test(i: int, weights: dict):  # results[i]'s weights are in its folder, and score `weights`
+        machine = weights.get("hardware") if weights.get("read_from") else hardware(args.device)
+        results[i] = weighed(results[i], weights["val_top1"], weights["val_top5"], machine)
+        masked[i] = masked_evaluation(results[i]["settings"])
+        if keep_in is not None:
+            keep_masked_test(keep_in, results[i], masked[i], machine)
+
     def has_weights(settings: dict) -> bool:
         with at_repository_root():  # a run's folder is relative to it
             return (Path(settings["output_dir"]) / checkpoints.CHECKPOINT).is_file()
 
-    unweighed = [i for i, result in enumerate(results)
-                 if not (result["settings"].get("no_pos_embed") or has_weights(result["settings"]))]
-    weighed = train_or_read(args, [results[i]["settings"] for i in unweighed],
+    for i in [i for i in to_test if masked[i] is None and has_weights(results[i]["settings"])]:
+        test(i, {"val_top1": results[i]["val_top1"], "val_top5": results[i]["val_top5"]})
+    unweighed = [i for i in to_test if masked[i] is None]
+    weights = train_or_read(args, [results[i]["settings"] for i in unweighed],
                             [f"{plan[i][1]} seed {plan[i][3]}, for its weights" for i in unweighed],
-                            reuse=True, elsewhere=folders)
-    results = list(results)
-    for i, again in zip(unweighed, weighed):
-        elsewhere = results[i].get("hardware") if results[i].get("read_from") else None
-        here = again.get("hardware") if again.get("read_from") else hardware(args.device)
-        pair = {"two_machines": {"first": {"machine": elsewhere, "top1": results[i]["val_top1"]},
-                                 "second": {"machine": here, "top1": again["val_top1"]}}}
-        # the same command on another machine than its record's: how far two machines part, at convergence
-        results[i] = {**results[i], "val_top1": again["val_top1"], "val_top5": again["val_top5"],
-                      **(pair if elsewhere not in (None, here) else {})}
-    return results
+                            reuse=True, elsewhere=folders, finished=lambda j, result: test(unweighed[j], result))
+    for i, result in zip(unweighed, weights):  # read from a folder of `folders`, not trained: no test yet
+        if masked[i] is None:
+            test(i, result)
+    return results, masked
 
 
 def plot(top1: dict, seeds: list[int], args, settings: str, machines: str):
@@ -157,9 +209,8 @@ def main(argv=None):
         lesson6 = Path(run_root).parent / "06"
         results = run_until_converged(args, plan, run_root, reuse=args.keep_finished, elsewhere=(lesson6, *recorded),
                                       keep_in=records_to_keep(args))
-        results = with_weights(args, plan, results, (lesson6,))
-        masked = [None if result["settings"].get("no_pos_embed") else masked_evaluation(result["settings"])
-                  for result in results]
+        results, masked = tested_masked(args, plan, results, (lesson6,), masked_tests(MASKED) if recorded else {},
+                                        MASKED if args.recorded else None)
 
     top1 = {name: {case: [] for case in CASES} for name in MODELS}
     epochs, records = {}, []

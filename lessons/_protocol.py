@@ -412,9 +412,10 @@ def judged(run: dict, half: dict) -> dict:
 
 
 def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewhere: tuple[Path, ...],
-                  keep_in: Path | None = None) -> list[dict]:
+                  keep_in: Path | None = None, finished=None) -> list[dict]:
     """Each job's result: read from a finished run of the same settings where one is found, else
-    trained (and with `keep_in`, kept there as soon as it finishes)."""
+    trained (and with `keep_in`, kept there as soon as it finishes; `finished(index, result)` is
+    called then too, for what must follow a run before a sitting can end)."""
     started = time.perf_counter()
     folders = tuple(path for path in elsewhere if path.suffix not in RECORD_SUFFIXES)
     recorded = recorded_runs(tuple(path for path in elsewhere if path.suffix in RECORD_SUFFIXES))
@@ -442,6 +443,8 @@ def train_or_read(args, jobs: list[dict], labels: list[str], reuse: bool, elsewh
               flush=True)
         if keep_in is not None:
             keep_run(keep_in, jobs[i], result, hardware(args.device))
+        if finished is not None:
+            finished(i, result)
 
     trained = iter(run_parallel(train_one, to_run, args.workers, args.threads, done=report))
     return [found[i] if i in found else next(trained) for i in range(len(jobs))]
