@@ -310,6 +310,7 @@ def test_lesson8_trains_again_for_its_weights_a_run_read_from_a_record(tmp_path,
     assert weighed[0]["two_machines"] == {"first": {"machine": "CPU Other, 2 cores", "top1": first[0]["val_top1"] - 1.5},
                                           "second": {"machine": hardware(args.device), "top1": first[0]["val_top1"]}}
     assert weighed[0]["val_top1"] == first[0]["val_top1"] and "two_machines" not in weighed[1]
+    assert weighed[0]["hardware"] == hardware(args.device)  # what trained_on names for the top-1 it now holds
     (line,) = [json.loads(line) for line in kept.read_text().splitlines()]
     assert line["top1"] == {"unmasked": first[0]["val_top1"], "masked": scores["val_top1"]}
     assert line["hardware"] == hardware(args.device) and line["evaluation"]["command"] == config.command(masked[0][0])

@@ -91,11 +91,12 @@ def keep_masked_test(path: Path, result: dict, evaluation: tuple[dict, dict], ma
 
 
 def weighed(result: dict, top1: float, top5: float, machine: str) -> dict:
-    """`result` with the top-1 of the weights tested masked, trained on `machine`, and where its record
-    came from another machine, both top-1s: how far two machines part on one command, at convergence."""
+    """`result` with the top-1 of the weights tested masked and the machine that trained them, and where
+    its record came from another machine, both top-1s: how far two machines part on one command, at
+    convergence."""
     elsewhere = result.get("hardware") if result.get("read_from") else None
     pair = {"first": {"machine": elsewhere, "top1": result["val_top1"]}, "second": {"machine": machine, "top1": top1}}
-    return {**result, "val_top1": top1, "val_top5": top5,
+    return {**result, "val_top1": top1, "val_top5": top5, "hardware": machine,
             **({"two_machines": pair} if elsewhere not in (None, machine) else {})}
 
 
