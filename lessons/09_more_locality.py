@@ -65,7 +65,8 @@ def heat_map(ax, fig, cells: dict, layers: list[int], strengths: list[float], ti
     for i, a in enumerate(strengths):
         for j, n in enumerate(layers):
             length = "\n" + epochs[n, a if n else 1.0].replace(", ", "\n") if epochs else ""
-            ax.text(j, i, f"{grid[i][j]:.1f}{length}", ha="center", va="center", color="w", fontsize=9)
+            light = grid[i][j] > (scale[0] + scale[1]) / 2  # viridis turns from dark to light there
+            ax.text(j, i, f"{grid[i][j]:.1f}{length}", ha="center", va="center", color="k" if light else "w", fontsize=9)
     ax.set_xticks(range(len(layers)), [f"{n}" + (" (alpha unused)" if n == 0 else "") for n in layers], fontsize=8)
     ax.set_yticks(range(len(strengths)), [f"{a:g}" for a in strengths])
     ax.set(xlabel="GPSA layers (of 4 blocks)", ylabel="locality strength alpha (Eq. 5)", title=title)
