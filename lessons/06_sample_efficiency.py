@@ -335,12 +335,14 @@ def sweep(args, run_root: Path, clock: Stopwatch, argv):
         cells[name, f, lr, warmup] = result
     for ax, (name, f) in zip(axes[0], [(n, f) for n in MODELS for f in fractions]):
         top1 = [[cells[name, f, lr, w]["val_top1"] for lr in grid["lr"]] for w in grid["warmup_epochs"]]
-        ax.imshow(top1, cmap="viridis", vmin=min(map(min, top1)) - 1, vmax=max(map(max, top1)))
+        low, high = min(map(min, top1)) - 1, max(map(max, top1))
+        ax.imshow(top1, cmap="viridis", vmin=low, vmax=high)
         for i, w in enumerate(grid["warmup_epochs"]):
             for j, lr in enumerate(grid["lr"]):
                 run = cells[name, f, lr, w]
+                light = run["val_top1"] > (low + high) / 2  # viridis turns from dark to light there
                 ax.text(j, i, f"{run['val_top1']:.1f}" + ("" if run["converged"] else "*"), ha="center", va="center",
-                        color="w", fontsize=9)
+                        color="k" if light else "w", fontsize=9)
         ax.set_xticks(range(len(grid["lr"])), [f"{lr:g}" for lr in grid["lr"]])
         ax.set_yticks(range(len(grid["warmup_epochs"])), [f"{w} / f" for w in grid["warmup_epochs"]])
         ax.set(xlabel="peak lr", ylabel="warmup epochs", title=f"{name}, f = {f:.0%}")
