@@ -56,7 +56,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import cli  # noqa: E402
 import config  # noqa: E402
 from lessons._command import draw_only_flag, parse, run_folder, training_parser  # noqa: E402
-from lessons._draw import save_figure  # noqa: E402
+from lessons._draw import save_figure, text_colour  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, trained_on, write_summary  # noqa: E402
 from lessons._protocol import (CONVERGED_WITHIN, FLOOR_EPOCHS, MODELS, QUICK, RECIPE, add_climbing, add_keep_finished,  # noqa: E402
                                add_records, checks, convergence_line, convergence_rule, recipe_line, records_to_keep,
@@ -340,9 +340,8 @@ def sweep(args, run_root: Path, clock: Stopwatch, argv):
         for i, w in enumerate(grid["warmup_epochs"]):
             for j, lr in enumerate(grid["lr"]):
                 run = cells[name, f, lr, w]
-                light = run["val_top1"] > (low + high) / 2  # viridis turns from dark to light there
                 ax.text(j, i, f"{run['val_top1']:.1f}" + ("" if run["converged"] else "*"), ha="center", va="center",
-                        color="k" if light else "w", fontsize=9)
+                        color=text_colour(run["val_top1"], low, high), fontsize=9)
         ax.set_xticks(range(len(grid["lr"])), [f"{lr:g}" for lr in grid["lr"]])
         ax.set_yticks(range(len(grid["warmup_epochs"])), [f"{w} / f" for w in grid["warmup_epochs"]])
         ax.set(xlabel="peak lr", ylabel="warmup epochs", title=f"{name}, f = {f:.0%}")

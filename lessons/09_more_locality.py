@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import cli  # noqa: E402
 import config  # noqa: E402
 from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
-from lessons._draw import save_figure  # noqa: E402
+from lessons._draw import save_figure, text_colour  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, print_same_commands, trained_on, write_summary  # noqa: E402
 from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
                                convergence_line, recipe_line, recorded_result, recorded_runs, records_to_keep,
@@ -65,8 +65,8 @@ def heat_map(ax, fig, cells: dict, layers: list[int], strengths: list[float], ti
     for i, a in enumerate(strengths):
         for j, n in enumerate(layers):
             length = "\n" + epochs[n, a if n else 1.0].replace(", ", "\n") if epochs else ""
-            light = grid[i][j] > (scale[0] + scale[1]) / 2  # viridis turns from dark to light there
-            ax.text(j, i, f"{grid[i][j]:.1f}{length}", ha="center", va="center", color="k" if light else "w", fontsize=9)
+            ax.text(j, i, f"{grid[i][j]:.1f}{length}", ha="center", va="center", color=text_colour(grid[i][j], *scale),
+                    fontsize=9)
     ax.set_xticks(range(len(layers)), [f"{n}" + (" (alpha unused)" if n == 0 else "") for n in layers], fontsize=8)
     ax.set_yticks(range(len(strengths)), [f"{a:g}" for a in strengths])
     ax.set(xlabel="GPSA layers (of 4 blocks)", ylabel="locality strength alpha (Eq. 5)", title=title)

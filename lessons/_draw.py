@@ -16,6 +16,12 @@ import runs  # noqa: E402
 from lessons._report import hardware  # noqa: E402
 
 
+def text_colour(value: float, low: float, high: float) -> str:
+    """Black on the light half of a colour scale from low to high, white on the dark half: viridis
+    (our maps' colours) runs from dark purple to light yellow."""
+    return "black" if value > (low + high) / 2 else "white"
+
+
 def draw_map(ax, values: torch.Tensor, rows: int, cols: int, title: str = "", query: int | None = None,
              cmap: str = "viridis", vmin=None, vmax=None, annotate: bool = False, fmt: str = "{:.0f}",
              gamma: float = 1.0):
@@ -31,11 +37,10 @@ def draw_map(ax, values: torch.Tensor, rows: int, cols: int, title: str = "", qu
         qy, qx = divmod(query, cols)
         ax.add_patch(plt.Rectangle((qx - 0.5, qy - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     if annotate:
-        middle = (grid.max() + grid.min()) / 2
         for y in range(rows):
             for x in range(cols):
                 ax.text(x, y, fmt.format(grid[y, x].item()), ha="center", va="center", fontsize=7,
-                        color="black" if grid[y, x] > middle else "white")
+                        color=text_colour(grid[y, x], grid.min(), grid.max()))
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
