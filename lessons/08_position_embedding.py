@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # convit.py lives 
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-import checkpoints  # noqa: E402
 import cli  # noqa: E402
 import config  # noqa: E402
 import train  # noqa: E402
@@ -103,8 +102,8 @@ def weighed(result: dict, top1: float, top5: float, machine: str) -> dict:
 def tested_masked(args, plan: list[tuple], results: list[dict], folders: tuple[Path, ...], recorded: dict[str, dict],
                   keep_in: Path | None) -> tuple[list, list]:
     """`results`, and each run with the position embedding tested masked (masked_evaluation; None for
-    a run without it). A record keeps no weights, so a run read from one is found in `folders` or
-    trained again, and its top-1 unmasked becomes that of these weights (on the machine that made the
+    a run without it). A record keeps no weights, so a run read from one is found finished in its
+    folder or `folders`, or continued from its checkpoint, or trained again, and its top-1 unmasked becomes that of these weights (on the machine that made the
     record, the same); a test an earlier sitting recorded (`recorded`, masked_tests') is read instead.
     With `keep_in`, each test is added there as soon as its run finishes."""
     results, masked = list(results), [None] * len(results)
@@ -122,17 +121,13 @@ def tested_masked(args, plan: list[tuple], results: list[dict], folders: tuple[P
         if keep_in is not None:
             keep_masked_test(keep_in, results[i], masked[i], machine)
 
-    def has_weights(settings: dict) -> bool:
-        with at_repository_root():  # a run's folder is relative to it
-            return (Path(settings["output_dir"]) / checkpoints.CHECKPOINT).is_file()
-
-    for i in [i for i in to_test if masked[i] is None and has_weights(results[i]["settings"])]:
-        test(i, {"val_top1": results[i]["val_top1"], "val_top5": results[i]["val_top5"]})
+    # Weights come from a finished run in a folder (its own top-1s, read back), a run cut short is
+    # continued, and only then is one trained from the start: a checkpoint is not a finished run.
     unweighed = [i for i in to_test if masked[i] is None]
     weights = train_or_read(args, [results[i]["settings"] for i in unweighed],
                             [f"{plan[i][1]} seed {plan[i][3]}, for its weights" for i in unweighed],
                             reuse=True, elsewhere=folders, finished=lambda j, result: test(unweighed[j], result))
-    for i, result in zip(unweighed, weights):  # read from a folder of `folders`, not trained: no test yet
+    for i, result in zip(unweighed, weights):  # read from a finished folder, not trained: no test yet
         if masked[i] is None:
             test(i, result)
     return results, masked
