@@ -103,8 +103,9 @@ def tested_masked(args, plan: list[tuple], results: list[dict], folders: tuple[P
                   keep_in: Path | None) -> tuple[list, list]:
     """`results`, and each run with the position embedding tested masked (masked_evaluation; None for
     a run without it). A record keeps no weights, so a run read from one is found finished in its
-    folder or `folders`, or continued from its checkpoint, or trained again, and its top-1 unmasked becomes that of these weights (on the machine that made the
-    record, the same); a test an earlier sitting recorded (`recorded`, masked_tests') is read instead.
+    folder or `folders`, or continued from its checkpoint, or trained again, and its top-1 unmasked
+    becomes that of these weights (on the machine that made the record, the same); a test an earlier
+    sitting recorded (`recorded`, masked_tests') is read instead.
     With `keep_in`, each test is added there as soon as its run finishes."""
     results, masked = list(results), [None] * len(results)
     to_test = [i for i, result in enumerate(results) if not result["settings"].get("no_pos_embed")]
