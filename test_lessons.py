@@ -806,16 +806,55 @@ def test_lesson6_ladder_takes_no_training_flag(tmp_path, capsys):
 
 
 def test_lesson8_quotes_its_runs():
+    """Table 5 as the page quotes it, from the JSON's runs: each model with its position embedding,
+    masked at test, and trained without one, each setting at the length where the mean of its seeds
+    converged; every setting at each length it trained; each setting climbed exactly while the mean
+    of its seeds' second halves added 0.5 points or more; each masked test read that run's own folder;
+    and the earlier protocol's runs (24 epochs), from their own JSON."""
+    from lessons._protocol import CONVERGED_WITHIN, MAX_DOUBLINGS, top1_by_length
     lesson8, text = committed("08_position_embedding.json"), text_of("08_position_embedding.md")
-    for name, cases in lesson8["mean_top1"].items():
-        runs = [run for run in lesson8["runs"] if run["name"] == name]
-        with_, without = ([run["top1"] for run in runs if run["pos_embed"] is flag] for flag in (True, False))
-        masked = [run["masked"]["top1"] for run in runs if run["pos_embed"]]
-        line = line_of(text, f"| {name} |")
-        drop = mean(with_) - mean(masked)
-        assert f"| {cell(with_)} | {cell(masked)} | {drop:.1f} | {cell(without)} |" in line, f"lesson 8, {name}: {line}"
-        assert all(run["masked"]["command"].endswith("--mask-pos-embed --checkpoint " + run["command"].split(
-            "--output-dir ")[1].split()[0]) for run in runs if run["pos_embed"])
+    doublings = re.search(r"--max-doublings (\d+)", lesson8["command"])  # where the climb was told to stop
+    limit = 0 if "--quick" in lesson8["command"] else int(doublings[1]) if doublings else MAX_DOUBLINGS
+    lengths, added = collections.defaultdict(lambda: collections.defaultdict(list)), collections.defaultdict(list)
+    labels, top1 = {}, collections.defaultdict(list)
+    for run in lesson8["runs"]:
+        setting = f"{run['name']}, {'with' if run['pos_embed'] else 'without'} pos_embed"
+        epochs = int(re.search(r" --epochs (\d+) ", run["command"])[1])
+        first = run["rungs"][0]["epochs"]
+        assert [rung["epochs"] for rung in run["rungs"]] == [first * 2 ** i for i in range(len(run["rungs"]))]
+        assert run["rungs"][-1]["command"] == run["command"] and run["rungs"][-1]["epochs"] == epochs
+        for length, value in top1_by_length(run).items():
+            lengths[setting][length].append(value)
+        for i, rung in enumerate(run["rungs"]):
+            added[setting, i].append(rung["second_half_adds"])
+        labels[setting] = f"{epochs:,}" + ("" if run["setting_converged"] else " (not converged)")
+        top1[setting].append(run["top1"])
+        if run["pos_embed"]:
+            top1[run["name"], "masked"].append(run["masked"]["top1"])
+            folder = run["command"].split("--output-dir ")[1].split()[0]
+            assert run["masked"]["command"].endswith("--mask-pos-embed --checkpoint " + folder), run["masked"]["command"]
+    for (setting, i), gains in added.items():
+        climbed = (setting, i + 1) in added
+        assert climbed == (mean(gains) >= CONVERGED_WITHIN) or (not climbed and i == limit), (setting, i, gains)
+    for name in lesson8["mean_top1"]:
+        with_, without, masked = top1[f"{name}, with pos_embed"], top1[f"{name}, without pos_embed"], top1[name, "masked"]
+        quoted = (f"| {name} | {labels[f'{name}, with pos_embed']}, {labels[f'{name}, without pos_embed']} | "
+                  f"{cell(with_)} | {cell(masked)} | {mean(with_) - mean(masked):.1f} | {cell(without)} |")
+        assert line_of(text, f"| {name} |").startswith(quoted), f"lesson 8, {name}"
+    every = sorted({e for by in lengths.values() for e in by})
+    for setting, by in lengths.items():
+        row = " | ".join(f"{mean(by[e]):.2f}" if e in by else "-" for e in every)
+        assert line_of(text, f"| {setting} | ") == f"| {setting} | {row} |", f"lesson 8's lengths, {setting}"
+    earlier, old = committed("08_equal_steps.json"), collections.defaultdict(list)
+    for run in earlier["runs"]:
+        old[run["name"], run["pos_embed"]].append(run["top1"])
+        if run["pos_embed"]:
+            old[run["name"], "masked"].append(run["masked"]["top1"])
+    section = text.split("## At the paper's equal steps: the earlier protocol")[1]
+    for name in earlier["mean_top1"]:
+        drop = mean(old[name, True]) - mean(old[name, "masked"])
+        assert line_of(section, f"| {name} |") == (f"| {name} | {cell(old[name, True])} | {cell(old[name, 'masked'])} | "
+                                                   f"{drop:.1f} | {cell(old[name, False])} |"), f"lesson 8's earlier protocol, {name}"
 
 
 def test_lesson9_quotes_its_runs():
