@@ -11,6 +11,7 @@ The README names the batch and the machine of what it measured.
 """
 
 import collections
+import contextlib
 import hashlib
 import importlib
 import json
@@ -19,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -574,6 +576,43 @@ def test_training_runs_in_parallel_processes_keep_their_order():
     results = run_parallel(math.sqrt, [16.0, 1.0, 9.0, 4.0], workers=2, threads=1,
                            done=lambda item, result: finished.append(item))
     assert results == [4.0, 1.0, 3.0, 2.0] and sorted(finished) == [1.0, 4.0, 9.0, 16.0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with their lesson on Linux only")
+def test_a_killed_lessons_workers_end_with_it_rather_than_train_on():
+    """A lesson killed outright (SIGKILL: no handler of its own runs) takes its training processes
+    with it, so that started again it finds no run folder still locked by an orphan."""
+    lesson = subprocess.Popen([sys.executable, "-c", "import time; from lessons._training import run_parallel; "
+                               "run_parallel(time.sleep, [600.0, 600.0], workers=2, threads=1)"], cwd=ROOT)
+
+    def proc(pid: int, name: str) -> str:  # a field of a live process from /proc, "" once it has ended
+        try:
+            return Path(f"/proc/{pid}/{name}").read_text()
+        except OSError:
+            return ""
+
+    def state(pid: int) -> list[str]:  # /proc/PID/stat after the command's name: [state, parent, ...]
+        return proc(pid, "stat").rsplit(")", 1)[-1].split() or ["ended"]
+
+    sleeping, deadline = set(), time.time() + 120
+    try:
+        while len(sleeping) < 2 and time.time() < deadline:  # both workers inside their job, time.sleep
+            time.sleep(0.5)
+            pids = [int(path.name) for path in Path("/proc").glob("[0-9]*")]
+            children = {pid for pid in pids if state(pid)[1:2] == [str(lesson.pid)]}
+            sleeping = {pid for pid in children if "nanosleep" in proc(pid, "wchan")}
+        assert len(sleeping) == 2, "the lesson's two workers never started their jobs"
+        lesson.kill()
+        lesson.wait()
+        deadline = time.time() + 30
+        while (alive := {pid for pid in sleeping if state(pid)[0] not in ("ended", "Z")}) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not alive, f"workers {sorted(alive)} outlived their killed lesson"
+    finally:
+        lesson.kill()
+        for pid in sleeping:  # where the test fails, the orphans it found
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("script", sorted(FIGURES))

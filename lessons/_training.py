@@ -11,8 +11,11 @@ runs are deterministic there; another CPU rounds differently, lessons/06_sample_
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,12 +88,22 @@ def run_parallel(function, items: list, workers: int, threads: int, done=None) -
                 done(item, results[i])
         return results
     jobs = [(function, threads, item) for item in items]
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(items))) as pool:
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(items)), _end_with, (os.getpid(),)) as pool:
         for i, result in pool.imap_unordered(_run_job, list(enumerate(jobs))):
             results[i] = result
             if done:
                 done(items[i], result)
     return results
+
+
+def _end_with(lesson_pid: int):
+    """In a new worker process: end it when the lesson's process ends, however that ends. A worker
+    that outlived a killed lesson would train on unseen for hours, holding its run folder's lock
+    against the lesson started again. Linux only (prctl's PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != lesson_pid:  # the lesson ended before the request was made
+            os._exit(1)
 
 
 def _run_job(numbered_job):
