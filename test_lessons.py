@@ -844,46 +844,58 @@ def test_lesson6_ladder_takes_no_training_flag(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def check_the_climb(summary: dict, text: str, setting_of) -> None:
+    """What lessons 8 and 9 share: each run's rungs double from its first and end in its own command;
+    each setting (`setting_of(run)`) climbed past a rung exactly while the mean of its seeds' second
+    halves added 0.5 points or more, up to the --max-doublings its command gives; and the page's
+    table of every setting at each length quotes the mean of its seeds there."""
+    from lessons._protocol import CONVERGED_WITHIN, MAX_DOUBLINGS, top1_by_length
+    doublings = re.search(r"--max-doublings (\d+)", summary["command"])  # where the climb was told to stop
+    limit = int(doublings[1]) if doublings else MAX_DOUBLINGS
+    lengths, added = collections.defaultdict(lambda: collections.defaultdict(list)), collections.defaultdict(list)
+    for run in summary["runs"]:
+        setting, first = setting_of(run), run["rungs"][0]["epochs"]
+        assert [rung["epochs"] for rung in run["rungs"]] == [first * 2 ** i for i in range(len(run["rungs"]))]
+        assert run["rungs"][-1]["command"] == run["command"]
+        assert run["rungs"][-1]["epochs"] == int(re.search(r" --epochs (\d+) ", run["command"])[1])
+        for length, top1 in top1_by_length(run).items():
+            lengths[setting][length].append(top1)
+        for i, rung in enumerate(run["rungs"]):
+            added[setting, i].append(rung["second_half_adds"])
+    for (setting, i), gains in added.items():  # a setting climbs past a rung only where its seeds' mean says so
+        climbed = (setting, i + 1) in added
+        assert climbed == (mean(gains) >= CONVERGED_WITHIN) or (not climbed and i == limit), (setting, i, gains)
+    every = sorted({e for by in lengths.values() for e in by})
+    for setting, by in lengths.items():
+        row = " | ".join(f"{mean(by[e]):.2f}" if e in by else "-" for e in every)
+        assert line_of(text, f"| {setting} | ") == f"| {setting} | {row} |", f"the lengths of {setting}"
+
+
 def test_lesson8_quotes_its_runs():
     """Table 5 as the page quotes it, from the JSON's runs: each model with its position embedding,
     masked at test, and trained without one, each setting at the length where the mean of its seeds
-    converged; every setting at each length it trained; each setting climbed exactly while the mean
-    of its seeds' second halves added 0.5 points or more; each masked test read that run's own folder;
-    and the earlier protocol's runs (24 epochs), from their own JSON."""
-    from lessons._protocol import CONVERGED_WITHIN, MAX_DOUBLINGS, top1_by_length
+    converged; the climb and every setting at each length it trained (check_the_climb); each masked
+    test read that run's own folder; and the earlier protocol's runs (24 epochs), from their own JSON."""
     lesson8, text = committed("08_position_embedding.json"), text_of("08_position_embedding.md")
-    doublings = re.search(r"--max-doublings (\d+)", lesson8["command"])  # where the climb was told to stop
-    limit = 0 if "--quick" in lesson8["command"] else int(doublings[1]) if doublings else MAX_DOUBLINGS
-    lengths, added = collections.defaultdict(lambda: collections.defaultdict(list)), collections.defaultdict(list)
+
+    def setting_of(run: dict) -> str:
+        return f"{run['name']}, {'with' if run['pos_embed'] else 'without'} pos_embed"
+
+    check_the_climb(lesson8, text, setting_of)
     labels, top1 = {}, collections.defaultdict(list)
     for run in lesson8["runs"]:
-        setting = f"{run['name']}, {'with' if run['pos_embed'] else 'without'} pos_embed"
         epochs = int(re.search(r" --epochs (\d+) ", run["command"])[1])
-        first = run["rungs"][0]["epochs"]
-        assert [rung["epochs"] for rung in run["rungs"]] == [first * 2 ** i for i in range(len(run["rungs"]))]
-        assert run["rungs"][-1]["command"] == run["command"] and run["rungs"][-1]["epochs"] == epochs
-        for length, value in top1_by_length(run).items():
-            lengths[setting][length].append(value)
-        for i, rung in enumerate(run["rungs"]):
-            added[setting, i].append(rung["second_half_adds"])
-        labels[setting] = f"{epochs:,}" + ("" if run["setting_converged"] else " (not converged)")
-        top1[setting].append(run["top1"])
+        labels[setting_of(run)] = f"{epochs:,}" + ("" if run["setting_converged"] else " (not converged)")
+        top1[setting_of(run)].append(run["top1"])
         if run["pos_embed"]:
             top1[run["name"], "masked"].append(run["masked"]["top1"])
             folder = run["command"].split("--output-dir ")[1].split()[0]
             assert run["masked"]["command"].endswith("--mask-pos-embed --checkpoint " + folder), run["masked"]["command"]
-    for (setting, i), gains in added.items():
-        climbed = (setting, i + 1) in added
-        assert climbed == (mean(gains) >= CONVERGED_WITHIN) or (not climbed and i == limit), (setting, i, gains)
     for name in lesson8["mean_top1"]:
         with_, without, masked = top1[f"{name}, with pos_embed"], top1[f"{name}, without pos_embed"], top1[name, "masked"]
         quoted = (f"| {name} | {labels[f'{name}, with pos_embed']}, {labels[f'{name}, without pos_embed']} | "
                   f"{cell(with_)} | {cell(masked)} | {mean(with_) - mean(masked):.1f} | {cell(without)} |")
         assert line_of(text, f"| {name} |").startswith(quoted), f"lesson 8, {name}"
-    every = sorted({e for by in lengths.values() for e in by})
-    for setting, by in lengths.items():
-        row = " | ".join(f"{mean(by[e]):.2f}" if e in by else "-" for e in every)
-        assert line_of(text, f"| {setting} | ") == f"| {setting} | {row} |", f"lesson 8's lengths, {setting}"
     earlier, old = committed("08_equal_steps.json"), collections.defaultdict(list)
     for run in earlier["runs"]:
         old[run["name"], run["pos_embed"]].append(run["top1"])
@@ -902,30 +914,20 @@ def test_lesson9_quotes_its_runs():
     its command gives), every setting at each length it trained, and the same command on two
     machines; each setting climbed exactly while the mean of its seeds' second halves added 0.5 points
     or more. The earlier protocol's grid is quoted from its own JSON."""
-    from lessons._protocol import CONVERGED_WITHIN, MAX_DOUBLINGS, top1_by_length
+    from lessons._protocol import CONVERGED_WITHIN, top1_by_length
     lesson9, text = committed("09_more_locality.json"), text_of("09_more_locality.md")
     budget = lesson9["budget_epochs"]
-    limit = int(re.search(r"--max-doublings (\d+)", lesson9["command"])[1]) if "--max-doublings" in lesson9["command"] \
-        else MAX_DOUBLINGS
+    check_the_climb(lesson9, text, lambda run: run["name"])
     at_budget, ends, labels, first_rung = collections.defaultdict(list), collections.defaultdict(list), {}, {}
-    lengths, added = collections.defaultdict(lambda: collections.defaultdict(list)), collections.defaultdict(list)
     for run in lesson9["runs"]:
         setting, epochs = (run["gpsa_layers"], run["locality_strength"]), int(re.search(r" --epochs (\d+) ", run["command"])[1])
-        assert [rung["epochs"] for rung in run["rungs"]] == [budget * 2 ** i for i in range(len(run["rungs"]))]
-        assert run["rungs"][-1]["command"] == run["command"] and run["rungs"][-1]["epochs"] == epochs
+        assert run["rungs"][0]["epochs"] == budget, "every setting's climb starts at the paper's budget"
         assert run["converged"] == (run["second_half_adds"] < CONVERGED_WITHIN), run["command"]
         by_length = top1_by_length(run)
-        for epochs_, top1 in by_length.items():
-            lengths[run["name"]][epochs_].append(top1)
-        for i, rung in enumerate(run["rungs"]):
-            added[setting, i].append(rung["second_half_adds"])
         at_budget[setting].append(by_length[budget])
         first_rung[run["name"], run["seed"]] = by_length[budget]
         ends[setting].append(run["top1"])
         labels[setting] = f"{epochs:,} epochs" + ("" if run["setting_converged"] else ", not converged")
-    for (setting, i), gains in added.items():  # a setting climbs past a rung only where its seeds' mean says so
-        climbed = (setting, i + 1) in added
-        assert climbed == (mean(gains) >= CONVERGED_WITHIN) or (not climbed and i == limit), (setting, i, gains)
     strengths = sorted({a for n, a in at_budget if n})
     fixed = text.split("## At the paper's budget")[1].split("\n## ")[0]
     converged = text.split("## Trained until it stops improving")[1].split("\n## ")[0]
@@ -934,10 +936,6 @@ def test_lesson9_quotes_its_runs():
         assert f"| {layers} | " + " | ".join(cell(at_budget[k]) for k in keys) + " |" == line_of(fixed, f"| {layers} |")
         quoted = " | ".join(f"{cell(ends[k])} at {labels[k]}" for k in keys)
         assert f"| {layers} | {quoted} |" == line_of(converged, f"| {layers} |"), f"lesson 9, {layers} GPSA"
-    every = sorted({e for by in lengths.values() for e in by})
-    for name, by in lengths.items():
-        row = " | ".join(f"{mean(by[e]):.2f}" if e in by else "-" for e in every)
-        assert line_of(text, f"| {name} | ") == f"| {name} | {row} |", f"lesson 9's lengths, {name}"
     pairs = lesson9["same_command_two_machines"]
     assert pairs, "lesson 9 measures two machines on the earlier protocol's commands"
     for pair in pairs:
