@@ -101,7 +101,7 @@ def _end_with(lesson_pid: int):
     that outlived a killed lesson would train on unseen for hours, holding its run folder's lock
     against the lesson started again. Linux only (prctl's PR_SET_PDEATHSIG); elsewhere a no-op."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
         if os.getppid() != lesson_pid:  # the lesson ended before the request was made
             os._exit(1)
 
