@@ -134,8 +134,9 @@ def tested_masked(args, plan: list[tuple], results: list[dict], folders: tuple[P
     return results, masked
 
 
-def plot(top1: dict, seeds: list[int], args, settings: str, machines: str):
-    """top1[model][case]: the top-1 of every seed."""
+def plot(top1: dict, epochs: dict, seeds: list[int], args, settings: str, machines: str):
+    """top1[model][case]: the top-1 of every seed; epochs as print_table5 takes them. A bar whose
+    setting stopped climbing before it converged says so: its height is a lower bound."""
     fig, (ours, paper) = plt.subplots(1, 2, figsize=(14, 4.6), layout="constrained", width_ratios=(3, 2))
     colours = ["tab:green", "tab:orange", "tab:purple"]
     width = 0.8 / len(CASES)
@@ -145,7 +146,11 @@ def plot(top1: dict, seeds: list[int], args, settings: str, machines: str):
         bars = ours.bar([m + (i - 1) * width for m in range(len(MODELS))], means, width, color=colours[i], label=case,
                         yerr=[[a - min(v) for a, v in zip(means, values)], [max(v) - a for a, v in zip(means, values)]],
                         capsize=3)
-        ours.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        # The masked bars test the weights of the "tested with" runs: they stopped where those did.
+        stops = [epochs.get((name, case)) or epochs[name, "trained with, tested with"] for name in MODELS]
+        labels = [f"{m:.1f}" + ("" if converged else f"\n{trained:,} epochs,\nnot converged")
+                  for m, (trained, converged) in zip(means, stops)]
+        ours.bar_label(bars, labels, fontsize=8, padding=2)
     what = f"mean of {len(seeds)} seeds, bars: min to max" if len(seeds) > 1 else f"seed {seeds[0]}"
     ours.set_xticks(range(len(MODELS)), list(MODELS))
     ours.set(ylabel="top-1 (%)", ylim=(0, 105), title=f"ours: {args.dataset}, C = {args.embed_dim}, H = "
@@ -229,7 +234,7 @@ def main(argv=None):
                               [seed for *_, seed, _ in plan], results)
     what = ("seeds " if len(seeds) > 1 else "seed ") + ", ".join(map(str, seeds))
     settings = f"{recipe_line(args)}, f = {fraction:.0%}, {what}"
-    plot(top1, seeds, args, settings, trained_on(results, args.device))
+    plot(top1, epochs, seeds, args, settings, trained_on(results, args.device))
     print_table5(top1, epochs)
     print(convergence_line(results))
     pairs = [{"name": name, "seed": seed, **result["two_machines"]}
