@@ -51,6 +51,7 @@ CASES = {  # what each bar shows
     "trained with, tested masked": "the same weights, pos_embed left out at test time (Table 5)",
     "trained without": "--no-pos-embed: no absolute position at all, in training or test",
 }
+TRAINED_AS = {"trained with, tested masked": "trained with, tested with"}  # masked tests reuse those runs' weights
 
 
 def masked_evaluation(settings: dict) -> tuple[dict, dict]:
@@ -146,8 +147,7 @@ def plot(top1: dict, epochs: dict, seeds: list[int], args, settings: str, machin
         bars = ours.bar([m + (i - 1) * width for m in range(len(MODELS))], means, width, color=colours[i], label=case,
                         yerr=[[a - min(v) for a, v in zip(means, values)], [max(v) - a for a, v in zip(means, values)]],
                         capsize=3)
-        # The masked bars test the weights of the "tested with" runs: they stopped where those did.
-        stops = [epochs.get((name, case)) or epochs[name, "trained with, tested with"] for name in MODELS]
+        stops = [epochs[name, TRAINED_AS.get(case, case)] for name in MODELS]  # a masked test: where its runs stopped
         labels = [f"{m:.1f}" + ("" if converged else f"\n{trained:,} epochs,\nnot converged")
                   for m, (trained, converged) in zip(means, stops)]
         ours.bar_label(bars, labels, fontsize=8, padding=2)
