@@ -34,6 +34,7 @@ checkpoints.py's; drawing the figure is plots.py's, which train.py calls when a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -175,8 +176,9 @@ def save_atomically(obj, path: Path):
 def writable_folder(path, flag: str, create: bool = True) -> Path:
     """Create the folder `path` if needed and prove that a file can be written in it, before any
     work starts; anything in the way is one RunError naming `flag` and the real problem.
-    create=False checks the same and makes nothing: a folder that does not exist yet is judged by
-    its nearest existing parent, so that a command refused later leaves no empty folder behind."""
+    create=False proves the same and leaves nothing: the folders it had to make for the test are
+    removed again, so that a command refused later leaves no empty folder behind. The test is a
+    real write, not os.access, which says yes to root wherever the mode bits do (/proc, say)."""
     path = Path(path)
     if str(path) == "":
         raise RunError(f"{flag} is empty: name a folder")
@@ -185,11 +187,7 @@ def writable_folder(path, flag: str, create: bool = True) -> Path:
     blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
         raise RunError(f"{flag} {path} cannot be created: {blocker} is a file, not a folder")
-    if not create and not path.exists():
-        parent = next(parent for parent in path.parents if parent.exists())
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunError(f"{flag} {path} cannot be created ({parent} is not writable)")
-        return path
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -197,6 +195,10 @@ def writable_folder(path, flag: str, create: bool = True) -> Path:
         probe.unlink()
     except OSError as err:
         raise RunError(f"{flag} {path} cannot be written ({os_reason(err)})") from None
+    finally:
+        for folder in made if not create else ():
+            with contextlib.suppress(OSError):  # not made, or no longer empty: leave it
+                folder.rmdir()
     return path
 
 

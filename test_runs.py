@@ -365,6 +365,24 @@ def test_lesson_output_folders_that_cannot_be_written(argv, says, tmp_path, caps
                    says.replace("{file}", str(a_file)))
 
 
+def test_a_folder_the_system_will_not_make_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """The check makes the folder for real, so it holds even where os.access says yes to root
+    (under /proc, say); refused or not, the check leaves no folder of its own behind."""
+    real_mkdir = Path.mkdir
+
+    def refuse_under_locked(self, *args, **kwargs):
+        if "locked" in self.parts:
+            raise OSError(errno.EACCES, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse_under_locked)
+    figures = tmp_path / "locked" / "figures"
+    one_error_line(cli.run_command(lesson("05").main, ["--quick", "--out-dir", str(figures)]), capsys.readouterr().err,
+                   f"--out-dir {figures} cannot be written (Permission denied)")
+    assert runs.writable_folder(tmp_path / "new" / "figures", "--out-dir", create=False) == tmp_path / "new" / "figures"
+    assert sorted(tmp_path.iterdir()) == []  # neither refused nor proved folders were left
+
+
 def test_a_full_disk_under_a_lessons_figures_is_one_line(tmp_path, capsys, monkeypatch):
     from matplotlib.figure import Figure
 
