@@ -463,16 +463,19 @@ def entry_points() -> dict:
     refused for its own reason, if a prefix of the flag were taken for it."""
     import bench
     import plots
-    from tools import gpu_check
+    from tools import baselines, gpu_check, gpu_profile
 
     points = {"train.py": (train.main, "--epochs", "0"), "bench.py": (bench.main, "--device", "foo"),
-              "plots.py": (plots.main, "--help", "RUN_DIR"), "tools/gpu_check.py": (gpu_check.main, "--budget", "-1")}
+              "plots.py": (plots.main, "--help", "RUN_DIR"), "tools/gpu_check.py": (gpu_check.main, "--budget", "-1"),
+              "tools/gpu_profile.py": (gpu_profile.main, "--batch-size", "0"),
+              "tools/baselines.py": (baselines.main, "--defaults-only", None)}
     for path in sorted((HERE / "lessons").glob("[0-9][0-9]_*.py")):
         points[f"lessons/{path.name}"] = (lesson(path.name[:2]).main, "--threads", "-1")
     return points
 
 
-@pytest.mark.parametrize("script", ["train.py", "bench.py", "plots.py", "tools/gpu_check.py",
+@pytest.mark.parametrize("script", ["train.py", "bench.py", "plots.py", "tools/gpu_check.py", "tools/gpu_profile.py",
+                                    "tools/baselines.py",
                                     *[f"lessons/{path.name}" for path in sorted((HERE / "lessons").glob("[0-9][0-9]_*.py"))]])
 def test_an_abbreviated_flag_is_refused_by_every_entry_point(script, capsys):
     """argparse takes a unique prefix for the whole flag (`--epoch 3` for --epochs 3) unless told not

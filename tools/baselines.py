@@ -1,6 +1,7 @@
 """The classical baselines of the main job: scikit-learn models on the digits, on train.py's split.
 
-    python tools/baselines.py        # about 10 s on 2 cores
+    python tools/baselines.py                  # about 10 s on 2 cores
+    python tools/baselines.py --defaults-only  # scikit-learn's defaults alone, about a second (the tests)
 
 The split is data.digits_split, the one every `python train.py` run is judged on (stratified
 80/20, seed 0: 1437 training / 360 validation images); the pixels are scaled to 0-1 (divided
@@ -22,6 +23,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data.py lives in the repository root
+import cli  # noqa: E402
 import data  # noqa: E402
 
 BASELINES = {  # name: (the model with scikit-learn's defaults, the grid that cross-validation searches)
@@ -32,9 +34,12 @@ BASELINES = {  # name: (the model with scikit-learn's defaults, the grid that cr
 }
 
 
-def main(tune: bool = True) -> dict[str, tuple[float, float | None]]:
-    """Print the table; return {model: (val top-1 with the defaults, val top-1 tuned), in %}. With
-    `tune` False (the tests), the defaults only, in about a second."""
+def main(argv: list[str] | None = None) -> dict[str, tuple[float, float | None]]:
+    """Print the table; return {model: (val top-1 with the defaults, val top-1 tuned or None), in %}."""
+    parser = cli.ArgumentParser(prog="python tools/baselines.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="fit each model with scikit-learn's defaults only, no cross-validation (about a second)")
+    tune = not parser.parse_args(argv).defaults_only
     pixels, labels, train_idx, val_idx = data.digits_split()
     features = pixels.reshape(len(pixels), -1) / 16
     x_train, y_train, x_val, y_val = features[train_idx], labels[train_idx], features[val_idx], labels[val_idx]
@@ -63,4 +68,4 @@ def main(tune: bool = True) -> dict[str, tuple[float, float | None]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_command(main))

@@ -12,7 +12,6 @@ Each batch is bench.py's inference job, so fp32 is plain fp32 there too (TF32 le
 default). docs/speed.md holds what it printed on an H200.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench  # noqa: E402
+import cli  # noqa: E402
 
 WARMUP, TIMED, PROFILED = 3, 10, 5
 
@@ -47,12 +47,12 @@ def profile_model(model: torch.nn.Module, images: torch.Tensor, dtype: torch.dty
     return wall_ms, kernel_ms, launches, events
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python tools/gpu_profile.py", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.ArgumentParser(prog="python tools/gpu_profile.py", description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, Table 1's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, not {args.batch_size}")
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not torch.cuda.is_available():
         print("no CUDA GPU: this profiles GPU kernels (bench.py --profile profiles the CPU)")
         return 0
@@ -70,4 +70,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_command(main))
