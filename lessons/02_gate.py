@@ -58,7 +58,6 @@ def main(argv=None):
     args = parse(lesson_parser(__doc__, __file__, uses_data=True), argv)
     clock = Stopwatch("lesson 2")
     img_size, patch_size, batch = (32, 4, 4) if args.quick else (64, 4, 8)
-    rows = cols = img_size // patch_size
     channels = in_chans(args.dataset)
     images = sample_images(args.dataset, batch, img_size, args.data_dir, seed=3).to(args.device)  # first: a 2
 
@@ -68,13 +67,21 @@ def main(argv=None):
     give_content_meaning(with_meaning.blocks[0].attn)
     models = {"at init (random $W_{qry}, W_{key}$)": at_init, "$W_{qry} = W_{key} = I$ (content has meaning)": with_meaning}
     head = convit.head_looking_at(9, 1.0, 0.0)  # the head looking one patch to the right
+    draw_gate_maps(args, models, head, images, patch_size)
+    draw_gate_curve(args, models, head, images, patch_size)
+    clock.done()
+
+
+def draw_gate_maps(args, models: dict, head: int, images: torch.Tensor, patch_size: int):
+    """Figure 1: one query's attention in `head` as its gate moves from content to position."""
+    img_size = images.shape[-1]
+    rows = cols = img_size // patch_size
     # The query: the brightest patch away from the edges, so a patch on a stroke of the digit.
     brightness = reduce(images[0], "c (rows p) (cols q) -> rows cols", "mean", p=patch_size, q=patch_size)
     central = torch.zeros_like(brightness, dtype=torch.bool)
     central[rows // 4: 3 * rows // 4, cols // 4: 3 * cols // 4] = True
     query = int(brightness.masked_fill(~central, float("-inf")).argmax())  # raster index = token index
 
-    # --- Figure 1: the maps -------------------------------------------------------------
     fig, axes = plt.subplots(2, len(LAMBDAS) + 1, figsize=(2.2 * (len(LAMBDAS) + 1), 5.4), layout="constrained")
     for r, (label, model) in enumerate(models.items()):
         layer = model.blocks[0].attn
@@ -102,7 +109,10 @@ def main(argv=None):
                 f"{args.dataset} image at {img_size}x{img_size}, patch {patch_size} ({rows}x{cols} grid), "
                 f"9 heads, C = 144, alpha = 1; only lambda of head {head} is changed", args.device)
 
-    # --- Figure 2: sigma(lambda), and nonlocality linear in sigma ------------------------
+
+def draw_gate_curve(args, models: dict, head: int, images: torch.Tensor, patch_size: int):
+    """Figure 2: sigma(lambda), and the nonlocality of `head`, linear in sigma."""
+    side = images.shape[-1]
     sweep = torch.linspace(-6, 6, 5 if args.quick else 9)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     dense = torch.linspace(-6, 6, 200)
@@ -128,9 +138,8 @@ def main(argv=None):
               title=f"head {head}: nonlocality is linear in $\\sigma$")
     right.legend(fontsize=8)
     save_figure(fig, args.out_dir, "02_gate_curve.png",
-                f"{batch} {args.dataset} images at {img_size}x{img_size}, patch {patch_size}, 9 heads, alpha = 1; "
+                f"{len(images)} {args.dataset} images at {side}x{side}, patch {patch_size}, 9 heads, alpha = 1; "
                 f"lambda of head {head} swept over [-6, 6]", args.device)
-    clock.done()
 
 
 if __name__ == "__main__":

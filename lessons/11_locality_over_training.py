@@ -297,12 +297,23 @@ def main(argv=None):
                 + (f" (DeiT and ConViT also {', '.join(map(str, args.pair_seeds))})" if args.pair_seeds else ""))
     plot(by_model, args, settings, grid)
     summaries = {name: summarise(runs) for name, runs in by_model.items()}
+    print_tables(by_model, summaries, grid, fig15, seeds[0], args.depth)
+    write_summary(args, __file__, "11_locality_over_training.json", clock, argv, indent=None, settings=settings,
+                  seeds=seeds, pair_seeds=args.pair_seeds, uniform_nonlocality=uniform, per_block=summaries,
+                  fig15_mean_distance_from_centre=fig15,
+                  runs=[run for runs in by_model.values() for run in runs])
+    clock.done()
+
+
+def print_tables(by_model: dict, summaries: dict, grid: int, fig15: dict, first_seed: int, depth: int):
+    """What the figures show, as numbers: Figs. 5 and 6 per block, the class token's share, Fig. 15's
+    distances, the last gate of every head, and each model's top-1."""
     print("\nFig. 5: nonlocality per block (mean of heads), after epoch 1 -> after the last, mean (range) of seeds; "
           "(SA): a plain self-attention block")
     print("\n".join(fig5_table(summaries)))
     print("\nFig. 6: gate sigma(lambda) per GPSA block (mean of heads), after epoch 1 -> after the last")
     print("\n".join(fig6_table(summaries)))
-    all_gpsa = list(models(args.depth))[2]
+    all_gpsa = list(models(depth))[2]
     print("\nshare of the patch queries' attention on the class token at the end, per SA block, mean (range) of seeds")
     for name, runs in by_model.items():
         blocks = [[run["class_token_share"][b] for run in runs] for b in range(len(runs[0]["class_token_share"]))]
@@ -311,18 +322,13 @@ def main(argv=None):
                                            if v[0] is not None))
     centre = (grid // 2) * (grid + 1)  # the middle patch of the grid
     from_centre = convit.relative_positions(grid, grid)[centre, :, 2].sqrt().mean().item()
-    print(f"\nFig. 15, DeiT seed {seeds[0]}: mean distance of the centre patch's attention from it, per head "
+    print(f"\nFig. 15, DeiT seed {first_seed}: mean distance of the centre patch's attention from it, per head "
           f"(uniform: {from_centre:.2f})")
     for title, values in fig15.items():
         print(f"  {title}: " + " ".join(f"{v:.2f}" for v in values))
     print(f"\n{all_gpsa}: the last gate of each head")
     print("\n".join(heads_table(by_model[all_gpsa])))
     print("\ntop-1: " + "; ".join(f"{name} {cell([run['top1'] for run in runs])}" for name, runs in by_model.items()))
-    write_summary(args, __file__, "11_locality_over_training.json", clock, argv, indent=None, settings=settings,
-                  seeds=seeds, pair_seeds=args.pair_seeds, uniform_nonlocality=uniform, per_block=summaries,
-                  fig15_mean_distance_from_centre=fig15,
-                  runs=[run for runs in by_model.values() for run in runs])
-    clock.done()
 
 
 if __name__ == "__main__":
