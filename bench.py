@@ -202,6 +202,22 @@ def code_from(folder) -> object:
     return module
 
 
+def twins_before(folder, patch_size: int, models: dict[str, ConViT]) -> dict[str, ConViT]:
+    """`models` as the convit.py in `folder` builds them, with the same weights. That file is
+    another checkout's code, which may not parse, build these models or take these weights:
+    whatever it raises is one line naming --before, not a traceback from inside it."""
+    try:
+        twins = small_models(patch_size, code_from(folder))
+        for name, twin in twins.items():
+            twin.load_state_dict(models[name].state_dict())
+    except Exception as err:  # noqa: BLE001 - foreign code can raise anything; we only name it
+        reason = cli.one_line(err)
+        reason = reason if len(reason) <= 300 else reason[:300] + "..."  # a state_dict's key list can run long
+        raise ValueError(f"--before {folder}: its convit.py cannot build lesson 6's models with these weights "
+                         f"({type(err).__name__}: {reason})") from None
+    return twins
+
+
 # Table 1's pairs, and the paper's throughput: img/s, fp32, batch 128, on a Quadro GP100.
 TABLE1_SIZES = ["tiny", "tiny_plus", "small", "small_plus", "base", "base_plus"]
 PAPER_SPEED = {"deit_tiny": 1442, "convit_tiny": 734, "deit_tiny_plus": 1036, "convit_tiny_plus": 625,
@@ -313,9 +329,7 @@ def print_small(args):
     models = small_models(args.patch_size)
     reference, twins = None, {}
     if args.before:
-        reference, twins = "before", small_models(args.patch_size, code_from(args.before))
-        for name, twin in twins.items():
-            twin.load_state_dict(models[name].state_dict())
+        reference, twins = "before", twins_before(args.before, args.patch_size, models)
     elif compiling:
         reference, twins = "eager", {name: copy.deepcopy(model) for name, model in models.items()}
     for what, make_job, batch in (("training step", partial(training_job, as_train_py=True), args.train_batch_size),

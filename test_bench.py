@@ -179,6 +179,21 @@ def test_bad_input_is_one_line_before_anything_is_timed(argv, says, capsys):
     assert captured.out == ""  # no table header before the error
 
 
+@pytest.mark.parametrize("code, says", [
+    ("this is not python (", "(SyntaxError: '(' was never closed"),
+    ("x = 1", "(AttributeError: module 'convit_before' has no attribute 'create_model')"),  # an older layout
+    ("import torch.nn as nn\ndef create_model(name, **kwargs):\n    return nn.Linear(3, 3)\n",
+     "(RuntimeError: Error(s) in loading state_dict for Linear: Missing key(s)"),  # other weights
+])
+def test_an_older_checkout_that_cannot_build_the_models_is_one_line(code, says, tmp_path, capsys):
+    """--before runs another checkout's convit.py: whatever it raises is named, not a traceback from it."""
+    (tmp_path / "convit.py").write_text(code)
+    result = cli.run_command(bench.main, ["--small", "--before", str(tmp_path), "--rounds", "1"])
+    captured = capsys.readouterr()
+    one_error_line(result, captured.err, f"--before {tmp_path}: its convit.py cannot build lesson 6's models", says)
+    assert captured.out == ""
+
+
 def test_bench_flags_have_their_ranges_in_one_table():
     """Every numeric flag of bench.py is a field with a range (cli.flag), as train.py's are."""
     ranged = {field.name for field in dataclasses.fields(bench.Settings) if field.metadata["interval"]}
