@@ -24,6 +24,7 @@ of the program that trains.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -109,6 +110,7 @@ def draw_run(run_dir) -> Path:
     records = [r for r in runs.read_metrics(run_dir) if "val_top1" in r and "nonlocality" in r]
     if not records:
         raise ValueError(f"{run_dir / runs.METRICS} holds no evaluated epoch yet: nothing to draw")
+    check_records(records, run_dir / runs.METRICS)
     epochs = [r["epoch"] for r in records]
     nonlocality = torch.tensor([[r["nonlocality"] for r in records]])  # (1, epochs, blocks, H)
     gates = torch.tensor([[r["gates"] for r in records]]) if "gates" in records[0] else None  # (1, epochs, GPSA, H)
@@ -134,25 +136,65 @@ def draw_run(run_dir) -> Path:
     draw_nonlocality(ax_nonlocal, epochs, nonlocality, n_gpsa, colours)
     fig.suptitle(f"{run_dir}: {len(records)} evaluations, epochs {epochs[0]}-{epochs[-1]}", fontsize=10)
 
-    path = run_dir / runs.FIGURE
+    return write_png(fig, run_dir / runs.FIGURE)
+
+
+NUMBERS = ("val_top1", "val_top5", "train_loss", "val_loss")  # what the figure reads from every line (and its
+# epoch, which runs.read_metrics has checked is an int)
+
+
+def check_records(records: list[dict], path: Path):
+    """train.py writes every line of metrics.jsonl itself, so a line the figure cannot read was
+    edited or damaged: one ValueError naming the file and the line's epoch, not a traceback from
+    inside torch or matplotlib. Every line needs its numbers, and nonlocality (blocks x heads) and
+    gates (GPSA blocks x heads, or none, as DeiT) of the first line's shape."""
+    first = None
+    for record in records:
+        where = f"{path}, the line of epoch {record['epoch']}"
+        bad = [key for key in NUMBERS if type(record.get(key)) not in (int, float)]
+        if bad:
+            raise ValueError(f"{where}: {', '.join(bad)} missing or not a number; train.py writes each line "
+                             f"itself, so this file was edited or damaged")
+        try:
+            shapes = tuple(None if key not in record else tuple(torch.tensor(record[key], dtype=torch.float).shape)
+                           for key in ("nonlocality", "gates"))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{where}: nonlocality or gates is not a table of numbers ({cli.one_line(err)})") from None
+        first = first or shapes
+        if shapes != first or any(shape is not None and (len(shape) != 2 or 0 in shape) for shape in shapes):
+            sizes = ", ".join(f"{key} {' x '.join(map(str, shape))}" if shape is not None else f"no {key}"
+                              for key, shape in zip(("nonlocality", "gates"), first))
+            raise ValueError(f"{where}: nonlocality and gates must be tables of blocks x heads, of the same shape "
+                             f"on every line (the first line: {sizes})")
+
+
+def write_png(fig, path: Path) -> Path:
+    """Save `fig` as `path` through a temporary file: a run killed while drawing leaves the old
+    figure or the new, whole. A figure that cannot be written is one ValueError naming the path,
+    and leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=80, format="png")
-    os.replace(tmp, path)  # a run killed while drawing leaves the old figure or the new, whole
+    try:
+        fig.savefig(tmp, dpi=80, format="png")
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise runs.RunError(f"could not write {path} ({runs.os_reason(err)})") from None
     return path
 
 
 def figure_of_run(run_dir) -> Path | None:
     """train.py's call when a run ends (or is interrupted): draw_run, or where matplotlib is
-    missing None and a note. A figure that cannot be written is one ValueError that says the
-    checkpoint and metrics are whole."""
+    missing None and a note. A figure that cannot be drawn or written is one ValueError that says
+    the checkpoint and metrics are whole."""
     try:
         return draw_run(run_dir)
     except ImportError as err:  # the run itself is whole: say so rather than fail at its end
         print(f"note: no {runs.FIGURE} ({err}); pip install matplotlib, then python plots.py {run_dir}")
         return None
-    except OSError as err:
-        raise runs.RunError(f"could not write {Path(run_dir) / runs.FIGURE} ({runs.os_reason(err)}); the checkpoint "
-                            f"and metrics are whole: draw it later with python plots.py {run_dir}") from None
+    except ValueError as err:
+        raise runs.RunError(f"{err}; the checkpoint and metrics are whole: draw the figure later with python plots.py "
+                            f"{run_dir}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,9 +294,7 @@ def draw_attention(model: convit.ConViT, images: torch.Tensor, spec: data.Datase
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(about, fontsize=9)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, dpi=80, format="png")
-    os.replace(tmp, out)  # a figure whole, or none
+    write_png(fig, out)
     return AttentionMaps(out, layers, query, indices, maps, gates, titles)
 
 
@@ -355,10 +395,7 @@ def main(argv: list[str] | None = None):
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / runs.METRICS).is_file():
             raise ValueError(f"{run_dir} holds no {runs.METRICS}: is it the --output-dir of a train.py run?")
-        try:
-            print(f"wrote {draw_run(run_dir)}")
-        except OSError as err:
-            raise ValueError(f"could not write {Path(run_dir) / runs.FIGURE} ({runs.os_reason(err)})") from None
+        print(f"wrote {draw_run(run_dir)}")
 
 
 if __name__ == "__main__":

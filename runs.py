@@ -204,14 +204,14 @@ def writable_folder(path, flag: str, create: bool = True) -> Path:
 
 def read_metrics(run_dir) -> list[dict]:
     """The lines of a run's metrics.jsonl, one dict per evaluated epoch. A line that does not
-    parse (torn by a crash; --resume drops it) is skipped."""
+    parse (torn by a crash, or bytes that are not text; --resume drops it) is skipped."""
     records = []
-    for line in (Path(run_dir) / METRICS).read_text().splitlines():
+    for line in (Path(run_dir) / METRICS).read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "epoch" in record:
+        if isinstance(record, dict) and type(record.get("epoch")) is int:  # train.py's epochs count from 1
             records.append(record)
     return records
 

@@ -132,9 +132,11 @@ def test_bad_input_is_one_error_line_and_writes_nothing(ours, tmp_path, capsys):
         ([tmp_path / "nothing.pth", *out], "--attention " + str(tmp_path / "nothing.pth") + " does not exist"),
         ([ours, "--out", tmp_path / "x.jpg"], "name a .png file"),
         ([ours, "--out", tmp_path / "no" / "x.png"], "the folder " + str(tmp_path / "no") + " does not exist"),
+        ([ours, "--out", tmp_path / "folder.png"], f"could not write {tmp_path / 'folder.png'} (Is a directory)"),
     ]
+    (tmp_path / "folder.png").mkdir()
     for argv, message in cases:
         one_error_line(cli.run_command(plots.main, ["--attention", *map(str, argv)]), capsys.readouterr().err, message)
     one_error_line(cli.run_command(plots.main, ["--layers", "2", *out]), capsys.readouterr().err,
                    "--layers, --out: only with --attention CHECKPOINT")
-    assert [path.name for path in tmp_path.glob("**/*.png*")] == ["broken.png"]  # no figure, whole or partial
+    assert [path.name for path in tmp_path.glob("**/*.png*") if path.is_file()] == ["broken.png"]  # no figure, whole or partial

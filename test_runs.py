@@ -20,6 +20,7 @@ The data is conftest's `folder` of 24 tiny PNGs; a run of the 3-block model take
 """
 
 import errno
+import json
 import os
 import re
 import signal
@@ -453,6 +454,36 @@ def test_a_finished_run_folder_holds_its_own_figure_and_plots_py_redraws_it(fold
     done = subprocess.run([sys.executable, str(HERE / "plots.py"), str(tmp_path)], capture_output=True, text=True,
                           timeout=120, cwd=HERE)
     one_error_line(done.returncode, done.stderr, f"{tmp_path} holds no metrics.jsonl")
+
+
+def test_a_metrics_line_the_figure_cannot_read_is_one_line_naming_it(folder, tmp_path, capsys):
+    """metrics.jsonl edited or damaged by hand: plots.py names the file and the epoch's line, and
+    train.py's call at a run's end adds that the run itself is whole. Bytes that are not text, like
+    a torn line, are skipped."""
+    run = tmp_path / "run"
+    train.main([*flags(folder, 2), "--output-dir", str(run), "--no-figure"])
+    lines = [json.loads(line) for line in (run / runs.METRICS).read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2] and "gates" in lines[1]
+    cases = [
+        (lambda r: r.pop("val_top5"), "val_top5 missing or not a number"),
+        (lambda r: r.update(val_top1=None), "val_top1 missing or not a number"),
+        (lambda r: r.update(nonlocality=[]), "nonlocality and gates must be tables of blocks x heads"),
+        (lambda r: r.update(nonlocality=5), "nonlocality and gates must be tables of blocks x heads"),
+        (lambda r: r.update(gates=[[0.7, None]]), "nonlocality or gates is not a table of numbers"),
+        (lambda r: r.pop("gates"), "nonlocality and gates must be tables of blocks x heads, of the same shape on "
+                                   "every line (the first line: nonlocality 3 x 4, gates 1 x 4)"),
+    ]
+    for change, says in cases:
+        last = json.loads(json.dumps(lines[1]))
+        change(last)
+        (run / runs.METRICS).write_text("".join(json.dumps(line) + "\n" for line in (lines[0], last)))
+        one_error_line(cli.run_command(plots.main, [str(run)]), capsys.readouterr().err,
+                       f"{run / runs.METRICS}, the line of epoch 2: {says}")
+    with pytest.raises(runs.RunError, match="the line of epoch 2: .*; the checkpoint and metrics are whole: draw"):
+        plots.figure_of_run(run)
+    (run / runs.METRICS).write_bytes(json.dumps(lines[0]).encode() + b"\n\xff\xfe not text\n")
+    assert plots.main([str(run)]) is None and is_png(run / runs.FIGURE)  # epoch 1 drawn; the bad bytes skipped
+    assert not list(run.glob("*.tmp"))
 
 
 def test_no_figure_draws_none_and_says_so_and_a_quick_lesson_passes_it_only_for_scratch_runs(folder, tmp_path, capsys):
