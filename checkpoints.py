@@ -165,6 +165,8 @@ def find_checkpoint(path: str | None, flag: str) -> str | None:
     """--resume and --checkpoint take a .pth file, or a run folder for the checkpoint.pth inside it."""
     if path is None:
         return None
+    if str(path) == "":  # Path("") is the current folder: a run there would be resumed unasked
+        raise CheckpointError(f"{flag} is empty: give a .pth file, or the --output-dir of a run")
     if not Path(path).exists():
         raise CheckpointError(f"{flag} {path} does not exist")
     if Path(path).is_dir():

@@ -346,7 +346,8 @@ def load_cifar(name: str, root: Path, train: bool, transform) -> ArrayImageDatas
 
 def load_imagefolder(root: Path, keep: int | None, train_tf, eval_tf):
     if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist (--data-dir)")
+        raise DataError(f"data directory {root} {'is a file, not a folder' if root.exists() else 'does not exist'} "
+                        f"(--data-dir)")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataError(f"--dataset imagefolder expects {root}/train/ and {root}/val/ "

@@ -350,6 +350,8 @@ BAD_INPUTS = [
     ("train", ["--checkpoint", "{tmp}/missing.pth"], "--checkpoint {tmp}/missing.pth does not exist"),
     ("train", ["--checkpoint", "{tmp}/corrupt.pth"], "checkpoint {tmp}/corrupt.pth is truncated or damaged"),
     ("train", ["--resume", "{tmp}"], "--resume {tmp} is a folder without a checkpoint.pth"),
+    ("train", ["--resume", ""], "--resume is empty: give a .pth file"),  # not the current folder, resumed unasked
+    ("train", ["--eval-only", "--checkpoint", ""], "--eval-only needs --checkpoint PATH"),
     # batch 1: every image is drawn (batches of 8 would drop one image of the 25, maybe the broken one)
     ("train", ["--data-dir", "{corrupt}", "--batch-size", "1"], "image {corrupt}/train/a_red/broken.png cannot be read"),
     ("train", ["--data-dir", "{corrupt}", "--batch-size", "1", "--workers", "1"],  # raised in a loader worker
@@ -359,6 +361,8 @@ BAD_INPUTS = [
     ("lesson 03", ["--threads", "-1"], "--threads must be at least 0, got -1"),
     ("lesson 07", ["--device", "foo"], "--device 'foo' is not a device"),
     ("lesson 02", ["--dataset", "imagefolder", "--data-dir", "{tmp}/nowhere"], "data directory {tmp}/nowhere does not exist"),
+    ("lesson 02", ["--dataset", "imagefolder", "--data-dir", "{tmp}/corrupt.pth"],
+     "data directory {tmp}/corrupt.pth is a file, not a folder (--data-dir)"),
     ("lesson 04", ["--dataset", "cifar10", "--data-dir", "{tmp}"], "could not download cifar10"),
     ("lesson 05", ["--quick", "--epochs", "0"], "--epochs must be at least 1, got 0"),
     ("lesson 05", ["--quick", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),

@@ -516,8 +516,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
     # weights up after one step, so that the second step's loss is not finite.
     fails_with(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--batch-size", "16",
                 "--epochs", "2", "--warmup-epochs", "1", "--warmup-lr", "1e-6", "--lr", "1e30",
-                "--output-dir", str(tmp_path)], capsys, "non-finite loss")
+                "--output-dir", str(tmp_path)], capsys, "non-finite loss",
+               f"the last good checkpoint ({tmp_path / 'checkpoint.pth'}) is untouched")
     assert [m["epoch"] for m in metrics_of(tmp_path)] == [1]
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    # The same blow-up in epoch 1, before any checkpoint: the message names none.
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(image_folder), *TINY, "--batch-size", "16",
+                "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e30", "--output-dir", str(tmp_path / "fresh")],
+               capsys, "at epoch 1, step", "no checkpoint had been saved yet")

@@ -411,9 +411,10 @@ def train(training: Training) -> dict:
             # stop together, before any step or save, and the last good checkpoint survives.
             loss_value = runs.global_sum(loss.detach().clone(), proc).item() / proc.world
             if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint ({checkpoint_path}) is untouched" if checkpoint_path.is_file()
+                        else "no checkpoint had been saved yet")
                 raise TrainError(f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {steps + 1}: stopped "
-                                 f"before the optimiser step; the last good checkpoint ({checkpoint_path}) is "
-                                 f"untouched. Lower --lr or set --clip-grad.")
+                                 f"before the optimiser step; {kept}. Lower --lr or set --clip-grad.")
 
             state.optimizer.zero_grad(set_to_none=True)
             state.scaler.scale(loss).backward()
