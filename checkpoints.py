@@ -184,6 +184,12 @@ def read_resumable(path: str) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of train.py (a released .pth? use --checkpoint)")
     if not isinstance(checkpoint["args"], dict) or "epochs" not in checkpoint["args"]:
         raise CheckpointError(f"{path} has damaged flags (args); it is not a checkpoint of this train.py")
+    # train.py saves after each epoch, so epoch counts the epochs done, 1 to the run's planned length;
+    # anything else would restart the schedule in the wrong place, and rewrite metrics.jsonl to match.
+    done, planned = checkpoint["epoch"], checkpoint["args"]["epochs"]
+    if type(done) is not int or type(planned) is not int or not 1 <= done <= planned:
+        raise CheckpointError(f"{path} has a damaged epoch count (epoch {done!r} of {planned!r}); it is not a "
+                              f"checkpoint as train.py writes one")
     broken = non_finite_tensors({key: checkpoint[key] for key in ("model", "optimizer", "ema") if key in checkpoint})
     if broken:
         raise CheckpointError(f"{path} holds NaN or inf ({', '.join(broken[:3])}): the run had diverged, so it "

@@ -29,6 +29,7 @@ import cli
 cli.require_torchvision()  # a torchvision built for another torch: one line, before any test
 import config  # noqa: E402
 import convit  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +55,11 @@ def resolved(*argv: str) -> config.RunConfig:
 
 def metrics_of(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    """Every file of a run folder, byte for byte (the lock file aside: it is not the run's)."""
+    return {path.name: path.read_bytes() for path in sorted(run.iterdir()) if path.name != runs.LOCK}
 
 
 def run_train(argv: list[str]) -> int:

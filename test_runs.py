@@ -39,8 +39,8 @@ import data
 import plots
 import runs
 import train
-from conftest import (TINY, colour_image_folder, lesson, metrics_of, one_error_line, run_train, start_stalled,
-                      truncated_png)
+from conftest import (TINY, colour_image_folder, lesson, metrics_of, one_error_line, run_train, snapshot,
+                      start_stalled, truncated_png)
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,11 +49,6 @@ def flags(folder: Path, epochs: int = 3, *more: str) -> list[str]:
     """A tiny run; unlike test_safety's run_flags it leaves --warmup-epochs to the recipe (2)."""
     return ["--dataset", "imagefolder", "--data-dir", str(folder), *TINY, "--batch-size", "8",
             "--epochs", str(epochs), *more]
-
-
-def snapshot(run: Path) -> dict[str, bytes]:
-    """Every file of a run folder, byte for byte (the lock file aside: it is not the run's)."""
-    return {path.name: path.read_bytes() for path in sorted(run.iterdir()) if path.name != runs.LOCK}
 
 
 def checkpoint_epoch(run: Path) -> int:

@@ -30,7 +30,8 @@ import config
 import convit
 import data
 import train
-from conftest import TINY, colour_image_folder, lesson, metrics_of, one_error_line, run_train, start_stalled, tiny_model
+from conftest import (TINY, colour_image_folder, lesson, metrics_of, one_error_line, run_train, snapshot, start_stalled,
+                      tiny_model)
 
 HERE = Path(__file__).resolve().parent
 
@@ -209,6 +210,23 @@ def test_bad_checkpoint_file_is_one_clear_refusal(kind, bad_files, folder, capsy
         if how == ["--resume"] and kind == "NaN weights":
             says = "holds NaN or inf (model.blocks.0.attn.qk.weight): the run had diverged, so it cannot be resumed"
         one_error_line(run_train([*flags, *how, str(path)]), capsys.readouterr().err, str(path), says)
+
+
+@pytest.mark.parametrize("edit", [{"epoch": -1}, {"epoch": 0}, {"epoch": 99}, {"epoch": "2"}, {"epochs": "3"}])
+def test_a_checkpoint_with_a_damaged_epoch_count_is_refused_and_its_run_kept(edit, folder, tmp_path, capsys):
+    """Edited by hand, epoch -1 once restarted the schedule and rewrote metrics.jsonl to match."""
+    run = tmp_path / "run"
+    assert run_train([*run_flags(folder, epochs=2), "--output-dir", str(run)]) == 0
+    checkpoint = torch.load(run / "checkpoint.pth", weights_only=True)
+    if "epoch" in edit:
+        checkpoint["epoch"] = edit["epoch"]
+    else:
+        checkpoint["args"]["epochs"] = edit["epochs"]
+    torch.save(checkpoint, run / "checkpoint.pth")
+    before = snapshot(run)
+    one_error_line(run_train(["--resume", str(run), "--epochs", "3"]), capsys.readouterr().err,
+                   f"{run / 'checkpoint.pth'} has a damaged epoch count")
+    assert snapshot(run) == before
 
 
 # ---------------------------------------------------------------------------------------
