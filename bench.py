@@ -453,6 +453,9 @@ def check(args):
     if args.cpu_time and args.threads != 1:
         raise ValueError("--cpu-time measures one thread: add --threads 1")
     cli.torch_device(args.device)  # a typo or a missing GPU: one line, before any model is built
+    if args.small and args.compare:
+        raise ValueError("--small and --compare are two different measurements: give one")
+    check_read(args)
     if (args.before or args.profile) and not args.small:
         raise ValueError("--before and --profile work on lesson 6's models: add --small")
     if args.profile and (args.before or args.compile or args.amp):
@@ -466,6 +469,24 @@ def check(args):
             ConViTConfig(img_size=args.img_size)
         except ValueError as err:
             raise ValueError(f"--img-size {args.img_size}: {err}") from None
+
+
+# The measurements that read each flag; a flag typed for another would be silently ignored, so a
+# value other than its default is refused.
+TABLE1 = "Table 1 (neither --small nor --compare)"
+READ_BY = {"sizes": [TABLE1], "batch_size": [TABLE1, "--compare"], "img_size": [TABLE1, "--compare"],
+           "train_batch_size": ["--compare", "--small"], "memory_batch_size": ["--compare"],
+           "inference_only": ["--compare"], "patch_size": ["--small"]}
+
+
+def check_read(args):
+    """Refuse, in one line, a flag given a value that this measurement would not read."""
+    measurement = "--small" if args.small else "--compare" if args.compare else TABLE1
+    defaults = {field.name: field.default for field in dataclasses.fields(Settings)} | {"sizes": TABLE1_SIZES}
+    for name, readers in READ_BY.items():
+        if measurement not in readers and getattr(args, name) != defaults[name]:
+            raise ValueError(f"--{name.replace('_', '-')} is read only by {' and '.join(readers)}, "
+                             f"not by {measurement}")
 
 
 def main(argv: list[str] | None = None):

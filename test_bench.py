@@ -194,6 +194,27 @@ def test_an_older_checkout_that_cannot_build_the_models_is_one_line(code, says, 
     assert captured.out == ""
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--small", "--compare"], "--small and --compare are two different measurements: give one"),
+    (["--small", "--img-size", "32"], "--img-size is read only by Table 1 (neither --small nor --compare) and "
+                                      "--compare, not by --small"),
+    (["--small", "--batch-size", "8"], "--batch-size is read only by Table 1"),
+    (["--patch-size", "2"], "--patch-size is read only by --small, not by Table 1"),
+    (["--compare", "--sizes", "tiny"], "--sizes is read only by Table 1 (neither --small nor --compare), not by "
+                                       "--compare"),
+    (["--inference-only"], "--inference-only is read only by --compare, not by Table 1"),
+    (["--small", "--memory-batch-size", "8"], "--memory-batch-size is read only by --compare, not by --small"),
+    (["--train-batch-size", "8"], "--train-batch-size is read only by --compare and --small, not by Table 1"),
+])
+def test_a_flag_the_measurement_would_not_read_is_refused(argv, says, capsys):
+    """Each of bench.py's three measurements reads some flags only: one typed for another would
+    be dropped without a word, and the figures printed would not be what the reader asked for."""
+    code = cli.run_command(bench.main, ["--rounds", "1", *argv])
+    captured = capsys.readouterr()
+    one_error_line(code, captured.err, says)
+    assert captured.out == ""
+
+
 def test_bench_flags_have_their_ranges_in_one_table():
     """Every numeric flag of bench.py is a field with a range (cli.flag), as train.py's are."""
     ranged = {field.name for field in dataclasses.fields(bench.Settings) if field.metadata["interval"]}
