@@ -28,7 +28,8 @@ def draw_map(ax, values: torch.Tensor, rows: int, cols: int, title: str = "", qu
     """Draw one row of an attention matrix (N,) as the rows x cols patch grid it lives on.
     `query` (a token index) is marked with a red square: the patch that is looking.
     gamma < 1 stretches the colour scale near zero, so that small weights stay visible."""
-    grid = rearrange(values.detach().float().cpu(), "(rows cols) -> rows cols", rows=rows, cols=cols)
+    # numpy for matplotlib: a tensor there goes through numpy's deprecated __array__ without copy=
+    grid = rearrange(values.detach().float().cpu(), "(rows cols) -> rows cols", rows=rows, cols=cols).numpy()
     if gamma == 1.0:
         image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax)
     else:
