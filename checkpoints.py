@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,7 +70,9 @@ def read_checkpoint_file(path) -> dict:
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is an empty file (0 bytes): it was never written completely")
     try:
-        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS), warnings.catch_warnings():
+            # A file torch.save did not write gets this warning before the refusal below: a second line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refused it, or the bytes are no pickle at all
         needed = re.search(r"GLOBAL ([\w.]+)", str(err))

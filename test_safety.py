@@ -167,7 +167,8 @@ def bad_files(reference, tmp_path_factory) -> dict[str, Path]:
     good = (reference["dir"] / "checkpoint.pth").read_bytes()
     files = {"random bytes": root / "random.pth", "empty": root / "empty.pth", "truncated": root / "truncated.pth",
              "a folder": root / "folder", "an int": root / "int.pth", "another model": root / "small.pth",
-             "NaN weights": root / "nan.pth", "missing": root / "missing.pth"}
+             "NaN weights": root / "nan.pth", "missing": root / "missing.pth", "a raw pickle": root / "raw.pth"}
+    files["a raw pickle"].write_bytes(pickle.dumps({"model": {}}, protocol=4))  # not torch.save's format
     files["random bytes"].write_bytes(np.random.default_rng(0).bytes(4096))
     files["empty"].write_bytes(b"")
     files["truncated"].write_bytes(good[: len(good) // 2])
@@ -191,11 +192,12 @@ BAD_FILES = {
     "another model": ("does not fit this model", "does not fit this model"),
     "NaN weights": ("NaN or inf in 1 tensor(s), e.g. blocks.0.attn.qk.weight", "NaN"),
     "missing": ("does not exist", "does not exist"),
+    "a raw pickle": ("not a PyTorch file", "not a PyTorch file"),
 }
 
 
 @pytest.mark.parametrize("kind", BAD_FILES)
-def test_bad_checkpoint_file_is_one_clear_refusal(kind, bad_files, folder, capsys):
+def test_bad_checkpoint_file_is_one_clear_refusal(kind, bad_files, folder, capsys, recwarn):
     path = bad_files[kind]
     library_says, train_says = BAD_FILES[kind]
     with pytest.raises(ValueError) as refused:
@@ -210,6 +212,7 @@ def test_bad_checkpoint_file_is_one_clear_refusal(kind, bad_files, folder, capsy
         if how == ["--resume"] and kind == "NaN weights":
             says = "holds NaN or inf (model.blocks.0.attn.qk.weight): the run had diverged, so it cannot be resumed"
         one_error_line(run_train([*flags, *how, str(path)]), capsys.readouterr().err, str(path), says)
+    assert not [str(w.message) for w in recwarn if "pickle" in str(w.message)]  # torch's warning: a second line
 
 
 @pytest.mark.parametrize("edit", [{"epoch": -1}, {"epoch": 0}, {"epoch": 99}, {"epoch": "2"}, {"epochs": "3"}])
