@@ -211,10 +211,8 @@ def twins_before(folder, patch_size: int, models: dict[str, ConViT]) -> dict[str
         for name, twin in twins.items():
             twin.load_state_dict(models[name].state_dict())
     except Exception as err:  # noqa: BLE001 - foreign code can raise anything; we only name it
-        reason = cli.one_line(err)
-        reason = reason if len(reason) <= 300 else reason[:300] + "..."  # a state_dict's key list can run long
         raise ValueError(f"--before {folder}: its convit.py cannot build lesson 6's models with these weights "
-                         f"({type(err).__name__}: {reason})") from None
+                         f"({type(err).__name__}: {cli.one_line(err, limit=300)})") from None
     return twins
 
 

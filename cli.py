@@ -54,13 +54,15 @@ class ArgumentParser(argparse.ArgumentParser):
         return f" (did you mean {' or '.join(dict.fromkeys(meant))}?)" if meant else ""
 
 
-def one_line(err: Exception) -> str:
+def one_line(err: Exception, limit: int | None = None) -> str:
     """A bad-input message as one line. An error raised in a data-loading worker reaches us
-    wrapped by torch, with the worker's traceback in its text: keep the worker's own message."""
+    wrapped by torch, with the worker's traceback in its text: keep the worker's own message.
+    `limit` cuts a long one (a state_dict's list of keys) to that many characters and "..."."""
     text = str(err).strip()
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
 def run_command(entry, argv: list[str] | None = None) -> int:

@@ -232,6 +232,21 @@ def test_a_checkpoint_with_a_damaged_epoch_count_is_refused_and_its_run_kept(edi
     assert snapshot(run) == before
 
 
+def test_weights_that_do_not_fit_their_own_config_say_which(folder, tmp_path, capsys):
+    """torch's message starts 'Error(s) in loading state_dict for ConViT:' and names the tensor on
+    the next line, which a message cut at its first line would lose."""
+    run = tmp_path / "run"
+    assert run_train([*run_flags(folder, epochs=2), "--output-dir", str(run)]) == 0
+    checkpoint = torch.load(run / "checkpoint.pth", weights_only=True)
+    checkpoint["model"]["head.weight"] = checkpoint["model"]["head.weight"][:, :-1]
+    torch.save(checkpoint, run / "checkpoint.pth")
+    before = snapshot(run)
+    one_error_line(run_train(["--resume", str(run), "--epochs", "3"]), capsys.readouterr().err,
+                   "does not restore this run (RuntimeError: Error(s) in loading state_dict for ConViT: "
+                   "size mismatch for head.weight")
+    assert snapshot(run) == before
+
+
 # ---------------------------------------------------------------------------------------
 # 3. Killed at any moment, nothing lost
 # ---------------------------------------------------------------------------------------

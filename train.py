@@ -283,7 +283,8 @@ class TrainingState:
                 self.ema.load_state_dict(checkpoint["ema"])
             runs.restore_rng_states(checkpoint["rng"], self.loader_generator, proc)
         except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as err:  # a damaged or hand-edited file
-            raise TrainError(f"{path} does not restore this run ({type(err).__name__}: {err})".splitlines()[0]) from None
+            raise TrainError(f"{path} does not restore this run ({type(err).__name__}: "
+                             f"{cli.one_line(err, limit=300)})") from None
         planned, recipe = checkpoint["args"]["epochs"], cfg.recipe
         if recipe.epochs != planned:  # config.resume allows growth only
             refit_cosine(self.scheduler, recipe)
