@@ -57,6 +57,9 @@ def model_and_data(path: str, model_name: str | None, img_size: int | None, data
         if not isinstance(checkpoint.get("args"), dict) or "dataset" not in checkpoint["args"]:
             raise ValueError(f"{path} holds no run settings ('args'), so the preprocessing of its images is unknown")
         args = checkpoint["args"]
+        if args["dataset"] not in data.DATASETS:  # edited, or written by a newer version of this code
+            raise ValueError(f"{path} was trained on --dataset {args['dataset']!r}, which this code does not know "
+                             f"(it knows {', '.join(data.DATASETS)})")
         settings = data.Data(**{field.name: args[field.name] for field in dataclasses.fields(data.Data)
                                 if field.name in args})
         return checkpoints.model_from_checkpoint(path), settings, data.DATASETS[settings.dataset]

@@ -135,6 +135,11 @@ def test_bad_input_is_one_error_line_and_writes_nothing(ours, tmp_path, capsys):
         ([ours, "--out", tmp_path / "folder.png"], f"could not write {tmp_path / 'folder.png'} (Is a directory)"),
     ]
     (tmp_path / "folder.png").mkdir()
+    unknown = torch.load(ours, weights_only=True)
+    unknown["args"]["dataset"] = "imagenet21k"  # edited, or written by a newer version
+    torch.save(unknown, tmp_path / "unknown.pth")
+    cases.append(([tmp_path / "unknown.pth", *out], f"{tmp_path / 'unknown.pth'} was trained on --dataset "
+                                                      "'imagenet21k', which this code does not know (it knows digits,"))
     for argv, message in cases:
         one_error_line(cli.run_command(plots.main, ["--attention", *map(str, argv)]), capsys.readouterr().err, message)
     one_error_line(cli.run_command(plots.main, ["--layers", "2", *out]), capsys.readouterr().err,
