@@ -403,6 +403,7 @@ BAD_INPUTS = [
     ("lesson 05", ["--quick", "--epochs", "0"], "--epochs must be at least 1, got 0"),
     ("lesson 05", ["--quick", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     ("lesson 05", ["--quick", "--lr", "nan"], "--lr must be greater than 0, got nan"),
+    ("lesson 11", ["--quick", "--pair-seeds", "-1"], "--pair-seeds must be at least 0, got -1"),  # not after training
     ("lesson 06", ["--quick", "--fractions", "0"], "--fractions must each lie in (0, 1], got 0.0"),
     ("lesson 06", ["--quick", "--sweep", "--regularisers"],
      "--sweep repeats the sweep that chose the recipe, without regularisers: drop --regularisers"),

@@ -182,11 +182,13 @@ def check_training_flags(args):
     args.workers = args.workers or (1 if args.quick else 2)
     if getattr(args, "max_doublings", 0) < 0:
         raise ValueError(f"--max-doublings must be 0 or more, got {args.max_doublings}")
-    seeds = getattr(args, "seeds", None) or []
-    for seed in seeds:
-        cli.check_range("seeds", seed, config.FIELDS["seed"].metadata["interval"])
-    if len(set(seeds)) < len(seeds):
-        raise ValueError(f"--seeds {' '.join(map(str, seeds))} names a seed twice: its runs would share one folder")
+    for flag in ("seeds", "pair_seeds"):  # lesson 11 adds --pair-seeds
+        seeds = getattr(args, flag, None) or []
+        for seed in seeds:
+            cli.check_range(flag, seed, config.FIELDS["seed"].metadata["interval"])
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"--{flag.replace('_', '-')} {' '.join(map(str, seeds))} names a seed twice: its runs "
+                             f"would share one folder")
     if args.run_dir is None and not args.quick:
         args.run_dir = args.lesson_run_dir
     config.resolve(run_settings(args, args.run_dir or Path(tempfile.gettempdir()) / "unused"))
