@@ -187,7 +187,7 @@ def writable_folder(path, flag: str, create: bool = True) -> Path:
     blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
         raise RunError(f"{flag} {path} cannot be created: {blocker} is a file, not a folder")
-    made = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    made = [] if create else [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -196,7 +196,7 @@ def writable_folder(path, flag: str, create: bool = True) -> Path:
     except OSError as err:
         raise RunError(f"{flag} {path} cannot be written ({os_reason(err)})") from None
     finally:
-        for folder in made if not create else ():
+        for folder in made:
             with contextlib.suppress(OSError):  # not made, or no longer empty: leave it
                 folder.rmdir()
     return path

@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python tools/gpu_profile.py", description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128, Table 1's)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    cli.check_range("batch_size", args.batch_size, "[1, inf)")
     if not torch.cuda.is_available():
         print("no CUDA GPU: this profiles GPU kernels (bench.py --profile profiles the CPU)")
         return 0
