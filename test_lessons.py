@@ -844,14 +844,14 @@ def test_lesson6_ladder_takes_no_training_flag(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def check_the_climb(summary: dict, text: str, setting_of) -> None:
+def check_the_climb(summary: dict, text: str, setting_of, default_limit: int) -> None:
     """What lessons 8 and 9 share: each run's rungs double from its first and end in its own command;
     each setting (`setting_of(run)`) climbed past a rung exactly while the mean of its seeds' second
-    halves added 0.5 points or more, up to the --max-doublings its command gives; and the page's
-    table of every setting at each length quotes the mean of its seeds there."""
-    from lessons._protocol import CONVERGED_WITHIN, MAX_DOUBLINGS, top1_by_length
+    halves added 0.5 points or more, up to the --max-doublings its command gives (or the lesson's
+    default); and the page's table of every setting at each length quotes the mean of its seeds there."""
+    from lessons._protocol import CONVERGED_WITHIN, top1_by_length
     doublings = re.search(r"--max-doublings (\d+)", summary["command"])  # where the climb was told to stop
-    limit = int(doublings[1]) if doublings else MAX_DOUBLINGS
+    limit = int(doublings[1]) if doublings else default_limit
     lengths, added = collections.defaultdict(lambda: collections.defaultdict(list)), collections.defaultdict(list)
     for run in summary["runs"]:
         setting, first = setting_of(run), run["rungs"][0]["epochs"]
@@ -881,7 +881,9 @@ def test_lesson8_quotes_its_runs():
     def setting_of(run: dict) -> str:
         return f"{run['name']}, {'with' if run['pos_embed'] else 'without'} pos_embed"
 
-    check_the_climb(lesson8, text, setting_of)
+    shown = line_of(text, "python lessons/08_position_embedding.py")  # the first command: what this page shows
+    assert shown.split("#")[0].strip() == lesson8["command"] and "what this page shows" in shown
+    check_the_climb(lesson8, text, setting_of, lesson("08").DOUBLINGS)
     labels, top1 = {}, collections.defaultdict(list)
     for run in lesson8["runs"]:
         epochs = int(re.search(r" --epochs (\d+) ", run["command"])[1])
@@ -914,10 +916,10 @@ def test_lesson9_quotes_its_runs():
     its command gives), every setting at each length it trained, and the same command on two
     machines; each setting climbed exactly while the mean of its seeds' second halves added 0.5 points
     or more. The earlier protocol's grid is quoted from its own JSON."""
-    from lessons._protocol import CONVERGED_WITHIN, top1_by_length
+    from lessons._protocol import CONVERGED_WITHIN, MAX_DOUBLINGS, top1_by_length
     lesson9, text = committed("09_more_locality.json"), text_of("09_more_locality.md")
     budget = lesson9["budget_epochs"]
-    check_the_climb(lesson9, text, lambda run: run["name"])
+    check_the_climb(lesson9, text, lambda run: run["name"], MAX_DOUBLINGS)
     at_budget, ends, labels, first_rung = collections.defaultdict(list), collections.defaultdict(list), {}, {}
     for run in lesson9["runs"]:
         setting, epochs = (run["gpsa_layers"], run["locality_strength"]), int(re.search(r" --epochs (\d+) ", run["command"])[1])

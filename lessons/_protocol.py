@@ -395,11 +395,11 @@ def rung_of(result: dict) -> dict:
             "second_half_adds": result["second_half_adds"], "command": result["command"]}
 
 
-def add_climbing(parser):
+def add_climbing(parser, default: int = MAX_DOUBLINGS):
     """--max-doublings, for the lessons whose runs climb run_until_converged's ladder."""
-    parser.add_argument("--max-doublings", type=int, default=MAX_DOUBLINGS, metavar="N",
+    parser.add_argument("--max-doublings", type=int, default=default, metavar="N",
                         help=f"double a setting's length at most N times while its second half adds {CONVERGED_WITHIN} "
-                             f"points or more on the mean of its seeds (default {MAX_DOUBLINGS}; 0: each run once, "
+                             f"points or more on the mean of its seeds (default {default}; 0: each run once, "
                              "beside its twin)")
 
 
