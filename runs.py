@@ -149,15 +149,16 @@ def os_reason(err: Exception) -> str:
     return cause.strerror or str(cause) if isinstance(cause, OSError) else str(err).splitlines()[0]
 
 
-def save_atomically(obj, path: Path):
+def save_atomically(obj, path: Path, write=None):
     """Write to a temporary file in the same folder, force it to the disk, then rename it over
     the old checkpoint: a run killed at any moment (even by a power cut) leaves either the old
     checkpoint or the new one, whole. A write that fails removes the temporary file and raises
-    RunError; the old checkpoint is untouched."""
+    RunError; the old checkpoint is untouched. `write(obj, file)` writes the bytes (torch.save,
+    looked up at each call, which is where the tests make the disk fill up)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on the disk before the rename can be
         os.replace(tmp, path)  # atomic on POSIX and Windows
@@ -229,6 +230,7 @@ class RunFolder:
                 metrics.jsonl back to the epoch it resumes from.
     save():     the checkpoint, then its metrics line; after the first checkpoint, the run moved
                 aside is removed.
+    adopt():    a finished run resumed here from another folder: its checkpoint, copied.
     give_up():  the run stopped before its first checkpoint: the folder as claim() found it.
     """
 
@@ -370,6 +372,14 @@ class RunFolder:
                 f.truncate(size)
                 raise RunError(f"could not append epoch {record['epoch']} to {self.metrics} ({os_reason(err)}); "
                                f"the checkpoint holds it, and --resume puts it back") from None
+
+    def adopt(self, checkpoint: str):
+        """A finished run resumed into this folder from another trains nothing more: its checkpoint
+        is copied here, byte for byte, so that the folder is a whole run (the metrics lines that
+        start() copied, and the checkpoint that holds them), and counts as saved (save())."""
+        save_atomically(Path(checkpoint), self.checkpoint, lambda source, file: file.write(source.read_bytes()))
+        self.saved = True
+        shutil.rmtree(self.replaced, ignore_errors=True)
 
     def holds_metrics(self) -> bool:
         """Whether this run has logged an evaluated epoch, so that it has a figure to draw."""

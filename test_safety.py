@@ -29,6 +29,7 @@ import cli
 import config
 import convit
 import data
+import runs
 import train
 from conftest import (TINY, colour_image_folder, lesson, metrics_of, one_error_line, run_train, snapshot, start_stalled,
                       tiny_model)
@@ -339,6 +340,9 @@ def test_resume_refuses_changed_recipe_flags_and_allows_run_only_ones(folder, re
     moved = train.main([*flags, "--resume", checkpoint, "--output-dir", str(tmp_path), "--workers", "1",
                         "--threads", "1", "--no-progress"])
     assert moved["epochs_run"] == 0 and moved["epoch"] == 3
+    # The run had finished: the new folder is a whole copy of it, which --resume continues in turn.
+    assert (tmp_path / "checkpoint.pth").read_bytes() == Path(checkpoint).read_bytes()
+    assert runs.read_metrics(tmp_path) == runs.read_metrics(reference["dir"])
 
 
 def test_more_epochs_on_resume_refit_the_rest_of_the_cosine(folder, tmp_path, capsys):

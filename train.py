@@ -441,6 +441,8 @@ def train(training: Training) -> dict:
     if record is None:  # resumed a run that had already finished
         record = {"epoch": training.start_epoch, **evaluate(state.model, training.val_loader, proc, training.amp_dtype,
                                                         training.show_progress)}
+        if training.folder is not None and not training.folder.same_run:  # into another folder: a whole run there
+            training.folder.adopt(cfg.runtime.resume)
     return finish(training, record, time.perf_counter() - run_start)
 
 
