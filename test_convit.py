@@ -5,7 +5,6 @@ Facts quoted below (released layout, Table 1, Eq. 5-8) come from the paper (arXi
 and the released checkpoints' state-dict specification.
 """
 
-import copy
 import dataclasses
 import itertools
 import math

@@ -36,13 +36,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import cli  # noqa: E402
 import config  # noqa: E402
 import train  # noqa: E402
-from lessons._command import parse, run_folder, training_parser  # noqa: E402
+from lessons._command import parse, run_folder  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._report import Stopwatch, cell, hardware, mean, print_same_commands, trained_on, write_summary  # noqa: E402
 from lessons._training import at_repository_root  # noqa: E402
-from lessons._protocol import (MODELS, QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
-                               checks, convergence_line, defining_key, print_by_length, read_records, recipe_line,
-                               records_to_keep, records_to_read, run_record, run_until_converged, train_or_read)
+from lessons._protocol import (MODELS, checks, climbing_parser, convergence_line, defining_key,  # noqa: E402
+                               print_by_length, read_records, recipe_line, records_to_keep, records_to_read, run_record,
+                               run_until_converged, train_or_read)
 
 SEEDS = (0, 1, 2)
 MASKED = checks("08") / "masked.jsonl"  # each run tested masked in a sitting (--recorded), and its weights' top-1s
@@ -201,12 +201,7 @@ def print_table5(top1: dict, epochs: dict):
 
 
 def main(argv=None):
-    parser = training_parser(__doc__, __file__, RECIPE, QUICK)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
-    add_records(parser, "08", "06")
-    add_keep_finished(parser)
-    add_climbing(parser, DOUBLINGS)
-    args = parse(parser, argv)
+    args = parse(climbing_parser(__doc__, __file__, "06", DOUBLINGS), argv)
     recorded = records_to_read(args)
     clock = Stopwatch("lesson 8")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))

@@ -32,12 +32,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import cli  # noqa: E402
 import config  # noqa: E402
-from lessons._command import FIGURES, parse, run_folder, training_parser  # noqa: E402
+from lessons._command import FIGURES, parse, run_folder  # noqa: E402
 from lessons._draw import save_figure, text_colour  # noqa: E402
 from lessons._report import Stopwatch, cell, mean, print_same_commands, trained_on, write_summary  # noqa: E402
-from lessons._protocol import (QUICK, RECIPE, add_climbing, add_keep_finished, add_records,  # noqa: E402
-                               convergence_line, recipe_line, recorded_result, recorded_runs, records_to_keep,
-                               records_to_read, print_by_length, run_record, run_until_converged, schedule)
+from lessons._protocol import (climbing_parser, convergence_line, recipe_line, recorded_result,  # noqa: E402
+                               recorded_runs, records_to_keep, records_to_read, print_by_length, run_record,
+                               run_until_converged, schedule)
 
 LAYERS = (0, 2, 3)  # GPSA blocks of the 4: none, lesson 6's ConViT (2), all but the last
 STRENGTHS = (0.01, 0.1, 1.0)  # alpha, the paper's range; 1 is the default
@@ -108,12 +108,7 @@ def plot(top1: dict, at_budget: dict, epochs: dict, lengths: dict, converged: se
 
 
 def main(argv=None):
-    parser = training_parser(__doc__, __file__, RECIPE, QUICK)
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
-    add_records(parser, "09", "06")
-    add_keep_finished(parser)
-    add_climbing(parser)
-    args = parse(parser, argv)
+    args = parse(climbing_parser(__doc__, __file__, "06"), argv)
     recorded = records_to_read(args)
     clock = Stopwatch("lesson 9")
     seeds = args.seeds or ([0] if args.quick else list(SEEDS))
@@ -143,7 +138,7 @@ def main(argv=None):
     plot(top1, at_budget, labels, lengths, converged, budget, seeds, args, settings, trained_on(results, args.device))
     print_grid(f"Fig. 8, ours at the paper's budget, {budget:,} epochs at f = {FRACTION:.0%} (top-1 %, mean of the seeds "
                "and their range)", grid, at_budget)
-    print_grid(f"Fig. 8, ours trained until each setting stops improving (top-1 %, mean of the seeds and their range, "
+    print_grid("Fig. 8, ours trained until each setting stops improving (top-1 %, mean of the seeds and their range, "
                "at the length where its setting converged)", grid, top1, labels)
     print(convergence_line(results))
     machines = same_commands_on_two_machines(recorded, at_budget)

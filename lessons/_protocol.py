@@ -42,7 +42,7 @@ import checkpoints
 import cli
 import config
 import runs
-from lessons._command import FIGURES, LessonRecipe, repo_path, run_settings
+from lessons._command import FIGURES, LessonRecipe, repo_path, run_settings, training_parser
 from lessons._report import hardware, mean
 from lessons._training import CONVERGED_WITHIN, at_repository_root, convergence, run_parallel, train_one
 
@@ -401,6 +401,18 @@ def add_climbing(parser, default: int = MAX_DOUBLINGS):
                         help=f"double a setting's length at most N times while its second half adds {CONVERGED_WITHIN} "
                              f"points or more on the mean of its seeds (default {default}; 0: each run once, "
                              "beside its twin)")
+
+
+def climbing_parser(doc: str, script: str, shared: str, doublings: int = MAX_DOUBLINGS):
+    """The command line of a lesson whose settings climb the ladder on this recipe (lessons 8
+    and 9): the training flags, --seeds, the records of the lesson and of lesson `shared`, whose
+    runs it reuses, --keep-finished and --max-doublings (default `doublings`)."""
+    parser = training_parser(doc, script, RECIPE, QUICK)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
+    add_records(parser, Path(script).name[:2], shared)
+    add_keep_finished(parser)
+    add_climbing(parser, doublings)
+    return parser
 
 
 def judged(run: dict, half: dict) -> dict:

@@ -18,11 +18,9 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-import config
 import convit
 import runs
 import train

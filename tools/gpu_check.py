@@ -908,7 +908,7 @@ CHECKS = [
 ]
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python tools/gpu_check.py", description=__doc__.split("\n\n")[0],
                                 epilog="checks, in order: " + ", ".join(check.name for check in CHECKS))
     parser.add_argument("--out", type=Path, default=None,
