@@ -48,7 +48,7 @@ def recorded_commands() -> list[str]:
 
 def test_every_recorded_lesson_command_parses_checks_and_writes_back_word_for_word():
     commands = recorded_commands()
-    assert len(commands) == 1213  # lessons 6, 8, 9, 11-16: every run, twin, sweep, recipe check, masked evaluation, probe
+    assert len(commands) == 1219  # lessons 6, 8, 9, 11-17: every run, twin, sweep, recipe check, masked evaluation, probe
     for command in commands:
         argv = shlex.split(command)[2:]
         settings = config.parse(argv)

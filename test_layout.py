@@ -24,7 +24,8 @@ LAYERS = [  # from the bottom up; docs/code.md draws them
     {f"lessons.{path.stem}" for path in (HERE / "lessons").glob("0*.py")} | {"lessons.11_locality_over_training",
                                                                             "lessons.12_what_heads_use"},
     {"lessons.10_far_content", "lessons.13_what_makes_attention_local"},  # they read lessons 5's and 11's
-    {"lessons.14_augmentation_and_locality", "lessons.15_depth_and_class_token", "lessons.16_the_grid"},  # lesson 13's
+    {"lessons.14_augmentation_and_locality", "lessons.15_depth_and_class_token", "lessons.16_the_grid",
+     "lessons.17_model_size"},  # lesson 13's
     {"tools.gpu_check", "tools.gpu_profile", "tools.baselines"},  # drive train.py, bench.py and the lessons; read data.py
 ]
 

@@ -55,6 +55,7 @@ FIGURES = {  # script -> the PNG files it writes
     "14_augmentation_and_locality.py": ["14_augmentation_and_locality.png"],
     "15_depth_and_class_token.py": ["15_depth_and_class_token.png"],
     "16_the_grid.py": ["16_the_grid.png"],
+    "17_model_size.py": ["17_model_size.png"],
 }
 
 
@@ -70,6 +71,7 @@ SUMMARIES = {  # script -> the machine-readable results it writes beside its fig
     "14_augmentation_and_locality.py": ["14_augmentation_and_locality.json"],
     "15_depth_and_class_token.py": ["15_depth_and_class_token.json"],
     "16_the_grid.py": ["16_the_grid.json"],
+    "17_model_size.py": ["17_model_size.json"],
 }
 
 
@@ -1005,7 +1007,8 @@ def test_lesson11_quotes_its_runs_and_its_finding():
 LESSON13_MEASURES = {"mean_pull": "DeiT: pull below uniform, mean of blocks (%)",
                      "deepest_pull": "DeiT: pull of the most local block (%)",
                      "upper_gates": "ConViT: mean gate of the upper half of the GPSA blocks",
-                     "last_gate": "ConViT: mean gate of the last GPSA block"}
+                     "last_gate": "ConViT: mean gate of the last GPSA block",
+                     "first_pull": "ConViT: pull of block 1 below uniform (%)"}
 
 
 @pytest.mark.parametrize("model", ["deit_tiny", "convit_tiny"])
@@ -1036,6 +1039,7 @@ def test_lesson13_pull_of_uniform_attention_is_zero_on_either_grid(model, patch)
 
 QUESTION_LESSONS = ("13_what_makes_attention_local", "14_augmentation_and_locality", "15_depth_and_class_token",
                     "16_the_grid")  # lesson 13's questions, one lesson each for what fits in 45 minutes
+SIZE_LESSON = "17_model_size"  # the same machinery, on the paper's model sizes (SM D)
 
 
 def question_verdicts() -> dict[tuple[str, str], dict]:
@@ -1044,8 +1048,8 @@ def question_verdicts() -> dict[tuple[str, str], dict]:
             for row in committed(f"{stem}.json")["verdicts"]}
 
 
-@pytest.mark.parametrize("stem", QUESTION_LESSONS)
-def test_lessons_13_to_16_quote_their_verdicts_and_read_earlier_runs_unchanged(stem):
+@pytest.mark.parametrize("stem", [*QUESTION_LESSONS, SIZE_LESSON])
+def test_lessons_13_to_17_quote_their_verdicts_and_read_earlier_runs_unchanged(stem):
     summary, text = committed(f"{stem}.json"), text_of(f"{stem}.md")
     as_run = importlib.import_module("lessons.13_what_makes_attention_local").as_run  # how the lessons match runs
     earlier = {}
@@ -1089,6 +1093,26 @@ def test_lessons_13_to_16_state_what_they_find_together():
     assert not [q for (q, m), way in moved.items() if m == "DeiT" and way == "down"]
     grid = committed("16_the_grid.json")
     assert all(run["epochs"] == list(range(2, 21, 2)) for name, run in grid["runs"].items() if "patch_size-2" in name)
+
+
+def test_lesson17_states_what_it_finds():
+    """Lesson 17's findings, from its JSON: block 1 ends less local the more heads (the paper's
+    Fig. 13 order), in the order the conv init starts it, and each size's block 1 ends more local
+    than at init; 9 heads raise the upper gates beyond the 4-headed runs in both seeds, 16 heads (at
+    a quarter of the lr) lower them; the page quotes the init's nonlocality as the script prints it."""
+    summary, text = committed(f"{SIZE_LESSON}.json"), " ".join(text_of(f"{SIZE_LESSON}.md").split())
+    rows = {row["question"]: row for row in summary["verdicts"]}
+    ends = [mean(rows["9 heads"]["first_pull"]["without"]), mean(rows["9 heads"]["first_pull"]["with"]),
+            mean(rows["16 heads"]["first_pull"]["with"])]
+    assert ends == sorted(ends, reverse=True)  # 4, 9, 16 heads: less and less pull below uniform
+    init = summary["nonlocality_at_init"]
+    starts = [init["9 heads"]["without"][0], init["9 heads"]["with"][0], init["16 heads"]["with"][0]]
+    assert starts == sorted(starts)  # the wider kernel of more heads starts less local
+    assert f"{starts[0]:.2f}, {starts[1]:.2f} and {starts[2]:.2f} patches" in text
+    uniform = importlib.import_module("lessons.11_locality_over_training").uniform_nonlocality(7, 7)
+    assert all(end > 1 - start / uniform for end, start in zip(ends, starts))  # every block 1 grew more local
+    assert (rows["9 heads"]["moved"], rows["16 heads"]["moved"]) == ("up", "down")
+    assert " --lr 0.001 " in next(run["command"] for name, run in summary["runs"].items() if "num_heads-16" in name)
 
 
 def test_lesson12_quotes_its_runs_its_table6_and_its_gates():

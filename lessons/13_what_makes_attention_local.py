@@ -5,7 +5,8 @@ DeiT's blocks only a little below uniform attention (Fig. 5 left, nonlocality), 
 rising (Fig. 6), where the paper's fall to 0 in layers 6-10. The issue behind it names what could
 make the difference. Each is one change to lesson 11's recipe, trained for DeiT and ConViT (or
 ConViT alone where only the gates are in question), seeds 0 and 1, and compared with the runs
-without it. Lessons 13 to 16 share this file's machinery; each asks what fits in 45 minutes:
+without it. Lessons 13 to 17 share this file's machinery; each asks what fits in 45 minutes
+(lesson 17: an hour):
 
   13  length        40 epochs, against lesson 11's 20
       data          50% of the training set, against all of it
@@ -16,6 +17,10 @@ without it. Lessons 13 to 16 share this file's machinery; each asks what fits in
       class token   ConViT whose head reads the mean of the patch tokens, 2 MHSA blocks still on top
   16  grid          a 14x14 grid (2x2 patches, ImageNet's grid), against the 7x7 grid; both on half of
                     the training set (the 7x7 runs are lesson 13's)
+  17  9 heads       ConViT with 9 heads, 108 wide (ConViT-S's heads, at our head width of 12), against
+                    4 heads, 48 wide (ConViT-Ti's heads): the paper's SM D, about an hour
+      16 heads      ConViT with 16 heads, 192 wide (ConViT-B's heads), at the lr scaled by 48 / 192,
+                    against the same
 
 A run whose train.py flags equal one of an earlier lesson's runs (all but --output-dir and
 --eval-every) is read from that lesson's committed JSON instead of being trained again: one-thread
@@ -65,6 +70,7 @@ BOTH = tuple(MODELS)
 def questions(args) -> dict[str, tuple]:
     """question -> (what it changes, the models it trains, the settings without and with the change),
     for the recipe of `args` (with --quick too: its length question doubles the quick recipe's epochs)."""
+    head_width = args.embed_dim // args.num_heads
     return {
         "length": (f"{2 * args.epochs} epochs against {args.epochs}", BOTH, {}, {"epochs": 2 * args.epochs}),
         # MNIST-10k is all the data we have offline, so "more data" can only be tested as less
@@ -82,6 +88,17 @@ def questions(args) -> dict[str, tuple]:
         # numbers (test_evaluating_changes_no_weight), so that saves time and changes no result.
         "grid": ("a 14x14 grid (2x2 patches) against 7x7, both on 50% of the data", BOTH,
                  {"data_fraction": 0.5}, {"data_fraction": 0.5, "patch_size": 2, "eval_every": 2}),
+        # The paper's sizes keep the head width (48) and add heads: Ti 4, S 9, B 16. So do these. At
+        # 16 heads, 192 wide, the recipe's lr (swept at 48 wide) is too high: once the warmup ended,
+        # top-1 fell (seed 0 from 69% to 33%, seed 1 from 85% to 73%) and stayed at 55-81% up to
+        # epoch 12 of 20, where we stopped both, so that size trains at the lr scaled by the
+        # width, 48 / 192: 1e-3.
+        "9 heads": (f"9 heads, {9 * head_width} wide, against {args.num_heads}, {args.embed_dim} wide", ("ConViT",), {},
+                    {"num_heads": 9, "embed_dim": 9 * head_width}),
+        "16 heads": (f"16 heads, {16 * head_width} wide, at the lr x {args.embed_dim}/{16 * head_width}, against "
+                     f"{args.num_heads}, {args.embed_dim} wide", ("ConViT",), {},
+                     {"num_heads": 16, "embed_dim": 16 * head_width, "lr": args.lr * args.embed_dim / (16 * head_width),
+                      "warmup_lr": args.warmup_lr * args.embed_dim / (16 * head_width)}),
     }
 
 
@@ -92,6 +109,7 @@ class Part(NamedTuple):
     stem: str  # the name of its figure and JSON
     asks: tuple[str, ...]
     reads: tuple[str, ...]  # earlier lessons' JSON files, in lessons/figures
+    convit_nonlocality: bool = False  # its questions are ConViT's alone, and ask about its nonlocality too (Fig. 13)
 
 
 LESSON = Part(13, "13_what_makes_attention_local", ("length", "data"), ("11_locality_over_training.json",))
@@ -187,9 +205,11 @@ def curves(run: dict, cfg: config.RunConfig) -> dict[str, torch.Tensor | None]:
     return {"pull": pull, "gates": torch.tensor(run["gates"]).mean(-1) if run["gates"] else None}
 
 
-def verdicts(plan: list[tuple], records: dict[str, dict], measured: dict[str, dict]) -> list[dict]:
+def verdicts(plan: list[tuple], records: dict[str, dict], measured: dict[str, dict],
+             convit_nonlocality: bool = False) -> list[dict]:
     """Per question and model: the measure at the end without and with the change, per seed, and
-    whether the change moved it beyond the other arm's range in every seed."""
+    whether the change moved it beyond the other arm's range in every seed; with
+    `convit_nonlocality`, ConViT's pull below uniform of its first block too."""
     rows = []
     for question in dict.fromkeys(q for q, *_ in plan):
         for model in dict.fromkeys(m for q, m, *_ in plan if q == question):
@@ -205,6 +225,8 @@ def verdicts(plan: list[tuple], records: dict[str, dict], measured: dict[str, di
             else:  # the upper half of the GPSA stack: where the paper's gates reach 0
                 row["upper_gates"] = {a: [mean(m["gates"][len(m["gates"]) // 2:]) for m in ms] for a, ms in last.items()}
                 row["last_gate"] = {a: [m["gates"][-1] for m in ms] for a, ms in last.items()}
+                if convit_nonlocality:  # Fig. 13: the larger models' first layers end the least local
+                    row["first_pull"] = {a: [m["pull"][0] for m in ms] for a, ms in last.items()}
             key = "mean_pull" if model == "DeiT" else "upper_gates"
             before, after = row[key]["without"], row[key]["with"]
             row["moved"] = ("up" if min(after) > max(before) else "down" if max(after) < min(before)
@@ -215,10 +237,30 @@ def verdicts(plan: list[tuple], records: dict[str, dict], measured: dict[str, di
     return rows
 
 
+def nonlocality_at_init(args, plan: list[tuple]) -> dict[str, dict[str, list[float]]]:
+    """Per question, Eq. 8 of each block of ConViT (mean of its heads) at init, without and with the
+    change, as seed 0 starts it, on 16 images of noise: where the pull's curves begin. With more
+    heads the conv init's kernel is wider (4 heads 2x2, 9 heads 3x3, 16 heads 4x4), so a larger
+    model starts less local."""
+    import train
+    found = {}
+    for question, model, arm, settings, seed in plan:
+        if model == "ConViT" and seed == 0:
+            with at_repository_root():
+                cfg = config.resolve(run_settings(args, Path("unused"), seed=0, **settings))[0]
+            torch.manual_seed(0)  # as train.setup seeds the weights of seed 0
+            net = train.build_model(cfg, 10).eval()
+            with torch.no_grad():
+                eq8 = net.nonlocality(torch.randn(16, net.cfg.in_chans, cfg.data.img_size, cfg.data.img_size))
+            found.setdefault(question, {})[arm] = [round(v, 3) for v in eq8.mean(-1).tolist()]
+    return found
+
+
 MEASURES = {"mean_pull": "DeiT: pull below uniform, mean of blocks (%)",
             "deepest_pull": "DeiT: pull of the most local block (%)",
             "upper_gates": "ConViT: mean gate of the upper half of the GPSA blocks",
-            "last_gate": "ConViT: mean gate of the last GPSA block"}
+            "last_gate": "ConViT: mean gate of the last GPSA block",
+            "first_pull": "ConViT: pull of block 1 below uniform (%)"}
 
 
 def verdict_table(rows: list[dict]) -> list[str]:
@@ -238,10 +280,11 @@ def verdict_table(rows: list[dict]) -> list[str]:
 
 
 def draw_question(axes, question: str, about: str, plan: list[tuple], records: dict[str, dict],
-                  measured: dict[str, dict]):
-    """One row: DeiT's pull below uniform per block, and ConViT's gate per GPSA block, over the
-    share of training done; the run without the change dashed grey, with it in colour."""
-    for ax, model, key in zip(axes, ("DeiT", "ConViT"), ("pull", "gates")):
+                  measured: dict[str, dict], convit_nonlocality: bool = False):
+    """One row: DeiT's pull below uniform per block (with `convit_nonlocality`, ConViT's), and
+    ConViT's gate per GPSA block, over the share of training done; the run without the change
+    dashed grey, with it in colour."""
+    for ax, model, key in zip(axes, ("ConViT" if convit_nonlocality else "DeiT", "ConViT"), ("pull", "gates")):
         names = {arm: [folder_name(m, s, seed) for q, m, arm_, s, seed in plan
                        if q == question and m == model and arm_ == arm] for arm in ("without", "with")}
         if not names["with"]:
@@ -260,15 +303,17 @@ def draw_question(axes, question: str, about: str, plan: list[tuple], records: d
             ax.axhline(plots.INIT_GATE, color="k", lw=0.6, ls=":")
         else:
             ax.axhline(0, color="k", lw=0.6, ls=":")
+        figure = ("Fig. 13, pull below uniform" if model == "ConViT" else "Fig. 5 left, pull below uniform") \
+            if key == "pull" else "Fig. 6, gates"
         ax.set(xlabel="share of training done", ylabel="1 - Eq. 8 / uniform" if key == "pull" else "gate sigma(lambda)",
-               title=f"{question}, {model}: {'Fig. 5 left, pull below uniform' if key == 'pull' else 'Fig. 6, gates'}\n"
+               title=f"{question}, {model}: {figure}\n"
                      f"with: {about} (colour); without: dashed; mean of seeds")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6, ncol=3)
 
 
 def main(argv=None, part: Part = LESSON, doc: str = __doc__, script: str = __file__):
-    """Lessons 13 to 16: `part` names the questions, `doc` and `script` are the lesson's own."""
+    """Lessons 13 to 17: `part` names the questions, `doc` and `script` are the lesson's own."""
     parser = training_parser(doc, script, lesson11.RECIPE, lesson11.QUICK)
     parser.add_argument("--questions", nargs="+", choices=part.asks, default=list(part.asks),
                         help="which questions to run (default: all); their runs are trained or read as above")
@@ -280,14 +325,19 @@ def main(argv=None, part: Part = LESSON, doc: str = __doc__, script: str = __fil
         plan = [(q, m, a, {**s, "dataset": "digits", "img_size": 8, "patch_size": 1 if "patch_size" in s else 2,
                            "data_fraction": 0.2}, seed) for q, m, a, s, seed in plan]
     records, measured = train_plan(args, part, plan)
-    rows = verdicts(plan, records, measured)
+    rows = verdicts(plan, records, measured, part.convit_nonlocality)
     fig, axes = plt.subplots(len(args.questions), 2, figsize=(13, 3.6 * len(args.questions)), layout="constrained",
                              squeeze=False)
     for row, question in zip(axes, args.questions):
-        draw_question(row, question, questions(args)[question][0], plan, records, measured)
+        draw_question(row, question, questions(args)[question][0], plan, records, measured, part.convit_nonlocality)
     settings = (f"lesson 11's recipe (train.py on {args.dataset}, {args.embed_dim} wide, {args.num_heads} heads, "
                 f"{args.depth} blocks, {args.epochs} epochs), one change per row; seeds {', '.join(map(str, SEEDS[:1] if args.quick else SEEDS))}")
     save_figure(fig, args.out_dir, f"{part.stem}.png", settings, args.device)
+    at_init = nonlocality_at_init(args, plan) if part.convit_nonlocality else None
+    if at_init:
+        print("\nConViT's nonlocality (Eq. 8, patches) per block at init, seed 0, without -> with the change")
+        print("\n".join(f"  {q}: {' '.join(f'{v:.2f}' for v in arms['without'])} -> "
+                        f"{' '.join(f'{v:.2f}' for v in arms['with'])}" for q, arms in at_init.items()))
     deep = [records[folder_name(m, s, seed)] for q, m, arm, s, seed in plan if q == "depth" and arm == "with"]
     if deep:  # every head of the deep ConViT: the paper's Fig. 6 has 10 GPSA layers
         print("\nthe last gate of each head of the deep ConViT, per seed")
@@ -297,7 +347,7 @@ def main(argv=None, part: Part = LESSON, doc: str = __doc__, script: str = __fil
                   questions={q: questions(args)[q][0] for q in args.questions}, verdicts=rows,
                   plan=[{"question": q, "model": m, "arm": a, "seed": seed, "run": folder_name(m, s, seed)}
                         for q, m, a, s, seed in plan],
-                  runs=records)
+                  runs=records, **({"nonlocality_at_init": at_init} if at_init else {}))
     clock.done()
 
 
