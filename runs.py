@@ -359,9 +359,7 @@ class RunFolder:
         checkpoint. A line that cannot be written whole is cut off again. After the first
         checkpoint, the run that --overwrite replaced is removed: the new one now has a checkpoint."""
         save_atomically(checkpoint, self.checkpoint)
-        if not self.saved:
-            self.saved = True
-            shutil.rmtree(self.replaced, ignore_errors=True)  # what is left of it, settle() removes later
+        self.has_saved()
         line = (json.dumps(record) + "\n").encode()
         with self.metrics.open("ab") as f:
             size = f.tell()
@@ -376,10 +374,16 @@ class RunFolder:
     def adopt(self, checkpoint: str):
         """A finished run resumed into this folder from another trains nothing more: its checkpoint
         is copied here, byte for byte, so that the folder is a whole run (the metrics lines that
-        start() copied, and the checkpoint that holds them), and counts as saved (save())."""
+        start() copied, and the checkpoint that holds them), and counts as saved."""
         save_atomically(Path(checkpoint), self.checkpoint, lambda source, file: file.write(source.read_bytes()))
-        self.saved = True
-        shutil.rmtree(self.replaced, ignore_errors=True)
+        self.has_saved()
+
+    def has_saved(self):
+        """This run has written its checkpoint: the folder is its own from now on, and the run that
+        --overwrite moved aside is removed (what is left of it, settle() removes later)."""
+        if not self.saved:
+            self.saved = True
+            shutil.rmtree(self.replaced, ignore_errors=True)
 
     def holds_metrics(self) -> bool:
         """Whether this run has logged an evaluated epoch, so that it has a figure to draw."""

@@ -54,6 +54,7 @@ import cli  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import plots  # noqa: E402
+import train  # noqa: E402
 from lessons._command import FIGURES, parse, run_folder, run_settings, training_parser  # noqa: E402
 from lessons._draw import save_figure  # noqa: E402
 from lessons._protocol import add_keep_finished, resume_if_cut_short, reuse_finished_run  # noqa: E402
@@ -242,7 +243,6 @@ def nonlocality_at_init(args, plan: list[tuple]) -> dict[str, dict[str, list[flo
     change, as seed 0 starts it, on 16 images of noise: where the pull's curves begin. With more
     heads the conv init's kernel is wider (4 heads 2x2, 9 heads 3x3, 16 heads 4x4), so a larger
     model starts less local."""
-    import train
     found = {}
     for question, model, arm, settings, seed in plan:
         if model == "ConViT" and seed == 0:
